@@ -1,0 +1,5 @@
+import sys
+
+from fa3_lab.cli import main
+
+sys.exit(main())
