@@ -85,3 +85,21 @@ def causal_visible(seqlen_q: int, seqlen_k: int) -> np.ndarray:
     i = np.arange(seqlen_q)[:, None]
     j = np.arange(seqlen_k)[None, :]
     return j <= i + (seqlen_k - seqlen_q)
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag such as ``causal``: a Python or NumPy bool (not 0/1, not a string)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_compute_dtype(name: str, dtype, allowed=(np.float64, np.float32)) -> np.dtype:
+    """The precision a reference computes in: one of ``allowed`` (float64/float32 by default)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: expected one of {[np.dtype(a).name for a in allowed]}, got {dtype!r}") from None
+    if dt not in [np.dtype(a) for a in allowed]:
+        raise TypeError(f"{name}: expected one of {[np.dtype(a).name for a in allowed]}, got {dt}")
+    return dt
