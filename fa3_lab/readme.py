@@ -1,0 +1,135 @@
+"""`python -m fa3_lab.readme [--check]` — regenerate README.md's results table from recorded runs.
+
+The table lives between ``<!-- results:begin -->`` and ``<!-- results:end -->``. One table per
+recorded run (one GPU, one commit, one process — DESIGN.md forbids comparing across runs): TFLOPs/s
+of each implementation per (dtype, headdim, mask, seqlen), then our best step divided by each peer.
+``--check`` changes nothing and exits 1 if README.md differs from what would be generated (a test
+runs it, so the README never shows numbers that are not in ``fa3_lab/results/``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from fa3_lab import _env, results
+
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+README = _env.REPO_ROOT / "README.md"
+
+NO_RESULTS = ("No GPU results are recorded yet: `fa3_lab/results/` holds no run. "
+              "They appear here once a run on an H100 is recorded there.")
+
+
+def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
+    """One run's rows as a table: (header, rows of strings).
+
+    Columns: dtype, headdim, mask, seqlen (``sq`` or ``sq→sk``), batch×nheads (kv heads when
+    GQA), TFLOPs/s of each impl present (in :data:`results.IMPLS` order; median of duplicate rows),
+    ``best step`` (the fastest of ours), then ``best/<peer>`` for each peer present.
+    Cells with no measurement are "—".
+    """
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for row in run.rows:
+        key = (results.DTYPES.index(row["dtype"]), row["headdim"], row["causal"], row["seqlen_q"],
+               row["seqlen_k"], row["batch"], row["nheads"], row["nheads_kv"])
+        cells.setdefault(key, {}).setdefault(row["impl"], []).append(float(row["tflops"]))
+    present = {impl for by_impl in cells.values() for impl in by_impl}
+    impls = [i for i in results.IMPLS if i in present]
+    steps = [i for i in results.STEP_IMPLS if i in present]
+    peers = [i for i in results.PEER_IMPLS if i in present]
+
+    header = ["dtype", "headdim", "mask", "seqlen", "batch×heads"] + impls
+    if steps:
+        header += ["best step"] + [f"best/{p}" for p in peers]
+    table = []
+    for key in sorted(cells):
+        dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv = key
+        tf = {impl: statistics.median(v) for impl, v in cells[key].items()}
+        heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
+        line = [results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
+                str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
+        line += [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
+        if steps:
+            ours = [(tf[s], s) for s in steps if s in tf]
+            if ours:
+                best, best_step = max(ours)
+                line.append(f"{best_step} ({best:.1f})")
+                line += [f"{best / tf[p]:.2f}×" if p in tf else "—" for p in peers]
+            else:
+                line += ["—"] * (1 + len(peers))
+        table.append(line)
+    return header, table
+
+
+def _run_line(run: results.Run) -> str:
+    m = run.meta
+    try:
+        rel = run.path.resolve().relative_to(_env.REPO_ROOT)
+    except ValueError:  # a results folder outside the repo (tests)
+        rel = Path(run.path.parent.name, run.path.name)
+    return (f"Recorded on **{m['gpu']}** ({m['sm_count']} SMs), {m['date'][:10]}, commit `{m['commit']}`; "
+            f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}; `{m['command']}` "
+            f"(`{rel.as_posix()}`). TFLOPs/s, median of timed runs; best/peer = our fastest step "
+            f"÷ that peer, same run, same inputs.")
+
+
+def render(runs: list[results.Run]) -> str:
+    """The markdown that goes between the markers (without them), ending in a newline."""
+    if not runs:
+        return NO_RESULTS + "\n"
+    parts = []
+    for run in runs:
+        header, table = pivot(run)
+        lines = [_run_line(run), "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def update(text: str, runs: list[results.Run]) -> str:
+    """``text`` with the part between the markers replaced by :func:`render` of ``runs``.
+
+    Raises:
+        ValueError: the markers are missing, repeated or out of order.
+    """
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"README: expected one {BEGIN} followed by one {END}")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{render(runs)}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fa3_lab.readme",
+                                     description="Regenerate README.md's results table from fa3_lab/results/.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale; change nothing")
+    parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        text = args.readme.read_text()
+        new = update(text, results.load_all(args.results))
+    except (OSError, ValueError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{parser.prog}: {args.readme} results table is stale; run `python -m fa3_lab.readme`",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.readme.name} results table is up to date")
+        return 0
+    if new != text:
+        args.readme.write_text(new)
+        print(f"updated {args.readme}")
+    else:
+        print(f"{args.readme.name} already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

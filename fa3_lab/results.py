@@ -1,0 +1,311 @@
+"""Recorded GPU runs: the one JSON schema every benchmark writes and every table/plot reads.
+
+DESIGN.md, "Timing protocol"::
+
+    {"meta": {"gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command"},
+     "rows": [{"impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
+               "nheads", "nheads_kv", "ms", "tflops"}, ...]}
+
+Files live in ``fa3_lab/results/<gpu-slug>/<name>.json``; one file is one run (one GPU, one
+commit, one process), so numbers inside a file may be compared and numbers across files may not.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fa3_lab import _env
+
+#: Where runs are recorded (inside the package, so an installed copy still finds them).
+RESULTS_DIR = _env.RESULTS_DIR
+
+#: Our kernel steps (cuda/steps/NN_*.cu) and the peers of DESIGN.md "Numbers everyone uses".
+STEP_IMPLS = ("step01", "step02", "step03", "step04", "step05")
+PEER_IMPLS = ("fa3", "cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+IMPLS = STEP_IMPLS + PEER_IMPLS
+DTYPES = ("fp16", "bf16", "e4m3")
+
+META_KEYS = ("gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command")
+ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
+            "nheads", "nheads_kv", "ms", "tflops")
+
+#: How far a row's ``tflops`` may sit from ``flops(...) / ms`` (rounding when it was written).
+TFLOPS_RTOL = 0.01
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+
+class SchemaError(ValueError):
+    """A results document does not follow the schema; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One recorded run: the file it came from, its ``meta`` dict and its ``rows`` list."""
+
+    path: Path
+    meta: dict
+    rows: list
+
+    @property
+    def gpu(self) -> str:
+        return self.meta["gpu"]
+
+    def describe(self) -> str:
+        """One line: "recorded on <gpu> (<n> SMs), <YYYY-MM-DD>, commit <sha>"."""
+        return (f"recorded on {self.meta['gpu']} ({self.meta['sm_count']} SMs), "
+                f"{self.meta['date'][:10]}, commit {self.meta['commit']}")
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        # numpy integers are fine too
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            np = None
+        if np is None or not isinstance(value, np.integer):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> int:
+    """Number of (query, key) pairs one head computes: seqlen_q·seqlen_k, or the causal count.
+
+    Causal masks are bottom-right aligned (row i sees keys j <= i + seqlen_k - seqlen_q), so row i
+    sees max(0, i + seqlen_k - seqlen_q + 1) keys (never more than seqlen_k since i < seqlen_q):
+
+    * seqlen_k >= seqlen_q: seqlen_q·(seqlen_k - seqlen_q + 1) + seqlen_q·(seqlen_q - 1)/2
+    * seqlen_k <  seqlen_q: the top rows see nothing and the rest see 1..seqlen_k keys:
+      seqlen_k·(seqlen_k + 1)/2
+
+    Raises:
+        TypeError / ValueError: seqlens that are not ints >= 1.
+    """
+    sq = _check_count("seqlen_q", seqlen_q)
+    sk = _check_count("seqlen_k", seqlen_k)
+    if not causal:
+        return sq * sk
+    if sk >= sq:
+        return sq * (sk - sq + 1) + sq * (sq - 1) // 2
+    return sk * (sk + 1) // 2
+
+
+def flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, causal: bool) -> int:
+    """Forward FLOPs of attention: 4 · batch · nheads · (visible query-key pairs) · headdim.
+
+    Two matmuls per visible pair (QKᵀ and PV), each headdim multiply-adds = 2·headdim FLOPs. Without
+    a mask that is 4·b·h·sq·sk·d (DESIGN.md, "Numbers everyone uses"); with the causal mask
+    (bottom-right aligned) it uses the exact number of visible pairs (:func:`visible_pairs`), i.e.
+    the exact average number of keys per query row, not "half". Softmax FLOPs are not counted (the
+    convention of FlashAttention 1-3). Backward is 2.5× this.
+
+    Returns:
+        int, FLOPs (not FLOP/s).
+
+    Raises:
+        TypeError: a size that is not an int, or ``causal`` that is not a bool.
+        ValueError: a size < 1.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    b = _check_count("batch", batch)
+    h = _check_count("nheads", nheads)
+    d = _check_count("headdim", headdim)
+    return 4 * b * h * d * visible_pairs(seqlen_q, seqlen_k, causal)
+
+
+def tflops(row: dict) -> float:
+    """TFLOPs/s of a results row: :func:`flops` of its shape divided by its ``ms``."""
+    f = flops(row["batch"], row["nheads"], row["seqlen_q"], row["seqlen_k"], row["headdim"], row["causal"])
+    return f / (row["ms"] * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------------------- schema
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_meta(meta) -> None:
+    if not isinstance(meta, dict):
+        raise SchemaError(f"meta: expected an object, got {type(meta).__name__}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise SchemaError(f"meta: missing key(s) {', '.join(missing)} (expected {', '.join(META_KEYS)})")
+    for key in ("gpu", "torch", "commit", "command"):
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise SchemaError(f"meta.{key}: expected a non-empty string, got {meta[key]!r}")
+    if not _is_int(meta["sm_count"]) or meta["sm_count"] < 1:
+        raise SchemaError(f"meta.sm_count: expected an int >= 1, got {meta['sm_count']!r}")
+    if meta["cuda"] is not None and not isinstance(meta["cuda"], str):
+        raise SchemaError(f"meta.cuda: expected a version string or null, got {meta['cuda']!r}")
+    if meta["cudnn"] is not None and not _is_int(meta["cudnn"]):
+        raise SchemaError(f"meta.cudnn: expected an int (e.g. 91900) or null, got {meta['cudnn']!r}")
+    if not isinstance(meta["date"], str) or not _DATE.match(meta["date"]):
+        raise SchemaError(f"meta.date: expected ISO 8601 UTC like 2026-11-22T10:00:00Z, got {meta['date']!r}")
+
+
+def _check_row(i: int, row) -> None:
+    where = f"rows[{i}]"
+    if not isinstance(row, dict):
+        raise SchemaError(f"{where}: expected an object, got {type(row).__name__}")
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        raise SchemaError(f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(ROW_KEYS)})")
+    if row["impl"] not in IMPLS:
+        raise SchemaError(f"{where}.impl: expected one of {', '.join(IMPLS)}, got {row['impl']!r}")
+    if row["dtype"] not in DTYPES:
+        raise SchemaError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {row['dtype']!r}")
+    if not isinstance(row["causal"], bool):
+        raise SchemaError(f"{where}.causal: expected true or false, got {row['causal']!r}")
+    for key in ("headdim", "batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv"):
+        if not _is_int(row[key]) or row[key] < 1:
+            raise SchemaError(f"{where}.{key}: expected an int >= 1, got {row[key]!r}")
+    if row["nheads"] % row["nheads_kv"]:
+        raise SchemaError(f"{where}.nheads_kv: nheads ({row['nheads']}) must be a multiple of "
+                          f"nheads_kv ({row['nheads_kv']})")
+    for key in ("ms", "tflops"):
+        if not _is_number(row[key]) or row[key] <= 0:
+            raise SchemaError(f"{where}.{key}: expected a finite number > 0, got {row[key]!r}")
+    expected = tflops(row)
+    if abs(row["tflops"] - expected) > TFLOPS_RTOL * expected:
+        raise SchemaError(f"{where}.tflops: {row['tflops']} does not match flops()/ms = {expected:.1f} "
+                          f"(tolerance {TFLOPS_RTOL:.0%}); compute it with fa3_lab.results.flops")
+
+
+def validate(doc) -> dict:
+    """Check a results document against the schema; return it unchanged.
+
+    Checks: ``meta`` has every key of :data:`META_KEYS` with the right type (date ISO 8601 UTC with
+    a trailing Z); ``rows`` is a non-empty list; each row has every key of :data:`ROW_KEYS`, ``impl``
+    in :data:`IMPLS`, ``dtype`` in :data:`DTYPES`, positive int sizes with nheads % nheads_kv == 0,
+    positive ``ms``, and ``tflops`` within 1% of :func:`flops` / ``ms``. Extra keys are allowed.
+
+    Raises:
+        SchemaError (a ValueError): the first problem, naming the key (``rows[3].impl: ...``).
+    """
+    if not isinstance(doc, dict):
+        raise SchemaError(f"document: expected an object with 'meta' and 'rows', got {type(doc).__name__}")
+    for key in ("meta", "rows"):
+        if key not in doc:
+            raise SchemaError(f"document: missing key {key!r} (expected 'meta' and 'rows')")
+    _check_meta(doc["meta"])
+    rows = doc["rows"]
+    if not isinstance(rows, list) or not rows:
+        raise SchemaError(f"rows: expected a non-empty list, got {rows!r:.60}")
+    for i, row in enumerate(rows):
+        _check_row(i, row)
+    return doc
+
+
+# ------------------------------------------------------------------------------------------- I/O
+
+def gpu_slug(gpu: str) -> str:
+    """Folder name for a GPU: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"gpu: expected a name with letters or digits, got {gpu!r}")
+    return slug
+
+
+def _gpu_facts() -> dict:
+    """GPU name, SM count and CUDA/cuDNN versions of device 0 (needs a CUDA GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"collect_meta: needs a CUDA GPU ({_env.why_no_sm90()})")
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+
+
+def collect_meta(command: str) -> dict:
+    """The ``meta`` block for a run on this machine's GPU 0.
+
+    Args:
+        command: the command line that produced the run (e.g. "python -m fa3_lab bench").
+
+    Returns:
+        dict with ``gpu``, ``sm_count``, ``torch``, ``cuda``, ``cudnn`` (int), ``commit``
+        (``git rev-parse --short HEAD``), ``date`` (now, ISO 8601 UTC, seconds) and ``command``.
+
+    Raises:
+        TypeError: ``command`` is not a non-empty string.
+        RuntimeError: no CUDA GPU is visible to torch.
+    """
+    if not isinstance(command, str) or not command:
+        raise TypeError(f"command: expected a non-empty string, got {command!r}")
+    meta = _gpu_facts()
+    meta["commit"] = _env.git_commit()
+    meta["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    meta["command"] = command
+    return {k: meta[k] for k in META_KEYS}
+
+
+def save(name: str, rows: list, meta: dict, root: Path | None = None) -> Path:
+    """Validate and write one run to ``<root>/<gpu-slug>/<name>.json``; return the path.
+
+    Args:
+        name: file stem, letters/digits/``_.-`` (e.g. "bench_bf16").
+        rows: list of row dicts (see :data:`ROW_KEYS`).
+        meta: from :func:`collect_meta`.
+        root: results folder, default ``fa3_lab/results``.
+
+    Raises:
+        ValueError: a bad ``name``; SchemaError for a document that fails :func:`validate`
+        (nothing is written then).
+    """
+    if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".json"):
+        raise ValueError(f"name: expected letters, digits, '_', '.', '-' without .json, got {name!r}")
+    doc = validate({"meta": meta, "rows": rows})
+    folder = Path(root if root is not None else RESULTS_DIR) / gpu_slug(meta["gpu"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def load(path: Path) -> Run:
+    """Read and validate one results file.
+
+    Raises:
+        SchemaError: the file is not valid JSON or fails :func:`validate` (the message names the file).
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        validate(doc)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path}: not valid JSON ({e})") from None
+    except SchemaError as e:
+        raise SchemaError(f"{path}: {e}") from None
+    return Run(path=path, meta=doc["meta"], rows=doc["rows"])
+
+
+def load_all(root: Path | None = None) -> list[Run]:
+    """Every recorded run under ``root`` (default ``fa3_lab/results``), oldest first.
+
+    Order: by date, then path, so the output is deterministic. An empty or missing folder gives [].
+
+    Raises:
+        SchemaError: a file that fails :func:`validate` (loud: a broken record is a bug).
+    """
+    root = Path(root if root is not None else RESULTS_DIR)
+    if not root.is_dir():
+        return []
+    runs = [load(p) for p in sorted(root.glob("*/*.json"))]
+    return sorted(runs, key=lambda r: (r.meta["date"], str(r.path)))
