@@ -1,0 +1,447 @@
+"""Foundation: packaging agrees with itself, the CLI fails loudly, results follow one schema.
+
+Covers fa3_lab/info.py, fa3_lab/tour.py, fa3_lab/results.py, fa3_lab/readme.py, environment.yml
+and pyproject.toml.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from fa3_lab import _env, cli, info, readme, results, tour
+from reference._validate import causal_visible
+
+ROOT = _env.REPO_ROOT
+
+
+def _python_m(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --------------------------------------------------------------------------------- packaging
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _environment_pip_list(text: str) -> list[str]:
+    """The entries under `- pip:` of environment.yml (a tiny parser for this one file's shape)."""
+    entries, pip_indent = [], None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if stripped == "- pip:":
+            pip_indent = indent
+            continue
+        if pip_indent is not None:
+            if indent <= pip_indent:
+                pip_indent = None
+                continue
+            assert stripped.startswith("- "), f"environment.yml: unexpected line under pip: {line!r}"
+            entries.append(stripped[2:].split("#")[0].strip())
+    return entries
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += extra
+    listed = [e for e in _environment_pip_list((ROOT / "environment.yml").read_text()) if e != "-e ."]
+    assert listed, "environment.yml: found no pip dependencies"
+    assert sorted(listed) == sorted(wanted), (
+        f"environment.yml and pyproject.toml disagree: only in environment.yml "
+        f"{sorted(set(listed) - set(wanted))}, only in pyproject.toml {sorted(set(wanted) - set(listed))}")
+    assert "-e ." in _environment_pip_list((ROOT / "environment.yml").read_text())
+    # the conda python satisfies requires-python
+    pyver = re.search(r"^\s*-\s*python=(\d+)\.(\d+)", (ROOT / "environment.yml").read_text(), re.M)
+    low = re.match(r">=(\d+)\.(\d+)", project["requires-python"])
+    assert pyver and low and tuple(map(int, pyver.groups())) >= tuple(map(int, low.groups()))
+
+
+def test_environment_parser_sees_a_difference():
+    text = "dependencies:\n  - pip\n  - pip:\n      - numpy>=1.26\n      # c\n      - rich>=13\n  - other\n"
+    assert _environment_pip_list(text) == ["numpy>=1.26", "rich>=13"]
+    assert _requirement_name("ml_dtypes>=0.4") == "ml-dtypes"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _subcommands():
+    return [name for name, _ in cli._available()]
+
+
+def test_top_level_help_lists_every_subcommand():
+    r = _python_m("fa3_lab", "--help")
+    assert r.returncode == 0, r.stderr
+    names = _subcommands()
+    assert {"info", "tour"} <= set(names)
+    for name in names:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("name", _subcommands())
+def test_subcommand_help_exits_0(name):
+    r = _python_m("fa3_lab", name, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m fa3_lab " + name)
+
+
+def _one_line_reason(stderr: str) -> str:
+    """argparse prints a usage line then one 'error:' line; our UsageError prints only the latter."""
+    errors = [line for line in stderr.strip().splitlines() if "error:" in line]
+    assert len(errors) == 1, f"expected one error line, got {stderr!r}"
+    return errors[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["nonsense"], "invalid choice"),
+    (["info", "--bogus"], "--bogus"),
+    (["tour", "--seqlen", "abc"], "--seqlen"),
+    (["tour", "--seqlen", "0"], "--seqlen"),
+    (["tour", "--seqlen", str(tour.MAX_SEQLEN + 1)], "--seqlen"),
+    (["tour", "--seqlen", "1.5"], "--seqlen"),
+])
+def test_bad_input_exits_2_with_one_line_reason(argv, needle):
+    r = _python_m("fa3_lab", *argv)
+    assert r.returncode == 2
+    assert needle in _one_line_reason(r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_tour_seqlen_errors_are_exactly_one_line():
+    r = _python_m("fa3_lab", "tour", "--seqlen", "-3")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1
+    assert r.stderr.startswith("python -m fa3_lab tour: error: --seqlen: expected an integer 1..")
+    assert r.stdout == ""  # nothing computed
+
+
+def test_parse_seqlen():
+    assert tour.parse_seqlen("113") == 113
+    assert tour.parse_seqlen(str(tour.MAX_SEQLEN)) == tour.MAX_SEQLEN
+    for bad in ("", "x", "0", "-1", "2.0", str(tour.MAX_SEQLEN + 1)):
+        with pytest.raises(cli.UsageError, match="--seqlen"):
+            tour.parse_seqlen(bad)
+
+
+# ----------------------------------------------------------------------------------------- info
+
+def test_info_json_is_truthful():
+    r = _python_m("fa3_lab", "info", "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    expected_keys = {"python", "platform", "numpy", "torch", "torch_cuda_build", "cuda_runtime",
+                     "cuda_driver", "cudnn", "gpu", "compute_capability", "sm_count", "nvcc",
+                     "nvcc_version", "cuobjdump", "nvdisasm", "can_run"}
+    assert set(facts) == expected_keys
+    assert facts["python"] == platform.python_version()
+    assert facts["numpy"] == np.__version__
+    assert facts["nvcc"] == _env.nvcc() and facts["nvdisasm"] == _env.nvdisasm()
+    assert set(facts["can_run"]) == {"references", "sass", "kernels"}
+    for tier in facts["can_run"].values():
+        assert isinstance(tier["ok"], bool)
+        assert (tier["why"] == "") == tier["ok"], tier  # a reason exactly when it cannot run
+    assert facts["can_run"]["references"]["ok"] is True
+    nvcc_ok = _env.nvcc_version() is not None and info._version_tuple(_env.nvcc_version()) >= info.MIN_NVCC
+    assert facts["can_run"]["kernels"]["ok"] == (_env.sm90_gpu() is not None and nvcc_ok)
+    assert facts["can_run"]["sass"]["ok"] == (nvcc_ok and _env.nvdisasm() is not None)
+    if _env.sm90_gpu() is None:
+        assert _env.why_no_sm90() in facts["can_run"]["kernels"]["why"]
+    else:
+        assert facts["gpu"] == _env.sm90_gpu() and facts["sm_count"] >= 1
+
+
+def test_info_reasons_for_old_or_missing_nvcc():
+    assert "not found" in info._nvcc_reason(None, None)
+    assert "older than 12.3" in info._nvcc_reason("/x/nvcc", "12.1")
+    assert info._nvcc_reason("/x/nvcc", "12.3") == ""
+    assert info._nvcc_reason("/x/nvcc", "13.0") == ""
+    assert info._version_tuple("12.10") > info._version_tuple("12.3")
+
+
+def test_info_tables_render():
+    r = _python_m("fa3_lab", "info")
+    assert r.returncode == 0, r.stderr
+    assert "What can run here" in r.stdout and "NumPy" in r.stdout
+
+
+# -------------------------------------------------------------------------------------- FLOPs
+
+def test_flops_hand_counts():
+    b, h, d = 2, 3, 64
+    assert results.flops(b, h, 4, 4, d, False) == 4 * b * h * 4 * 4 * d
+    assert results.flops(b, h, 4, 4, d, True) == 4 * b * h * d * (1 + 2 + 3 + 4)
+    # seqlen_q < seqlen_k, bottom-right: row 0 sees keys 0..3, row 1 sees 0..4
+    assert results.flops(1, 1, 2, 5, 1, True) == 4 * (4 + 5)
+    # seqlen_q > seqlen_k: rows 0-2 see nothing, row 3 sees key 0, row 4 sees keys 0..1
+    assert results.flops(1, 1, 5, 2, 1, True) == 4 * (0 + 0 + 0 + 1 + 2)
+    # seqlen 1: one pair
+    assert results.flops(1, 1, 1, 1, 128, True) == 4 * 128
+    # DESIGN.md's ablation config, non-causal: 4·b·h·s²·d
+    assert results.flops(4, 16, 8448, 8448, 128, False) == 4 * 4 * 16 * 8448 ** 2 * 128
+
+
+def test_flops_causal_matches_the_mask(rng):
+    for _ in range(20):
+        sq, sk = (int(x) for x in rng.integers(1, 300, size=2))
+        assert results.visible_pairs(sq, sk, True) == int(causal_visible(sq, sk).sum()), (sq, sk)
+    # the average key length at sq = sk = N is (N + 1) / 2, a little over half
+    assert results.flops(1, 1, 1024, 1024, 1, True) / results.flops(1, 1, 1024, 1024, 1, False) == \
+        pytest.approx(1025 / 2048)
+
+
+def test_flops_rejects_bad_input():
+    with pytest.raises(TypeError, match="seqlen_q"):
+        results.flops(1, 1, 2.0, 4, 64, False)
+    with pytest.raises(ValueError, match="headdim"):
+        results.flops(1, 1, 4, 4, 0, False)
+    with pytest.raises(TypeError, match="causal"):
+        results.flops(1, 1, 4, 4, 64, "yes")
+    with pytest.raises(TypeError, match="batch"):
+        results.flops(True, 1, 4, 4, 64, False)
+    assert results.flops(np.int64(2), 1, 4, 4, 64, False) == 2 * 4 * 16 * 64
+
+
+# ------------------------------------------------------------------------------------ schema
+
+def _meta(**over):
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "sm_count": 132, "torch": "2.11.0+cu130", "cuda": "13.0",
+            "cudnn": 91900, "commit": "abc1234", "date": "2026-11-22T10:00:00Z",
+            "command": "python -m fa3_lab bench"}
+    meta.update(over)
+    return meta
+
+
+def _row(impl="step04", ms=0.81, **over):
+    row = {"impl": impl, "dtype": "bf16", "headdim": 128, "causal": False, "batch": 4, "seqlen_q": 4096,
+           "seqlen_k": 4096, "nheads": 16, "nheads_kv": 16, "ms": ms}
+    row.update({k: v for k, v in over.items() if k != "tflops"})
+    row["tflops"] = over.get("tflops", round(results.tflops(row), 1))
+    return row
+
+
+def test_validate_accepts_a_good_doc():
+    doc = {"meta": _meta(), "rows": [_row(), _row("fa3", 0.85), _row("cudnn", 0.9, causal=True),
+                                     _row("step05", 0.5, dtype="e4m3", nheads_kv=4)]}
+    assert results.validate(doc) is doc
+    # the example row of DESIGN.md: 4·4·16·4096²·128 = 549755813888 FLOPs in 0.81 ms = 678.7 TFLOPs/s;
+    # the 678.2 written there is within the 1% rounding tolerance, a typed 700 is not
+    assert _row()["tflops"] == 678.7
+    results.validate({"meta": _meta(), "rows": [_row(tflops=678.2)]})
+    with pytest.raises(results.SchemaError, match="tflops"):
+        results.validate({"meta": _meta(), "rows": [_row(tflops=700.0)]})
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["meta"].pop("commit"), "meta: missing key(s) commit"),
+    (lambda d: d["meta"].update(sm_count="132"), "meta.sm_count"),
+    (lambda d: d["meta"].update(date="22/11/2026"), "meta.date"),
+    (lambda d: d["meta"].update(cudnn="9.19"), "meta.cudnn"),
+    (lambda d: d.pop("rows"), "missing key 'rows'"),
+    (lambda d: d.update(rows=[]), "rows: expected a non-empty list"),
+    (lambda d: d["rows"][0].pop("ms"), "rows[0]: missing key(s) ms"),
+    (lambda d: d["rows"][1].update(impl="flash2"), "rows[1].impl: expected one of"),
+    (lambda d: d["rows"][0].update(dtype="fp32"), "rows[0].dtype"),
+    (lambda d: d["rows"][0].update(causal=1), "rows[0].causal"),
+    (lambda d: d["rows"][0].update(seqlen_k=0), "rows[0].seqlen_k"),
+    (lambda d: d["rows"][0].update(nheads_kv=5), "rows[0].nheads_kv"),
+    (lambda d: d["rows"][0].update(ms=float("nan")), "rows[0].ms"),
+    (lambda d: d["rows"][0].update(tflops=999.0), "rows[0].tflops: 999.0 does not match"),
+])
+def test_validate_rejects_bad_docs_naming_the_key(mutate, message):
+    doc = {"meta": _meta(), "rows": [_row(), _row("fa3", 0.85)]}
+    results.validate(doc)
+    mutate(doc)
+    with pytest.raises(results.SchemaError) as e:
+        results.validate(doc)
+    assert message in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_save_load_roundtrip(tmp_path):
+    rows = [_row(), _row("sdpa_flash", 1.6)]
+    path = results.save("bench_bf16", rows, _meta(), root=tmp_path)
+    assert path == tmp_path / "nvidia-h100-80gb-hbm3" / "bench_bf16.json"
+    older = results.save("older", [_row("step01", 2.0)], _meta(date="2026-11-01T00:00:00Z"), root=tmp_path)
+    runs = results.load_all(tmp_path)
+    assert [r.path for r in runs] == [older, path]  # oldest first
+    assert runs[1].rows == rows and runs[1].meta == _meta()
+    assert runs[1].describe() == "recorded on NVIDIA H100 80GB HBM3 (132 SMs), 2026-11-22, commit abc1234"
+
+
+def test_save_writes_nothing_on_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="name"):
+        results.save("../escape", [_row()], _meta(), root=tmp_path)
+    with pytest.raises(results.SchemaError, match="impl"):
+        results.save("x", [_row(impl="mine")], _meta(), root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert results.load_all(tmp_path / "missing") == []
+
+
+def test_load_all_names_a_broken_file(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "bad.json").write_text('{"meta": {}, "rows": []}')
+    with pytest.raises(results.SchemaError, match=r"bad\.json: meta: missing key"):
+        results.load_all(tmp_path)
+    (tmp_path / "gpu" / "bad.json").write_text("{not json")
+    with pytest.raises(results.SchemaError, match="not valid JSON"):
+        results.load_all(tmp_path)
+
+
+def test_recorded_results_in_the_repo_are_valid():
+    for run in results.load_all():  # raises on any invalid file
+        assert run.path.parent.name == results.gpu_slug(run.meta["gpu"])
+
+
+def test_collect_meta(monkeypatch):
+    if _env.why_no_sm90() and not _torch_cuda():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            results.collect_meta("python -m fa3_lab bench")
+    monkeypatch.setattr(results, "_gpu_facts", lambda: {"gpu": "NVIDIA H200", "sm_count": 132,
+                                                        "torch": "2.13.0", "cuda": "13.0", "cudnn": 91900})
+    meta = results.collect_meta("python -m fa3_lab bench --quick")
+    assert list(meta) == list(results.META_KEYS)
+    assert meta["commit"] == _env.git_commit() and meta["command"] == "python -m fa3_lab bench --quick"
+    results.validate({"meta": meta, "rows": [_row()]})
+    with pytest.raises(TypeError, match="command"):
+        results.collect_meta("")
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------ README
+
+def test_readme_results_table_is_current():
+    r = _python_m("fa3_lab.readme", "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _readme(tmp_path, body="intro\n"):
+    p = tmp_path / "README.md"
+    p.write_text(f"# x\n{body}{readme.BEGIN}\nold table\n{readme.END}\nafter\n")
+    return p
+
+
+def test_readme_check_detects_a_stale_table(tmp_path):
+    res = tmp_path / "results"
+    results.save("bench", [_row("step03", 1.0), _row("step04", 0.81), _row("fa3", 0.85),
+                           _row("cudnn", 0.9), _row("step04", 0.79, causal=True)], _meta(), root=res)
+    path = _readme(tmp_path)
+    args = ["--readme", str(path), "--results", str(res)]
+    assert readme.main(["--check", *args]) == 1
+    assert "old table" in path.read_text()  # --check changes nothing
+    assert readme.main(args) == 0
+    text = path.read_text()
+    assert text.startswith("# x\nintro\n") and text.endswith(f"{readme.END}\nafter\n")
+    assert "NVIDIA H100 80GB HBM3** (132 SMs), 2026-11-22, commit `abc1234`" in text
+    assert readme.main(["--check", *args]) == 0
+    # best step (step04, 0.81 ms) over fa3 (0.85 ms) and cudnn (0.9 ms), from the same rows
+    line = next(ln for ln in text.splitlines() if ln.startswith("| bf16 | 128 | full | 4096 |"))
+    assert f"{_row('step04', 0.81)['tflops'] / _row('fa3', 0.85)['tflops']:.2f}×" in line
+    assert f"{_row('step04', 0.81)['tflops'] / _row('cudnn', 0.9)['tflops']:.2f}×" in line
+    assert "step04 (" in line
+    causal = next(ln for ln in text.splitlines() if ln.startswith("| bf16 | 128 | causal |"))
+    assert causal.count("—") >= 2  # no peer measured on that shape
+
+
+def test_readme_without_results_says_so(tmp_path):
+    path = _readme(tmp_path)
+    assert readme.main(["--readme", str(path), "--results", str(tmp_path / "none")]) == 0
+    assert readme.NO_RESULTS in path.read_text()
+
+
+def test_readme_without_markers_is_an_error(tmp_path, capsys):
+    path = tmp_path / "README.md"
+    path.write_text("# no markers\n")
+    assert readme.main(["--check", "--readme", str(path), "--results", str(tmp_path)]) == 2
+    assert "expected one <!-- results:begin -->" in capsys.readouterr().err
+
+
+def test_pivot_takes_the_median_of_repeats():
+    run = results.Run(path=ROOT / "x.json", meta=_meta(),
+                      rows=[_row("fa3", 1.0), _row("fa3", 2.0), _row("fa3", 4.0)])
+    header, rows = readme.pivot(run)
+    assert header[-1] == "fa3" and "best step" not in header
+    assert rows[0][-1] == f"{_row('fa3', 2.0)['tflops']:.1f}"
+
+
+# -------------------------------------------------------------------------------------- tour
+
+def test_tour_compares_the_references(monkeypatch):
+    import reference.flash_forward as ff
+
+    calls = []
+    real = ff.flash_attention_forward
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape, k.shape, kw))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(ff, "flash_attention_forward", spy)
+    rows = {r["name"]: r for r in tour.compare(200)}
+    assert len(calls) == 2 and all(kw["causal"] is True for *_, kw in calls)
+    assert calls[0][:2] == ((1, 200, 4, 128), (1, 200, 1, 128))  # GQA slice: 4 query heads, 1 KV head
+    f64, f32 = rows["flash f64 (step 02)"], rows["flash f32 (step 02)"]
+    fp16 = rows["baseline FP16 (Tab. 3)"]
+    assert f64["max_err"] < 1e-12 and f64["lse_max_err"] < 1e-12
+    assert 0 < f32["max_err"] < 1e-4
+    assert fp16["rmse"] > 10 * f32["rmse"] and fp16["max_err"] < 0.1
+
+
+def test_tour_inputs_are_bf16_values():
+    import ml_dtypes
+
+    q, k, v = tour.make_inputs(64)
+    for x in (q, k, v):
+        assert np.array_equal(x, x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    q2, _, _ = tour.make_inputs(64)
+    assert np.array_equal(q, q2)
+
+
+def test_tour_cpu_end_to_end(capsys):
+    assert cli.main(["tour", "--cpu", "--seqlen", "130"]) == 0
+    out = capsys.readouterr().out
+    for name, _ in tour.implementations():
+        assert name in out
+    assert "seqlen 130" in out
+    if results.load_all():
+        assert "recorded on" in out
+    else:
+        assert "No GPU results are recorded yet" in out
+
+
+def test_tour_on_sm90_without_the_kernel_part(monkeypatch, capsys):
+    monkeypatch.setattr(_env, "sm90_gpu", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setitem(sys.modules, "fa3_lab.tour_gpu", None)  # import fails: not built
+    assert cli.main(["tour", "--seqlen", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "not built" in out and "flash f32 (step 02)" in out
+
+
+def test_tour_on_sm90_calls_tour_gpu(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("fa3_lab.tour_gpu")
+    fake.run = lambda console: seen.append(console) or 3
+    monkeypatch.setattr(_env, "sm90_gpu", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setitem(sys.modules, "fa3_lab.tour_gpu", fake)
+    assert cli.main(["tour"]) == 3
+    assert len(seen) == 1 and "flash f32" not in capsys.readouterr().out
+    # --cpu forces the NumPy part even there
+    assert cli.main(["tour", "--cpu", "--seqlen", "16"]) == 0 and len(seen) == 1
