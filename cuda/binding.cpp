@@ -1,0 +1,112 @@
+// binding.cpp — torch extension entry: one forward launcher per step, all taking fa3::FwdParams.
+// Python validates the inputs first (fa3_lab/api.py); the checks here are the last line of defence.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "fa3/params.h"
+
+namespace fa3 {
+#ifdef FA3_HAS_STEP01
+void run_fwd_step01(const FwdParams&, cudaStream_t);
+#endif
+#ifdef FA3_HAS_STEP02
+void run_fwd_step02(const FwdParams&, cudaStream_t);
+#endif
+#ifdef FA3_HAS_STEP03
+void run_fwd_step03(const FwdParams&, cudaStream_t);
+#endif
+#ifdef FA3_HAS_STEP04
+void run_fwd_step04(const FwdParams&, cudaStream_t);
+#endif
+#ifdef FA3_HAS_STEP05
+void run_fwd_step05(const FwdParams&, cudaStream_t);
+#endif
+}  // namespace fa3
+
+namespace {
+
+void fill_common(fa3::FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                 at::Tensor& lse, bool causal, double softmax_scale) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.nheads = q.size(2), p.headdim = q.size(3);
+  p.seqlen_k = k.size(1), p.nheads_kv = k.size(2);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.causal = causal;
+}
+
+std::vector<at::Tensor> fwd(int64_t step, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            double softmax_scale, c10::optional<at::Tensor> out_, c10::optional<at::Tensor> trace_,
+                            int64_t trace_ctas) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "q, k, v must be CUDA tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (batch, seqlen, heads, headdim)");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the last dim must be contiguous");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = out_.has_value() ? out_.value() : at::empty_like(q, q.options().dtype(
+      q.scalar_type() == at::kFloat8_e4m3fn ? at::kBFloat16 : q.scalar_type()));
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  fa3::FwdParams p;
+  fill_common(p, q, k, v, out, lse, causal, softmax_scale);
+  p.dtype = q.scalar_type() == at::kHalf ? fa3::Dtype::kFloat16
+          : q.scalar_type() == at::kBFloat16 ? fa3::Dtype::kBFloat16 : fa3::Dtype::kE4M3;
+  if (trace_.has_value()) {
+    p.trace = reinterpret_cast<uint64_t*>(trace_.value().data_ptr<int64_t>());
+    p.trace_ctas = static_cast<int>(trace_ctas);
+    p.trace_capacity = static_cast<int>(trace_.value().size(-1));
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (step) {
+#ifdef FA3_HAS_STEP01
+    case 1: fa3::run_fwd_step01(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP02
+    case 2: fa3::run_fwd_step02(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP03
+    case 3: fa3::run_fwd_step03(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP04
+    case 4: fa3::run_fwd_step04(p, stream); break;
+#endif
+    default: TORCH_CHECK(false, "step ", step, " is not built into this extension");
+  }
+  return {out, lse};
+}
+
+#ifdef FA3_HAS_STEP05
+std::vector<at::Tensor> fwd_fp8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_descale,
+                                const at::Tensor& k_descale, const at::Tensor& v_descale, int64_t block_m,
+                                int64_t block_n, bool causal, double softmax_scale, c10::optional<at::Tensor> out_) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = out_.has_value() ? out_.value() : at::empty(q.sizes(), q.options().dtype(at::kBFloat16));
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  fa3::FwdParams p;
+  fill_common(p, q, k, v, out, lse, causal, softmax_scale);
+  p.dtype = fa3::Dtype::kE4M3;
+  p.q_descale = q_descale.data_ptr<float>();
+  p.k_descale = k_descale.data_ptr<float>();
+  p.v_descale = v_descale.data_ptr<float>();
+  p.descale_block_m = block_m, p.descale_block_n = block_n;
+  fa3::run_fwd_step05(p, at::cuda::getCurrentCUDAStream());
+  return {out, lse};
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &fwd, "FlashAttention-3 forward, one of the lab's steps");
+#ifdef FA3_HAS_STEP05
+  m.def("fwd_fp8", &fwd_fp8, "FP8 e4m3 forward (step 05)");
+#endif
+}

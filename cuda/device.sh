@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, build the extension, smoke-check, run the GPU tests, time.
+# Usage (from the repo root, on the GPU machine):  bash cuda/device.sh [smoke|test|bench|all|...]
+# Results and logs go under $OUT when it is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fa3_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 FA3_LAB_CACHE=${FA3_LAB_CACHE:-/tmp/fa3cache} MAX_JOBS=16
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
+t0=$(date +%s)
+python3 -c "from fa3_lab import _build; _build.load()" 2>&1 | tail -30 || exit 1
+echo "build: $(( $(date +%s) - t0 )) s"
+for what in "$@"; do
+  case "$what" in
+    smoke) python3 cuda/smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
+    test) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -x --maxfail=3 -rs 2>&1 | tail -40 | tee "$OUT/test.log" ;;
+    *) echo "unknown action $what" ;;
+  esac
+done

@@ -1,0 +1,37 @@
+// fa3/params.h — the one parameter struct every step's launcher takes (host and device).
+#pragma once
+#include <cstdint>
+
+namespace fa3 {
+
+enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1, kE4M3 = 2 };
+
+struct FwdParams {
+  // BSHD tensors; strides in ELEMENTS; the last dim (headdim) is contiguous.
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;       // (batch, seqlen_q, nheads, headdim), 16-bit (bf16 for the fp8 step)
+  float* lse;    // (batch, nheads, seqlen_q) fp32, natural log
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim;
+  float softmax_scale;   // α
+  float scale_log2;      // α · log2(e), folded into one FFMA per score
+  bool causal;
+  Dtype dtype;
+  // FP8 (step 05): per-block descale factors, fp32, contiguous
+  //   q_descale (batch, nheads, ceil(seqlen_q / kBlockM)); k/v_descale (batch, nheads_kv, ceil(seqlen_k / kBlockN))
+  const float* q_descale = nullptr;
+  const float* k_descale = nullptr;
+  const float* v_descale = nullptr;
+  int descale_block_m = 0, descale_block_n = 0;
+  // Tracing (FA3_TRACE builds only): %globaltimer stamps of the first `trace_ctas` CTAs.
+  uint64_t* trace = nullptr;
+  int trace_ctas = 0;
+  int trace_capacity = 0;  // events per warpgroup
+};
+
+}  // namespace fa3

@@ -1,0 +1,123 @@
+// fa3/ptx.h — thin, documented wrappers around the Hopper PTX the steps use.
+//
+//   TMA       cp.async.bulk.tensor.4d  (global → shared, completes on an mbarrier)
+//   mbarrier  init / arrive / arrive.expect_tx / try_wait.parity   (full/empty barriers of the ring)
+//   WGMMA     wgmma.fence / commit_group / wait_group              (the MMA itself: wgmma_ops.h)
+//   setmaxnreg, named barriers (bar.sync id, n), elect.sync, fence.proxy.async, %globaltimer
+//
+// Every function is a single PTX instruction (or a spin loop around one); see the PTX ISA 8.x
+// sections named beside each.
+#pragma once
+#include <cstdint>
+#include <cuda.h>  // CUtensorMap
+
+namespace fa3 {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---------------------------------------------------------------- mbarrier (PTX §9.7.13.15)
+// A 64-bit barrier object in shared memory with a phase bit. A phase completes when the expected
+// number of arrivals AND the expected transaction bytes (TMA) have both been counted; the phase bit
+// then flips. Waiters name the parity of the phase they wait for.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrive_count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(arrive_count));
+}
+// Make the inits visible to the async proxy (TMA) before any thread uses the barriers.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// One arrival that also tells the barrier to expect `bytes` more transaction bytes (the TMA loads).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+// Spin until the phase with the given parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// ---------------------------------------------------------------- TMA (PTX §9.7.9.25)
+// Load one box of a 4-D tensor map (dims innermost first: headdim, seqlen, head, batch) into shared
+// memory; the bytes are counted against `bar`. Coordinates past the tensor's end are zero-filled.
+__device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* tmap, uint64_t* bar,
+                                            int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(smem_u32(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* tmap) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
+}
+
+// ---------------------------------------------------------------- WGMMA sync (PTX §9.7.15.6–8)
+// fence: registers used as accumulators/A operands were last written by ordinary instructions.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+// Close the group of wgmma.mma_async issued so far by this warpgroup.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// Wait until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keep the compiler from moving accumulator reads/writes across an async MMA boundary.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// ---------------------------------------------------------------- registers & barriers
+// setmaxnreg (PTX §9.7.17.1): producer gives registers back, consumers take them.
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs)); }
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs)); }
+
+// Named barriers (bar.sync id, n): `n` threads (a multiple of 32) rendezvous on barrier `id`.
+// bar.arrive signals without waiting — the pingpong hand-off between consumer warpgroups.
+__device__ __forceinline__ void named_barrier_sync(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int num_threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+// Order this thread's generic-proxy smem writes before later async-proxy (TMA/WGMMA) accesses.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// One lane of the warp returns true (elect.sync): the TMA issuer.
+__device__ __forceinline__ bool elect_one() {
+  uint32_t pred = 0;
+  asm volatile(
+      "{\n.reg .pred p;\nelect.sync _|p, 0xffffffff;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(pred));
+  return pred != 0;
+}
+
+__device__ __forceinline__ uint64_t globaltimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ int warpgroup_id() {
+  // Uniform across the warpgroup; __shfl_sync makes the compiler treat it as warp-uniform.
+  return __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
+}
+
+}  // namespace fa3

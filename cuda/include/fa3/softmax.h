@@ -1,0 +1,137 @@
+// fa3/softmax.h — masking and the online softmax on a WGMMA accumulator fragment.
+//
+// Fragment layout of a 64 × N fp32 accumulator (PTX §9.7.15.5.1, "wgmma D fragment"): thread t of
+// the warpgroup (warp w = t/32, lane l = t%32) holds N/2 floats. Element e = 4·c + i of chunk c
+// (N/8 chunks of 8 columns) sits at
+//     row = 16·w + l/4 + 8·(i >= 2),     col = 8·c + 2·(l % 4) + (i & 1).
+// So each thread owns two rows (r0 and r0 + 8) and the four threads of a quad (l/4 equal) share
+// them: row reductions are a per-thread loop plus two __shfl_xor_sync within the quad.
+//
+// Numerics (paper §3.1, Alg. 1 lines 10–12; as FA3's softmax): base 2 with the scale folded in,
+//     P = exp2(S·scale_log2 − m·scale_log2)     one FFMA + one MUFU.EX2 per element,
+// with scale_log2 = softmax_scale · log2(e). m is the running row max in raw S units. A row that has
+// seen only masked keys has m = −inf; subtracting it would give (−inf) − (−inf) = NaN, so such a
+// row uses 0 as its offset (every P is exp2(−inf) = 0 and O, ℓ stay 0).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace fa3 {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -INFINITY;
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// Row (within the 64-row warpgroup tile) and column (within the N-wide tile) of fragment element e.
+__device__ __forceinline__ int frag_row(int e) { return 16 * ((threadIdx.x % 128) / 32) + (threadIdx.x % 32) / 4 + 8 * ((e % 4) >= 2); }
+__device__ __forceinline__ int frag_col(int e) { return 8 * (e / 4) + 2 * (threadIdx.x % 4) + (e & 1); }
+
+// Set S to −inf where key col is past seqlen_k or (causal) past row + causal_offset, with
+// causal_offset = seqlen_k − seqlen_q (bottom-right alignment). row0/col0: the tile's first query row
+// of this warpgroup and first key column, in sequence coordinates.
+template <int kN, bool kCausal>
+__device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int row0, int col0, int seqlen_k, int causal_offset) {
+  const int r0 = row0 + frag_row(0);
+  const int c0 = col0 + 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int e = 0; e < kN / 2; ++e) {
+    const int row = r0 + 8 * ((e % 4) >= 2);
+    const int col = c0 + 8 * (e / 4) + (e & 1);
+    bool masked = col >= seqlen_k;
+    if constexpr (kCausal) masked |= col > row + causal_offset;
+    if (masked) s[e] = kNegInf;
+  }
+}
+
+// Running statistics of the two rows this thread holds. row_sum is this thread's partial sum (its
+// N/8·2 columns); the quad's partials are added once, in finalize().
+struct OnlineSoftmax {
+  float row_max[2];
+  float row_sum[2];
+
+  __device__ __forceinline__ void init() {
+    row_max[0] = row_max[1] = kNegInf;
+    row_sum[0] = row_sum[1] = 0.f;
+  }
+
+  // S → P in place (fp32, unnormalized); returns corr = exp2((m_old − m_new)·scale_log2) per row,
+  // the factor O and ℓ must be rescaled by (paper Alg. 1 line 11).
+  template <int kN>
+  __device__ __forceinline__ void update(float (&s)[kN / 2], float scale_log2, float (&corr)[2]) {
+    float m_new[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c) {
+      m_new[0] = fmaxf(m_new[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
+      m_new[1] = fmaxf(m_new[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
+    }
+    float offset[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_new[r] = quad_max(m_new[r]);
+      offset[r] = (m_new[r] == kNegInf) ? 0.f : m_new[r] * scale_log2;  // guard −inf − (−inf)
+      corr[r] = fast_exp2(row_max[r] * scale_log2 - offset[r]);         // 0 while row_max = −inf
+      row_max[r] = m_new[r];
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = i >> 1;
+        s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[r]));  // one FFMA + MUFU.EX2
+        sum[r] += s[4 * c + i];
+      }
+    }
+    row_sum[0] = row_sum[0] * corr[0] + sum[0];
+    row_sum[1] = row_sum[1] * corr[1] + sum[1];
+  }
+
+  // Quad-reduce ℓ; return 1/ℓ (0 for a row that saw no key) and write the natural-log lse
+  // (+inf for such a row, as FlashAttention).
+  __device__ __forceinline__ void finalize(float scale_log2, float (&inv_sum)[2], float (&lse)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(row_sum[r]);
+      const bool empty = (l == 0.f) || (l != l);
+      inv_sum[r] = empty ? 0.f : 1.f / l;
+      lse[r] = empty ? INFINITY : (row_max[r] * scale_log2 + __log2f(l)) * kLn2;
+    }
+  }
+};
+
+// O (64 × kN fragment) *= per-row factor.
+template <int kN>
+__device__ __forceinline__ void rescale_rows(float (&o)[kN / 2], const float (&f)[2]) {
+#pragma unroll
+  for (int e = 0; e < kN / 2; ++e) o[e] *= f[(e % 4) >= 2];
+}
+
+// The accumulator layout of S (columns = keys) is exactly the A-operand register layout of the next
+// m64nNk16 WGMMA for 16-bit types: k-slice kk (16 keys) = chunks 2kk and 2kk+1, packed in pairs.
+template <typename Traits, int kN>
+__device__ __forceinline__ void pack_p(const float (&p)[kN / 2], uint32_t (&a)[kN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    a[kk][0] = Traits::pack(p[8 * kk + 0], p[8 * kk + 1]);  // row r0,     keys 16kk + 2q, +1
+    a[kk][1] = Traits::pack(p[8 * kk + 2], p[8 * kk + 3]);  // row r0 + 8
+    a[kk][2] = Traits::pack(p[8 * kk + 4], p[8 * kk + 5]);  // row r0,     keys 16kk + 8 + 2q, +1
+    a[kk][3] = Traits::pack(p[8 * kk + 6], p[8 * kk + 7]);  // row r0 + 8
+  }
+}
+
+}  // namespace fa3

@@ -1,0 +1,105 @@
+"""Build and load the CUDA kernels with torch's cpp_extension (JIT on first use, cached by source hash).
+
+The extension holds every step in ``cuda/steps/NN_*.cu`` plus ``cuda/binding.cpp``. The build
+directory is ``$FA3_LAB_CACHE`` (default ``~/.cache/fa3_lab``) / ``<name>-<hash of all sources>``, so
+editing any kernel source rebuilds, and an unchanged tree loads in a second.
+
+Flags (DESIGN.md, kernel conventions): ``-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo
+-Xptxas=--warn-on-spills``. ``traced=True`` adds ``-DFA3_TRACE`` (the %globaltimer build).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+from ._env import CUDA_DIR
+
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-O3",
+    "-lineinfo",
+    "-Xptxas=--warn-on-spills",
+    "--expt-relaxed-constexpr",
+]
+
+
+def step_sources() -> dict[int, Path]:
+    """{step number: path} of the step files present in cuda/steps/."""
+    out = {}
+    for path in sorted((CUDA_DIR / "steps").glob("[0-9][0-9]_*.cu")):
+        out[int(path.name[:2])] = path
+    return out
+
+
+def source_hash(extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for path in sorted(CUDA_DIR.rglob("*")):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp") and path.is_file():
+            h.update(str(path.relative_to(CUDA_DIR)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FA3_LAB_CACHE", Path.home() / ".cache" / "fa3_lab"))
+
+
+@functools.lru_cache(None)
+def load(traced: bool = False):
+    """Compile (first use) and import the extension; returns the module with ``fwd`` (and ``fwd_fp8``).
+
+    Raises:
+        RuntimeError: no sm_90 GPU, or the compiler failed (its log is in the exception).
+    """
+    from . import _env
+
+    reason = _env.why_no_sm90()
+    if reason:
+        raise RuntimeError(f"fa3_lab kernels need an sm_90 GPU (H100/H200): {reason}")
+    import torch.utils.cpp_extension as cpp_ext
+
+    steps = step_sources()
+    defines = [f"-DFA3_HAS_STEP{n:02d}" for n in steps] + (["-DFA3_TRACE"] if traced else [])
+    name = "fa3_lab_ext_trace" if traced else "fa3_lab_ext"
+    digest = source_hash(" ".join(defines))
+    build_dir = cache_dir() / f"{name}-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print(f"fa3_lab: compiling the CUDA kernels (steps {', '.join(f'{n:02d}' for n in steps)}) for sm_90a "
+              f"into {build_dir} — first use only, a few minutes…", file=sys.stderr, flush=True)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+    return cpp_ext.load(
+        name=f"{name}_{digest}",
+        sources=[str(CUDA_DIR / "binding.cpp")] + [str(p) for p in steps.values()],
+        extra_include_paths=[str(CUDA_DIR / "include")],
+        extra_cflags=["-O3", "-std=c++17"] + defines,
+        extra_cuda_cflags=NVCC_FLAGS + defines,
+        build_directory=str(build_dir),
+        verbose=bool(os.environ.get("FA3_LAB_VERBOSE_BUILD")),
+    )
+
+
+def ptxas_report(log: str) -> list[dict]:
+    """Parse ``ptxas -v`` output into [{kernel, registers, spill_stores, spill_loads, stack}]."""
+    rows, cur = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            cur = {"kernel": m.group(1)}
+            rows.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+    return rows

@@ -1,0 +1,154 @@
+"""Public API: FlashAttention's conventions on top of the lab's Hopper kernels (DESIGN.md).
+
+Layout BSHD: ``q (batch, seqlen_q, nheads, headdim)``, ``k, v (batch, seqlen_k, nheads_kv, headdim)``,
+``nheads % nheads_kv == 0``; ``lse (batch, nheads, seqlen_q)`` float32, natural log. Causal masks are
+bottom-right aligned when seqlen_q != seqlen_k (row i sees keys j <= i + seqlen_k - seqlen_q).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from . import _build
+
+HEADDIMS = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Step:
+    id: int
+    name: str
+    adds: str
+    paper: str
+    dtypes: tuple = ("fp16", "bf16")
+    features: tuple = field(default=("causal", "gqa", "any seqlen", "headdim 64/128/256"))
+
+
+_ALL_STEPS = (
+    Step(1, "01_tma_wgmma", "TMA loads + WGMMA (SS for QKᵀ, RS for PV), no warp specialization", "§4.2 Table 2 row 1"),
+    Step(2, "02_warp_specialized", "producer warpgroup, s-stage K/V ring with full/empty mbarriers, setmaxnreg",
+         "§3.1 Alg. 1"),
+    Step(3, "03_pingpong", "named-barrier pingpong of the two consumer warpgroups", "§3.1, Fig. 1"),
+    Step(4, "04_intra_warpgroup_overlap", "softmax of tile j+1 under the PV GEMM of tile j", "§3.2 Alg. 2"),
+    Step(5, "05_fp8", "e4m3 operands, per-block descales, V transposed in smem, incoherent processing",
+         "§3.3", dtypes=("e4m3",)),
+)
+
+
+def steps() -> list[Step]:
+    """The kernel steps whose source is present in ``cuda/steps/``, in order (id, name, what it adds)."""
+    present = _build.step_sources()
+    return [s for s in _ALL_STEPS if s.id in present]
+
+
+def default_step() -> int:
+    """The last 16-bit step present: what :func:`flash_attn_func` runs when ``step`` is None."""
+    ids = [s.id for s in steps() if "bf16" in s.dtypes]
+    if not ids:
+        raise RuntimeError("no 16-bit kernel step found in cuda/steps/")
+    return max(ids)
+
+
+def _check_inputs(q, k, v, softmax_scale, allowed_dtypes, dtype_names):
+    import torch
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in allowed_dtypes:
+            raise TypeError(f"{name}: expected dtype {dtype_names}, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device.type != "cuda":
+            raise TypeError(f"{name}: expected a CUDA tensor (on an sm_90 GPU), got device {t.device}")
+    if not (q.device == k.device == v.device):
+        raise TypeError(f"k, v: expected the device of q ({q.device}), got k {k.device}, v {v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+    batch, seqlen_q, nheads, headdim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"k: expected batch {batch} (from q), got {k.shape[0]}")
+    if k.shape[3] != headdim:
+        raise ValueError(f"k: expected headdim {headdim} (from q), got {k.shape[3]}")
+    if headdim not in HEADDIMS:
+        raise ValueError(f"q: expected headdim in {HEADDIMS}, got {headdim}")
+    nheads_kv = k.shape[2]
+    if min(batch, seqlen_q, k.shape[1], nheads, nheads_kv) < 1:
+        raise ValueError(f"q, k: every dimension must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if nheads % nheads_kv != 0:
+        raise ValueError(f"k: nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
+    elem = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
+        if any((s * elem) % 16 for s in t.stride()[:3]) or t.data_ptr() % 16:
+            raise ValueError(f"{name}: TMA needs 16-byte aligned base and strides, got strides {t.stride()}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(headdim)
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+        if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+            raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
+    from . import _env
+
+    reason = _env.why_no_sm90()
+    if reason:
+        raise RuntimeError(f"flash_attn_func needs an sm_90 GPU (H100/H200): {reason}")
+    return float(softmax_scale)
+
+
+def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, return_lse=False, out=None):
+    """FlashAttention-3 forward on Hopper: softmax(α·QKᵀ)·V, one of the lab's kernel steps.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim) fp16/bf16 CUDA tensor, last dim contiguous.
+        k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype/device; nheads % nheads_kv == 0.
+        causal: bottom-right aligned causal mask (row i sees keys j <= i + seqlen_k - seqlen_q).
+        softmax_scale: α, default 1/sqrt(headdim).
+        step: kernel step 1–4 (``fa3_lab.steps()``); default the last 16-bit step.
+        return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for rows
+            that see no key).
+        out: optional preallocated output, shape and dtype of q (tests poison it first).
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim), dtype of q; and lse if ``return_lse``.
+
+    Raises:
+        TypeError: not a tensor, dtype not fp16/bf16 or mixed, not on a CUDA device.
+        ValueError: rank, shapes, headdim not in (64, 128, 256), nheads % nheads_kv, strides.
+        RuntimeError: no sm_90 GPU here (nothing is computed; there is no fallback).
+
+    Source: paper §3 (Alg. 1–2); kernels in ``cuda/steps/``.
+    """
+    import torch
+
+    scale = _check_inputs(q, k, v, softmax_scale, (torch.float16, torch.bfloat16), "float16 or bfloat16")
+    available = [s.id for s in steps() if "bf16" in s.dtypes]
+    if step is None:
+        step = default_step()
+    if isinstance(step, bool) or not isinstance(step, int) or step not in available:
+        raise ValueError(f"step: expected one of {available}, got {step!r}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out: expected a tensor of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}")
+    ext = _build.load()
+    o, lse = ext.fwd(step, q, k, v, bool(causal), scale, out, None, 0)
+    return (o, lse) if return_lse else o
+
+
+def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quant=True, incoherent=True,
+                        return_lse=False):
+    """FP8 e4m3 forward with block quantization and incoherent processing (paper §3.3).
+
+    Raises:
+        RuntimeError: the FP8 kernel (step 05) is not in this build yet.
+    """
+    if 5 not in _build.step_sources():
+        raise RuntimeError("flash_attn_fp8_func: the FP8 kernel (cuda/steps/05_fp8.cu) is not built yet")
+    raise RuntimeError("flash_attn_fp8_func: not available in this build")

@@ -1,0 +1,236 @@
+"""`python -m fa3_lab bench` — our kernel steps against the peers, DESIGN.md's timing protocol.
+
+Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median of many runs); inputs fresh from
+N(0, 1) per shape; every implementation in the same process on the same inputs. Peers: PyTorch SDPA
+with the FLASH_ATTENTION backend (FlashAttention-2), CUDNN_ATTENTION (cuDNN), EFFICIENT_ATTENTION,
+MATH (standard attention, only where its S/P fit in memory), and the official FlashAttention-3
+forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs from
+:func:`flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
+"""
+from __future__ import annotations
+
+import math
+
+from .cli import UsageError
+
+HELP = "benchmark the kernel steps against SDPA (FA2), cuDNN and the official FA3 on this GPU"
+
+PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_SEQLENS = (1024, 4096, 16384)
+TOTAL_TOKENS = 16384
+HIDDEN = 2048
+ABLATION = dict(batch=4, seqlen=8448, nheads=16, headdim=128)  # paper Table 2
+PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 661}  # see NOTES.md
+
+
+def flops(batch, nheads, seqlen_q, seqlen_k, headdim, causal):
+    """Forward FLOPs: 4·b·h·d·(number of visible (query, key) pairs); bottom-right causal."""
+    if causal:
+        offset = seqlen_k - seqlen_q
+        # row i sees min(seqlen_k, max(0, i + offset + 1)) keys
+        pairs = 0
+        lo = max(0, -offset)                   # rows before lo see nothing
+        full_from = max(lo, seqlen_k - offset - 1)  # rows >= full_from see all seqlen_k keys
+        full_from = min(full_from, seqlen_q)
+        # rows lo..full_from-1 see i + offset + 1 keys (an arithmetic series)
+        n = full_from - lo
+        if n > 0:
+            first = lo + offset + 1
+            pairs += n * first + n * (n - 1) // 2
+        pairs += (seqlen_q - full_from) * seqlen_k
+    else:
+        pairs = seqlen_q * seqlen_k
+    return 4 * batch * nheads * headdim * pairs
+
+
+def add_arguments(p):
+    p.add_argument("--quick", action="store_true", help=f"seqlens {QUICK_SEQLENS}, bf16 only")
+    p.add_argument("--ablation", action="store_true", help="the paper's Table 2 configuration, steps 01-04")
+    p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16 (default both; --quick: bf16)")
+    p.add_argument("--headdims", default="64,128,256", help="comma list from 64,128,256")
+    p.add_argument("--seqlens", default=None, help="comma list of seqlens (default the paper grid)")
+    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    p.add_argument("--steps", default=None, help="comma list of step ids (default all 16-bit steps)")
+    p.add_argument("--no-peers", action="store_true", help="time only our steps")
+    p.add_argument("--name", default=None, help="results file name (default bench / bench_quick / ablation)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
+
+
+def _int_list(text, name, allowed=None):
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{name}: expected a comma list of integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise UsageError(f"--{name}: expected positive integers, got {text!r}")
+    if allowed is not None and any(v not in allowed for v in vals):
+        raise UsageError(f"--{name}: expected values from {allowed}, got {text!r}")
+    return vals
+
+
+def peers():
+    """{impl: callable(q, k, v, causal) -> out} for the peers importable here (BSHD inputs)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def fn(q, k, v, causal):
+            with sdpa_kernel(backend):
+                group = q.shape[2] // k.shape[2]
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=causal, enable_gqa=group > 1).transpose(1, 2)
+        return fn
+
+    out = {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+           "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH)}
+    try:
+        from fa3_fwd_interface import flash_attn_func as fa3_func
+
+        def fa3(q, k, v, causal):
+            r = fa3_func(q, k, v, causal=causal)
+            return r[0] if isinstance(r, tuple) else r
+        out["fa3"] = fa3
+    except Exception:  # not installed: the row is simply absent (reported in the table header)
+        pass
+    return out
+
+
+def time_ms(fn):
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def run_grid(configs, step_ids, with_peers=True, progress=None):
+    """Time every (impl, config); returns rows in the DESIGN.md schema.
+
+    configs: iterable of dicts with dtype, headdim, causal, batch, seqlen, nheads, nheads_kv.
+    """
+    import torch
+
+    import fa3_lab
+
+    peer_fns = peers() if with_peers else {}
+    rows = []
+    for cfg in configs:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
+        b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["nheads_kv"], cfg["headdim"]
+        q = torch.randn(b, s, h, d, device="cuda", dtype=dt)
+        k = torch.randn(b, s, hkv, d, device="cuda", dtype=dt)
+        v = torch.randn(b, s, hkv, d, device="cuda", dtype=dt)
+        fl = flops(b, h, s, s, d, cfg["causal"])
+        impls = {f"step{n:02d}": (lambda n=n: fa3_lab.flash_attn_func(q, k, v, causal=cfg["causal"], step=n))
+                 for n in step_ids}
+        for name, fn in peer_fns.items():
+            if name == "sdpa_math" and b * h * s * s * 4 * 3 > 20e9:
+                continue  # S and P in fp32 would not fit comfortably
+            impls[name] = lambda fn=fn: fn(q, k, v, cfg["causal"])
+        for impl, fn in impls.items():
+            try:
+                fn()
+                torch.cuda.synchronize()
+                ms = time_ms(fn)
+            except Exception as e:  # a peer that does not support this config: say so, no row
+                if progress:
+                    progress(f"{impl} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                torch.cuda.synchronize()
+                continue
+            rows.append({"impl": impl, "dtype": cfg["dtype"], "headdim": d, "causal": cfg["causal"], "batch": b,
+                         "seqlen_q": s, "seqlen_k": s, "nheads": h, "nheads_kv": hkv, "ms": round(ms, 5),
+                         "tflops": round(fl / ms / 1e9, 2)})
+        del q, k, v
+        torch.cuda.empty_cache()
+        if progress:
+            progress(None)
+    return rows
+
+
+def grid_configs(dtypes, headdims, seqlens, causals):
+    for dtype in dtypes:
+        for d in headdims:
+            for causal in causals:
+                for s in seqlens:
+                    nheads = HIDDEN // d
+                    yield dict(dtype=dtype, headdim=d, causal=causal, batch=max(1, TOTAL_TOKENS // s), seqlen=s,
+                               nheads=nheads, nheads_kv=nheads)
+
+
+def format_table(rows, title=""):
+    """Rich table: one line per config, TFLOPs per impl, and ratios of our best step to each peer."""
+    from rich.table import Table
+
+    keys = sorted({(r["dtype"], r["headdim"], r["causal"], r["seqlen_q"]) for r in rows})
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (not i.startswith("step"), i))
+    ours = [i for i in impls if i.startswith("step")]
+    theirs = [i for i in impls if not i.startswith("step")]
+    t = Table(title=title)
+    for col in ["dtype", "hdim", "causal", "seqlen"] + impls + [f"best/{p}" for p in theirs]:
+        t.add_column(col, justify="right")
+    for key in keys:
+        got = {r["impl"]: r["tflops"] for r in rows if (r["dtype"], r["headdim"], r["causal"], r["seqlen_q"]) == key}
+        best = max((got[i] for i in ours if i in got), default=None)
+        cells = [key[0], str(key[1]), "yes" if key[2] else "no", str(key[3])]
+        cells += [f"{got[i]:.0f}" if i in got else "—" for i in impls]
+        cells += [f"{best / got[p]:.2f}×" if best and p in got else "—" for p in theirs]
+        t.add_row(*cells)
+    return t
+
+
+def run(args):
+    from rich.console import Console
+
+    from . import _env
+
+    console = Console()
+    reason = _env.why_no_sm90()
+    if reason:
+        console.print(f"bench needs an sm_90 GPU: {reason}. Recorded results: fa3_lab/results/ "
+                      f"(README table, notebook 06).")
+        return 1
+    from . import api
+
+    step_ids = [s.id for s in api.steps() if "bf16" in s.dtypes]
+    if args.steps:
+        step_ids = _int_list(args.steps, "steps", allowed=tuple(step_ids))
+    headdims = _int_list(args.headdims, "headdims", allowed=(64, 128, 256))
+    if args.ablation:
+        a = ABLATION
+        configs = [dict(dtype=dt, headdim=a["headdim"], causal=False, batch=a["batch"], seqlen=a["seqlen"],
+                        nheads=a["nheads"], nheads_kv=a["nheads"]) for dt in ("bf16", "fp16")]
+        name = args.name or "ablation"
+    else:
+        dtypes = (args.dtypes or ("bf16" if args.quick else "bf16,fp16")).split(",")
+        if any(d not in ("bf16", "fp16") for d in dtypes):
+            raise UsageError(f"--dtypes: expected a comma list of bf16,fp16, got {args.dtypes!r}")
+        seqlens = _int_list(args.seqlens, "seqlens") if args.seqlens else (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
+        causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
+        configs = list(grid_configs(dtypes, headdims, seqlens, causals))
+        name = args.name or ("bench_quick" if args.quick else "bench")
+
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as prog:
+        task = prog.add_task("timing", total=len(configs))
+
+        def progress(msg):
+            if msg is None:
+                prog.advance(task)
+            else:
+                console.print(f"[dim]{msg}[/dim]")
+
+        rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress)
+    from . import results
+
+    meta = results.collect_meta(command="python -m fa3_lab bench " + " ".join(_argv_tail(args)))
+    console.print(format_table(rows, title=f"{meta['gpu']} — TFLOPs/s (median of do_bench), {meta['date']}"))
+    if not args.no_save:
+        path = results.save(name, rows, meta)
+        console.print(f"saved {path}")
+    return 0
+
+
+def _argv_tail(args):
+    import sys
+
+    return sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
