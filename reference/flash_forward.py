@@ -166,30 +166,42 @@ def softmax_finalize(acc_o, m_i, l_i, softmax_scale: float):
 
 @dataclass(frozen=True)
 class ForwardIO:
-    """HBM traffic and matmul FLOPs of one forward pass, counted per tile load as issued.
+    """HBM traffic and matmul FLOPs of one forward pass.
 
     Attributes:
-        hbm_read_bytes: bytes loaded from HBM (Q, K, V tiles; for standard attention also S, P).
-        hbm_write_bytes: bytes stored to HBM (O and softmax_lse; for standard attention also S, P).
+        hbm_read_bytes: bytes loaded, counted per tile load as issued (Q, K, V tiles; for standard
+            attention also S and P). A K/V tile re-loaded by another Q tile counts again.
+        hbm_write_bytes: bytes stored (O and softmax_lse; for standard attention also S and P).
+        hbm_floor_bytes: the least traffic possible: every input read once and every output
+            written once (K/V once per KV head). The tiled forward lands near this floor when the
+            re-loads of K/V hit in L2 — they usually do, since the CTAs of one head stream the same
+            K/V tiles; standard attention cannot, its S and P round trips are real outputs.
         flops: matmul FLOPs, 2·rows·cols·d for QKᵀ plus the same for PV, per computed tile.
         tiles_computed: (m_block, n_block) tiles visited, summed over batch and heads.
         tiles_skipped: causal tiles never visited (fully masked).
     """
     hbm_read_bytes: int
     hbm_write_bytes: int
+    hbm_floor_bytes: int
     flops: int
     tiles_computed: int = 0
     tiles_skipped: int = 0
 
     @property
     def hbm_bytes(self) -> int:
-        """Reads plus writes."""
+        """Reads plus writes, as issued."""
         return self.hbm_read_bytes + self.hbm_write_bytes
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["hbm_bytes"] = self.hbm_bytes
         return d
+
+
+def _floor_bytes(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, q_bytes, kv_bytes, o_bytes):
+    """Q read once, K and V once per KV head, O and lse written once."""
+    return batch * (nheads * seqlen_q * headdim * (q_bytes + o_bytes) + nheads * seqlen_q * kLseBytes
+                    + nheads_kv * seqlen_k * headdim * kv_bytes)
 
 
 def _check_dims(**dims) -> None:
@@ -199,7 +211,7 @@ def _check_dims(**dims) -> None:
 
 def flash_forward_io(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, headdim: int, *,
                      causal: bool = False, block_m: int = 128, block_n: int = 128,
-                     element_bytes: int = 2) -> ForwardIO:
+                     element_bytes: int = 2, nheads_kv: int | None = None) -> ForwardIO:
     """IO and FLOPs of the tiled forward, counted without computing it (any size, instantly).
 
     Per (batch, head, m_block): Q_i read once (rows·d), K_j and V_j read for every visited n_block
@@ -211,17 +223,22 @@ def flash_forward_io(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, head
         batch, seqlen_q, seqlen_k, nheads, headdim, block_m, block_n: positive ints.
         causal: bool; skipped tiles cost nothing.
         element_bytes: bytes per Q/K/V/O element (2 for fp16/bf16, 1 for e4m3).
+        nheads_kv: KV heads (default nheads); only the floor depends on it.
 
     Returns:
-        ForwardIO. Reads ≈ b·h·(sq·d + ⌈sq/Br⌉·2·sk·d)·element_bytes: Θ(N²d/Br), not Θ(N²).
+        ForwardIO. Reads as issued ≈ b·h·(sq·d + ⌈sq/Br⌉·2·sk·d)·element_bytes: still Θ(N²) in
+        tile loads (Θ(N²d/Br)), but no N² writes; the floor is Θ(N·d).
 
     Raises:
         TypeError / ValueError: a size that is not a positive int; causal not a bool.
 
     Source: FlashAttention (Dao et al. 2022) Theorem 2's IO count, for FA2's loop order.
     """
+    nheads_kv = nheads if nheads_kv is None else nheads_kv
     _check_dims(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads, headdim=headdim,
-                block_m=block_m, block_n=block_n, element_bytes=element_bytes)
+                block_m=block_m, block_n=block_n, element_bytes=element_bytes, nheads_kv=nheads_kv)
+    if nheads % nheads_kv:
+        raise ValueError(f"nheads_kv: nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
     causal = check_bool("causal", causal)
     read = write = flops = computed = skipped = 0
     num_n_blocks = ceil_div(seqlen_k, block_n)
@@ -235,7 +252,9 @@ def flash_forward_io(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, head
         computed += hi - lo
         skipped += num_n_blocks - (hi - lo)
     bh = batch * nheads
-    return ForwardIO(bh * read, bh * write, bh * flops, bh * computed, bh * skipped)
+    floor = _floor_bytes(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, element_bytes,
+                         2 * element_bytes, element_bytes)
+    return ForwardIO(bh * read, bh * write, floor, bh * flops, bh * computed, bh * skipped)
 
 
 def standard_attention_io(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, headdim: int, *,
@@ -247,7 +266,8 @@ def standard_attention_io(batch: int, seqlen_q: int, seqlen_k: int, nheads: int,
     Args: as :func:`flash_forward_io` (no tiles, no causal).
 
     Returns:
-        ForwardIO with tiles_computed = tiles_skipped = 0.
+        ForwardIO with hbm_floor_bytes = hbm_bytes (S and P are outputs of the first two steps)
+        and tiles_computed = tiles_skipped = 0. K and V are counted once per query head.
 
     Source: FlashAttention (Dao et al. 2022) §2.2 Algorithm 0 and Theorem 2.
     """
@@ -256,7 +276,8 @@ def standard_attention_io(batch: int, seqlen_q: int, seqlen_k: int, nheads: int,
     bh, sq, sk, d = batch * nheads, seqlen_q, seqlen_k, headdim
     read = (sq * d + sk * d) + sq * sk + (sq * sk + sk * d)                # QKᵀ, softmax, PV
     write = sq * sk + sq * sk + sq * d                                   # S, P, O
-    return ForwardIO(bh * read * element_bytes, bh * write * element_bytes, bh * 4 * sq * sk * d)
+    total = bh * (read + write) * element_bytes
+    return ForwardIO(bh * read * element_bytes, bh * write * element_bytes, total, bh * 4 * sq * sk * d)
 
 
 def flash_attention_forward(q, k, v, causal=False, softmax_scale=None, block_m=128, block_n=128,
@@ -273,7 +294,7 @@ def flash_attention_forward(q, k, v, causal=False, softmax_scale=None, block_m=1
         block_m, block_n: Br and Bc, positive ints; need not divide the sequence lengths.
         return_stats: also return a :class:`ForwardIO` counted tile by tile as the loop runs.
             Bytes use the itemsize of q, k, v (pass float16 arrays to count a 16-bit kernel's
-            traffic); O is counted in q's dtype, lse as float32.
+            traffic); O is counted in q's dtype, lse as float32; see ForwardIO for the floor.
         dtype: keyword-only, float64 (default) or float32: the precision of S, P, m_i, l_i and the
             O accumulator (float32 is what the kernel's registers hold; P is not rounded to 16 bit).
 
@@ -343,4 +364,6 @@ def flash_attention_forward(q, k, v, causal=False, softmax_scale=None, block_m=1
     if not return_stats:
         return out, lse
     total_tiles = batch * nheads * num_m_blocks * num_n_blocks
-    return out, lse, ForwardIO(read, write, flops, computed, total_tiles - computed)
+    floor = _floor_bytes(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, q.itemsize,
+                         k.itemsize + v.itemsize, q.itemsize)
+    return out, lse, ForwardIO(read, write, floor, flops, computed, total_tiles - computed)
