@@ -53,7 +53,7 @@ def _environment_pip_list(text: str) -> list[str]:
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = list(project["dependencies"])
@@ -75,6 +75,19 @@ def test_environment_parser_sees_a_difference():
     text = "dependencies:\n  - pip\n  - pip:\n      - numpy>=1.26\n      # c\n      - rich>=13\n  - other\n"
     assert _environment_pip_list(text) == ["numpy>=1.26", "rich>=13"]
     assert _requirement_name("ml_dtypes>=0.4") == "ml-dtypes"
+
+
+def test_ci_runs_the_readme_quickstart_as_written():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", text, re.S)
+    assert block, "README.md: no ```bash block under ## Quickstart"
+    commands = [ln.strip() for ln in block.group(1).splitlines() if ln.strip()]
+    assert len(commands) == 2, f"README quickstart: expected exactly two commands, got {commands}"
+    assert "--nbval" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_lines = [ln.strip() for ln in ci.splitlines() if not ln.strip().startswith("#")]
+    for command in commands:
+        assert any(ln.startswith(command) for ln in ci_lines), f".ci/run does not run {command!r}"
 
 
 # ------------------------------------------------------------------------------------------ CLI
