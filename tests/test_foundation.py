@@ -374,6 +374,15 @@ def test_readme_check_detects_a_stale_table(tmp_path):
     assert causal.count("—") >= 2  # no peer measured on that shape
 
 
+def test_readme_links_to_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#]+)\)", text)
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert local, "README.md links to no file of the repository"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+
+
 def test_readme_without_results_says_so(tmp_path):
     path = _readme(tmp_path)
     assert readme.main(["--readme", str(path), "--results", str(tmp_path / "none")]) == 0
