@@ -20,6 +20,9 @@ for what in "$@"; do
   case "$what" in
     smoke) python3 cuda/smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
     test) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -x --maxfail=3 -rs 2>&1 | tail -40 | tee "$OUT/test.log" ;;
+    memcheck|racecheck|synccheck)
+      compute-sanitizer --tool "$what" --print-limit 20 python3 cuda/sanitize_case.py 2>&1 | tail -15 | tee "$OUT/$what.log" ;;
+    testall) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -rs 2>&1 | tail -30 | tee "$OUT/test.log" ;;
     *) echo "unknown action $what" ;;
   esac
 done

@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "fa3/block_info.h"
 #include "fa3/epilogue.h"
 #include "fa3/host.h"
 #include "fa3/params.h"
@@ -76,16 +77,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   const int h_kv = h / (p.nheads / p.nheads_kv);    // GQA/MQA by index arithmetic
   const int wg = threadIdx.x / 128;
   const int row0 = m_block * kBlockM + wg * 64;     // this warpgroup's first query row
-  const int causal_offset = p.seqlen_k - p.seqlen_q;  // bottom-right aligned diagonal
+  const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
 
   T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
   float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
 
-  int n_block_max = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  if constexpr (kCausal) {
-    const int last_key = (m_block + 1) * kBlockM + causal_offset;  // keys < last_key are visible to some row
-    n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
-  }
+  const int n_block_max = blocks.n_block_max;
   if (n_block_max <= 0) {
     store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
                                   p.seqlen_q);
@@ -148,9 +145,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     fence_regs(s);
 
     // 2. mask the tiles that cross seqlen_k or the diagonal
-    const bool crosses_end = (n_block + 1) * kBlockN > p.seqlen_k;
-    const bool crosses_diag = kCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + causal_offset;
-    if (crosses_end || crosses_diag) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, causal_offset);
+    if (blocks.needs_mask(n_block))
+      apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
 
     // 3. online softmax; rescale O
     float corr[2];

@@ -81,6 +81,15 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// The 16-bit A operand of an RS WGMMA is read from registers until wgmma.wait_group: keep it live.
+template <int M, int N>
+__device__ __forceinline__ void fence_regs_u32(uint32_t (&r)[M][N]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
 // ---------------------------------------------------------------- registers & barriers
 // setmaxnreg (PTX §9.7.17.1): producer gives registers back, consumers take them.
 template <int kRegs>

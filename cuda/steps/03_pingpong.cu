@@ -1,0 +1,250 @@
+// ============================================================================================
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, one CTA = two consumer warpgroups
+//   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg
+//   03_pingpong                + named-barrier pingpong of the two consumer warpgroups          <- this file
+//   04_intra_warpgroup_overlap + softmax of tile j+1 under the P·V GEMM of tile j (paper Alg. 2)
+//   05_fp8                     + e4m3 operands, per-block descales, V transposed in smem
+// ============================================================================================
+//
+// Step 03 extends 02 with pingpong scheduling (paper §3.1, Figure 1): the two consumer warpgroups
+// take turns at the tensor cores, so that one warpgroup's softmax (MUFU-bound) runs while the other
+// warpgroup's GEMMs run. Turns are handed over with two named barriers (bar.sync id, 256 /
+// bar.arrive id, 256): warpgroup c waits on kTurnBarrier + c before issuing, and arrives on the other
+// warpgroup's barrier right after issuing — it does not wait for its GEMMs to finish first.
+//
+// To give each turn both GEMMs, the consumer loop is rotated: a turn issues P_{j−1}·V_{j−1} and then
+// Q·K_jᵀ, so per tile j a consumer does
+//   1. wait full_k[s_j], full_v[s_{j−1}]; wait for its turn
+//   2. O += P_{j−1}·V_{j−1} (WGMMA RS); S = Q·K_jᵀ (WGMMA SS); hand the turn over
+//   3. wait for both GEMMs; release stage s_{j−1}
+//   4. mask; online softmax of S; rescale O; P_j → 16-bit
+// with a prologue (turn: S = Q·K_0ᵀ) and an epilogue (turn: O += P_last·V_last), then O / ℓ and lse.
+// The producer warpgroup is unchanged from step 02.
+//
+// Measured: see cuda/NOTES.md. Known limit: inside one warpgroup the softmax still waits for the
+// GEMMs it depends on (step 04 overlaps them).
+// ============================================================================================
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fa3/block_info.h"
+#include "fa3/epilogue.h"
+#include "fa3/host.h"
+#include "fa3/params.h"
+#include "fa3/ptx.h"
+#include "fa3/softmax.h"
+#include "fa3/wgmma.h"
+
+namespace fa3 {
+namespace step03 {
+
+template <typename T, int kHeadDim>
+struct Config {
+  static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? 128 : 80;  // Bc
+  static constexpr int kNumConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kNumConsumers);
+  static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
+  static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kTurnBarrier = 1;     // named barriers 1, 2 (0 is __syncthreads)
+  static constexpr int kAtoms = kHeadDim / kAtomCols16;
+  static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
+  static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
+  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+};
+
+template <typename T, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
+    fwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
+               const __grid_constant__ CUtensorMap tmap_v, const FwdParams p) {
+  using Cfg = Config<T, kHeadDim>;
+  using Traits = ElemTraits<T>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+  constexpr int kTurnBarrier = Cfg::kTurnBarrier;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
+  T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
+  T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
+  uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
+  uint64_t* full_k = full_q + 1;       // (kStages)
+  uint64_t* full_v = full_k + kStages;  // (kStages)
+  uint64_t* empty = full_v + kStages;   // (kStages)
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (p.nheads / p.nheads_kv);
+  const int wg = warpgroup_id();
+  const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+  const int n_block_max = blocks.n_block_max;
+
+  T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+  if (n_block_max <= 0) {
+    store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
+                                  p.seqlen_q);
+    return;
+  }
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(full_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full_k[s], 1);
+      mbarrier_init(&full_v[s], 1);
+      mbarrier_init(&empty[s], 4 * Cfg::kNumConsumers);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer warpgroup
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x / 32 == 0 && elect_one()) {
+      tma_prefetch_descriptor(&tmap_k);
+      tma_prefetch_descriptor(&tmap_v);
+      // 0. Q once
+      mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
+#pragma unroll
+      for (int a = 0; a < Cfg::kAtoms; ++a)
+        tma_load_4d(sQ + a * kBlockM * kAtomCols16, &tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
+      for (int i = 0; i < n_block_max; ++i) {
+        const int n_block = n_block_max - 1 - i;
+        const int stage = i % kStages;
+        mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
+        mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
+#pragma unroll
+        for (int a = 0; a < Cfg::kAtoms; ++a)
+          tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_k, &full_k[stage], a * kAtomCols16,
+                      n_block * kBlockN, h_kv, b);
+        mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
+#pragma unroll
+        for (int a = 0; a < Cfg::kAtoms; ++a)
+          tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_v, &full_v[stage], a * kAtomCols16,
+                      n_block * kBlockN, h_kv, b);
+      }
+    }
+  } else {
+    // ------------------------------------------------------------------ consumer warpgroups
+    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    const int row0 = m_block * kBlockM + (wg - 1) * 64;  // this warpgroup's first query row
+    OnlineSoftmax softmax;
+    softmax.init();
+    float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
+#pragma unroll
+    for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+    const uint32_t sQ_addr = smem_u32(sQ);
+    mbarrier_wait(full_q, 0);
+
+    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0
+    // goes first; consumer 1 skips its final hand-over so every arrival is matched by a wait.
+    const int c = wg - 1;
+    auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * 128); };
+    auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * 128); };
+    if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
+
+    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
+    uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+    // prologue, tile 0: S = Q·K_0ᵀ
+    mbarrier_wait(&full_k[0], 0);
+    wait_turn();
+    wgmma_fence();
+    gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK), false);
+    wgmma_commit();
+    pass_turn();
+    wgmma_wait<0>();
+    fence_regs(s);
+    {
+      const int n_block = n_block_max - 1;
+      if (blocks.needs_mask(n_block))
+        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+      float corr[2];
+      softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
+      pack_p<Traits, kBlockN>(s, pa);
+    }
+    for (int i = 1; i < n_block_max; ++i) {
+      const int n_block = n_block_max - 1 - i;
+      const int stage = i % kStages, prev = (i - 1) % kStages;
+      // 1. operands ready; my turn
+      mbarrier_wait(&full_k[stage], (i / kStages) & 1);
+      mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
+      wait_turn();
+      // 2. O += P_{j−1}·V_{j−1};  S = Q·K_jᵀ;  hand over
+      wgmma_fence();
+      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
+      wgmma_commit();
+      pass_turn();
+      // 3. both done; release the previous stage
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(s);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[prev]);
+      // 4. mask, softmax, rescale, P → 16-bit
+      if (blocks.needs_mask(n_block))
+        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+      float corr[2];
+      softmax.update<kBlockN>(s, p.scale_log2, corr);
+      rescale_rows<kHeadDim>(o, corr);
+      pack_p<Traits, kBlockN>(s, pa);
+    }
+    // epilogue turn: O += P_last·V_last
+    {
+      const int last = (n_block_max - 1) % kStages;
+      mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
+      wait_turn();
+      wgmma_fence();
+      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
+      wgmma_commit();
+      if (c == 0) pass_turn();
+      wgmma_wait<0>();
+      fence_regs(o);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[last]);
+    }
+    // 7. epilogue
+    float inv_sum[2], lse[2];
+    softmax.finalize(p.scale_log2, inv_sum, lse);
+    store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+  }
+}
+
+template <typename T, int kHeadDim, bool kCausal>
+void launch(const FwdParams& p, cudaStream_t stream) {
+  using Cfg = Config<T, kHeadDim>;
+  CUtensorMap tq = make_tmap_bshd(p.q, p.dtype, kHeadDim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                                  p.q_head_stride, p.q_batch_stride, kAtomCols16, Cfg::kBlockM);
+  CUtensorMap tk = make_tmap_bshd(p.k, p.dtype, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.k_row_stride,
+                                  p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN);
+  CUtensorMap tv = make_tmap_bshd(p.v, p.dtype, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.v_row_stride,
+                                  p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN);
+  auto kernel = fwd_kernel<T, kHeadDim, kCausal>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+             "cudaFuncSetAttribute(step03)");
+  dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
+  check_cuda(cudaGetLastError(), "step03 launch");
+}
+
+}  // namespace step03
+
+void run_fwd_step03(const FwdParams& p, cudaStream_t stream) {
+  auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    switch (p.headdim) {
+      case 64: return p.causal ? step03::launch<T, 64, true>(p, stream) : step03::launch<T, 64, false>(p, stream);
+      case 128: return p.causal ? step03::launch<T, 128, true>(p, stream) : step03::launch<T, 128, false>(p, stream);
+      case 256: return p.causal ? step03::launch<T, 256, true>(p, stream) : step03::launch<T, 256, false>(p, stream);
+      default: throw std::runtime_error("step03: headdim must be 64, 128 or 256");
+    }
+  };
+  if (p.dtype == Dtype::kFloat16) by_dim(__half{});
+  else if (p.dtype == Dtype::kBFloat16) by_dim(__nv_bfloat16{});
+  else throw std::runtime_error("step03: dtype must be fp16 or bf16");
+}
+
+}  // namespace fa3
