@@ -3,7 +3,7 @@
 Three tiers, each with the reason when it cannot run:
 
 * NumPy references (``reference/``): anywhere NumPy runs.
-* SASS inspection (``python -m fa3_lab sass``): needs ``nvcc`` >= 12.3 (compiles for sm_90a without a
+* SASS inspection (compile to a cubin, disassemble): needs ``nvcc`` >= 12.3 (compiles for sm_90a without a
   GPU) and ``nvdisasm`` (``pip install nvidia-cuda-nvdisasm``).
 * Kernels: an sm_90 GPU (H100/H200) visible to torch, and ``nvcc`` >= 12.3 (the JIT build, wgmma and
   setmaxnreg in inline PTX).
@@ -94,7 +94,8 @@ def collect() -> dict:
     Returns:
         dict with string/int/None values: ``python``, ``platform``, ``numpy``, ``torch``,
         ``torch_cuda_build`` (CUDA version torch was built for; None for a CPU build),
-        ``cuda_runtime``, ``cuda_driver``, ``cudnn`` (int, e.g. 91900), ``gpu`` (name of device 0),
+        ``cuda_runtime``, ``cuda_driver`` (the CUDA version the driver supports),
+        ``nvidia_driver`` (the driver release, from nvidia-smi), ``cudnn`` (int, e.g. 91900), ``gpu`` (name of device 0),
         ``compute_capability`` ("9.0"), ``sm_count``, ``nvcc``/``cuobjdump``/``nvdisasm`` (paths),
         ``nvcc_version``; and ``can_run``: ``{"references" | "sass" | "kernels": {"ok": bool,
         "why": str}}`` where ``why`` is empty when ``ok``. Everything that is absent is None.
@@ -106,8 +107,7 @@ def collect() -> dict:
     facts = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
              "numpy": np.__version__}
     facts.update(_torch_facts())
-    if facts["gpu"] is not None and facts["cuda_driver"] is None:
-        facts["cuda_driver"] = _nvidia_smi_driver()
+    facts["nvidia_driver"] = _nvidia_smi_driver() if facts["gpu"] is not None else None
     facts["nvcc"] = _env.nvcc()
     facts["nvcc_version"] = _env.nvcc_version()
     facts["cuobjdump"] = _env.cuobjdump()
@@ -130,15 +130,15 @@ def collect() -> dict:
 _LABELS = [
     ("python", "Python"), ("platform", "platform"), ("numpy", "NumPy"), ("torch", "torch"),
     ("torch_cuda_build", "torch built for CUDA"), ("cuda_runtime", "CUDA runtime"),
-    ("cuda_driver", "CUDA driver"), ("cudnn", "cuDNN"), ("gpu", "GPU"),
+    ("cuda_driver", "CUDA driver API"), ("nvidia_driver", "NVIDIA driver"), ("cudnn", "cuDNN"), ("gpu", "GPU"),
     ("compute_capability", "compute capability"), ("sm_count", "SMs"), ("nvcc", "nvcc"),
     ("nvcc_version", "nvcc version"), ("cuobjdump", "cuobjdump"), ("nvdisasm", "nvdisasm"),
 ]
 
 _TIERS = [
-    ("references", "NumPy references (reference/, notebooks on CPU)"),
-    ("sass", "SASS inspection (python -m fa3_lab sass)"),
-    ("kernels", "CUDA kernels (fa3_lab.flash_attn_func, bench, tour on GPU)"),
+    ("references", "NumPy references"),
+    ("sass", "SASS inspection"),
+    ("kernels", "CUDA kernels (sm_90a)"),
 ]
 
 

@@ -157,7 +157,7 @@ def test_info_json_is_truthful():
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
     expected_keys = {"python", "platform", "numpy", "torch", "torch_cuda_build", "cuda_runtime",
-                     "cuda_driver", "cudnn", "gpu", "compute_capability", "sm_count", "nvcc",
+                     "cuda_driver", "nvidia_driver", "cudnn", "gpu", "compute_capability", "sm_count", "nvcc",
                      "nvcc_version", "cuobjdump", "nvdisasm", "can_run"}
     assert set(facts) == expected_keys
     assert facts["python"] == platform.python_version()
@@ -183,6 +183,23 @@ def test_info_reasons_for_old_or_missing_nvcc():
     assert info._nvcc_reason("/x/nvcc", "12.3") == ""
     assert info._nvcc_reason("/x/nvcc", "13.0") == ""
     assert info._version_tuple("12.10") > info._version_tuple("12.3")
+
+
+def test_info_on_a_simulated_h100(monkeypatch):
+    h100 = {"torch": "2.11.0+cu130", "torch_cuda_build": "13.0", "cuda_runtime": "13.0", "cuda_driver": "13.0",
+            "cudnn": 91900, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "sm_count": 132}
+    monkeypatch.setattr(info, "_torch_facts", lambda: dict(h100))
+    monkeypatch.setattr(info, "_nvidia_smi_driver", lambda: "580.65.06")
+    monkeypatch.setattr(_env, "why_no_sm90", lambda: "")
+    monkeypatch.setattr(_env, "nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(_env, "nvdisasm", lambda: None)
+    monkeypatch.setattr(_env, "nvcc_version", lambda: "12.2")
+    facts = info.collect()
+    assert facts["gpu"] == "NVIDIA H100 80GB HBM3" and facts["nvidia_driver"] == "580.65.06"
+    assert facts["can_run"]["kernels"] == {"ok": False, "why": info._nvcc_reason("/usr/local/cuda/bin/nvcc", "12.2")}
+    assert not facts["can_run"]["sass"]["ok"] and "nvdisasm not found" in facts["can_run"]["sass"]["why"]
+    monkeypatch.setattr(_env, "nvcc_version", lambda: "12.8")
+    assert info.collect()["can_run"]["kernels"] == {"ok": True, "why": ""}
 
 
 def test_info_tables_render():
