@@ -22,6 +22,9 @@ for what in "$@"; do
     test) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -x --maxfail=3 -rs 2>&1 | tail -40 | tee "$OUT/test.log" ;;
     memcheck|racecheck|synccheck)
       compute-sanitizer --tool "$what" --print-limit 20 python3 cuda/sanitize_case.py 2>&1 | tail -15 | tee "$OUT/$what.log" ;;
+    bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
+    ablation) python3 -m fa3_lab bench --ablation 2>&1 | tail -20 ;;
+    collect) mkdir -p "$OUT" && cp -r fa3_lab/results/nvidia-* "$OUT/" 2>/dev/null; ls -R "$OUT" ;;
     testall) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -rs 2>&1 | tail -30 | tee "$OUT/test.log" ;;
     *) echo "unknown action $what" ;;
   esac

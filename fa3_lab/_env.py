@@ -88,6 +88,10 @@ def nvcc_version() -> str | None:
 
 @functools.lru_cache(None)
 def git_commit() -> str:
+    """Short commit of the checkout; $FA3_LAB_COMMIT wins (a copy of the tree without .git, e.g. on
+    a lent GPU machine, is told the commit it was copied from)."""
+    if os.environ.get("FA3_LAB_COMMIT"):
+        return os.environ["FA3_LAB_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, check=True).stdout.strip()

@@ -5,13 +5,14 @@ N(0, 1) per shape; every implementation in the same process on the same inputs. 
 with the FLASH_ATTENTION backend (FlashAttention-2), CUDNN_ATTENTION (cuDNN), EFFICIENT_ATTENTION,
 MATH (standard attention, only where its S/P fit in memory), and the official FlashAttention-3
 forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs from
-:func:`flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
+:func:`fa3_lab.results.flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
 """
 from __future__ import annotations
 
 import math
 
 from .cli import UsageError
+from .results import flops
 
 HELP = "benchmark the kernel steps against SDPA (FA2), cuDNN and the official FA3 on this GPU"
 
@@ -21,26 +22,6 @@ TOTAL_TOKENS = 16384
 HIDDEN = 2048
 ABLATION = dict(batch=4, seqlen=8448, nheads=16, headdim=128)  # paper Table 2
 PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 661}  # see NOTES.md
-
-
-def flops(batch, nheads, seqlen_q, seqlen_k, headdim, causal):
-    """Forward FLOPs: 4·b·h·d·(number of visible (query, key) pairs); bottom-right causal."""
-    if causal:
-        offset = seqlen_k - seqlen_q
-        # row i sees min(seqlen_k, max(0, i + offset + 1)) keys
-        pairs = 0
-        lo = max(0, -offset)                   # rows before lo see nothing
-        full_from = max(lo, seqlen_k - offset - 1)  # rows >= full_from see all seqlen_k keys
-        full_from = min(full_from, seqlen_q)
-        # rows lo..full_from-1 see i + offset + 1 keys (an arithmetic series)
-        n = full_from - lo
-        if n > 0:
-            first = lo + offset + 1
-            pairs += n * first + n * (n - 1) // 2
-        pairs += (seqlen_q - full_from) * seqlen_k
-    else:
-        pairs = seqlen_q * seqlen_k
-    return 4 * batch * nheads * headdim * pairs
 
 
 def add_arguments(p):

@@ -24,6 +24,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "fa3/block_info.h"
 #include "fa3/epilogue.h"
 #include "fa3/host.h"
@@ -163,7 +165,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
       pack_p<Traits, kBlockN>(s, pa);
     }
-    for (int i = 1; i < n_block_max; ++i) {
+    // One tile of the main loop. kMask is a compile-time flag: the tiles that cross seqlen_k or the
+    // diagonal come first (we walk the tiles backwards) and get their own loop, so the overlapped region
+    // of the unmasked loop has no branch — ptxas otherwise places wgmma.wait_group 0 at the branch's
+    // join point, ahead of the exponentials, and the overlap is lost (SASS, NOTES.md).
+    auto tile = [&](int i, auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
       const int n_block = n_block_max - 1 - i;
       const int stage = i % kStages, prev = (i - 1) % kStages;
       // 1. operands ready; my turn
@@ -174,6 +181,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       wgmma_fence();
       gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
       wgmma_commit();
+      wgmma_fence();  // each GEMM its own fence: ptxas then tracks the two groups separately
       gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
       wgmma_commit();
       pass_turn();
@@ -181,10 +189,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       wgmma_wait<1>();
       fence_regs(s);
       // 4. mask, softmax of S_next (under the P·V GEMM)
-      if (blocks.needs_mask(n_block))
-        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+      if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
       float corr[2];
       softmax.update<kBlockN>(s, p.scale_log2, corr);
+      // Pin P and corr before the wait, so the exponentials cannot sink below it.
+      fence_regs(s);
+      fence_regs(corr);
       // 5. P·V done: release the stage, rescale O
       wgmma_wait<0>();
       fence_regs(o);
@@ -193,7 +203,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       rescale_rows<kHeadDim>(o, corr);
       // 6. P_j → 16-bit
       pack_p<Traits, kBlockN>(s, pa);
-    }
+    };
+    int i = 1;
+    for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
+    for (; i < n_block_max; ++i) tile(i, std::false_type{});
     // epilogue turn: O += P_last·V_last
     {
       const int last = (n_block_max - 1) % kStages;
