@@ -224,9 +224,11 @@ def gpu_slug(gpu: str) -> str:
 
 def _gpu_facts() -> dict:
     """GPU name, SM count and CUDA/cuDNN versions of device 0 (needs a CUDA GPU)."""
-    import torch
-
-    if not torch.cuda.is_available():
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
         raise RuntimeError(f"collect_meta: needs a CUDA GPU ({_env.why_no_sm90()})")
     props = torch.cuda.get_device_properties(0)
     return {"gpu": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
