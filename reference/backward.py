@@ -3,22 +3,23 @@
 The forward keeps only O and softmax_lse L; the backward recomputes P tile by tile from Q, K and L
 instead of storing the seqlen_q × seqlen_k matrix. Per (batch, head):
 
-    preprocess: D_i = rowsum(dO_i ∘ O_i)                            (seqlen_q,)  (Alg. 3 line 4)
+    preprocess: D_i = rowsum(dO_i ∘ O_i)                            (seqlen_q,)       line 1
     for n_block (one K/V tile K_j, V_j of Bc = block_n rows; one CTA in the kernel):
-        dK_j = 0, dV_j = 0                                          (Bc, d) each, registers
+        dK_j = 0, dV_j = 0                                          (Bc, d) registers line 16
         for m_block in [m_block_min, m_block_max):                  Q tiles that see any key of j
             load Q_i, dO_i (Br, d); L_i, D_i (Br,)                  Br = block_m
-            S = Q_i K_jᵀ                                            (Br, Bc) raw scores, masked
-            P = exp2(S·scale_log2 − L_i·kLog2e)                     = exp(α·S − L_i)
-            dV_j += Pᵀ dO_i                                         (Bc, d)
-            dP = dO_i V_jᵀ                                          (Br, Bc)
-            dS = P ∘ (dP − D_i)                                     (Br, Bc)
-            dQ_i += α · dS K_j                                      (Br, d)  atomicAdd in the kernel
-            dK_j += α · dSᵀ Q_i                                     (Bc, d)
+            S = Q_i K_jᵀ                                            (Br, Bc) masked   line 21
+            dP = dO_i V_jᵀ                                          (Br, Bc)          line 23
+            P = exp2(S·scale_log2 − L_i·kLog2e) = exp(α·S − L_i)   (Br, Bc)          line 24
+            dS = P ∘ (dP − D_i)                                     (Br, Bc)          line 24
+            dV_j += Pᵀ dO_i                                         (Bc, d)           line 25
+            dK_j += α · dSᵀ Q_i                                     (Bc, d)           line 26
+            dQ_i += α · dS K_j                   (Br, d), atomicAdd by the dQ writer, lines 27, 33
         write dK_j, dV_j
 
-GQA: the query heads of a group all add into their shared KV head's dK, dV (the kernel sums them
-in a float32 buffer); dk, dv come back with k's shape.
+Line numbers are those of the paper's Algorithm 3, which writes S already scaled; here S is raw
+and α appears where the chain rule puts it. GQA: the query heads of a group all add into their
+shared KV head's dK, dV (the kernel sums them in a float32 buffer); dk, dv come back with k's shape.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def flash_attention_backward(q, k, v, out, lse, dout, causal=False, softmax_scal
         ValueError: shapes that do not fit; NaN/inf in q, k, v, out, dout; NaN or -inf in lse;
             block sizes <= 0; softmax_scale not positive.
 
-    Source: paper Appendix B.1, Algorithm 3 (lines 4–17); FlashAttention-2 Algorithm 2.
+    Source: paper Appendix B.1, Algorithm 3 (lines 1, 16–33); FlashAttention-2 Algorithm 2.
     """
     batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = check_qkv(q, k, v)
     _check_like("out", out, q.shape)
@@ -102,12 +103,11 @@ def flash_attention_backward(q, k, v, out, lse, dout, causal=False, softmax_scal
     if np.isnan(lse64).any() or (lse64 == -np.inf).any():
         raise ValueError("lse: expected finite values or +inf (rows that see no key), got NaN or -inf")
 
-    f64 = np.float64
-    q, k, v, out, dout = (np.asarray(x, dtype=f64) for x in (q, k, v, out, dout))
+    q, k, v, out, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, out, dout))
     scale_log2 = softmax_scale * kLog2e
     group = nheads // nheads_kv
 
-    # Preprocess (a separate kernel in FA2/FA3): D_i = rowsum(dO_i ∘ O_i), (batch, nheads, seqlen_q).
+    # Preprocess (a separate kernel in FA2/FA3), line 1: D_i = rowsum(dO_i ∘ O_i), (batch, nheads, seqlen_q).
     d_rows = np.einsum("bshd,bshd->bhs", dout, out)
     lse_log2 = lse64 * kLog2e                                  # L_i in base 2, (batch, nheads, seqlen_q)
 
@@ -133,17 +133,17 @@ def flash_attention_backward(q, k, v, out, lse, dout, causal=False, softmax_scal
                     do_i = dout[b, rows, h, :]                 # (Br, d)
                     lse_i = lse_log2[b, h, rows]               # (Br,) base 2
                     d_i = d_rows[b, h, rows]                   # (Br,)
-                    s = q_i @ k_j.T                            # (Br, Bc) recompute S
+                    s = q_i @ k_j.T                            # (Br, Bc) recompute S, line 21
                     visible = tile_visible(m_block, n_block, seqlen_q, seqlen_k, block_m, block_n,
                                            causal)
                     if visible is not None:
                         s = np.where(visible, s, -np.inf)
-                    p = np.exp2(s * scale_log2 - lse_i[:, None])   # (Br, Bc); lse = +inf → 0
-                    dv_j += p.T @ do_i                         # (Bc, d)
-                    dp = do_i @ v_j.T                          # (Br, Bc)
-                    ds = p * (dp - d_i[:, None])               # (Br, Bc)
-                    dq[b, rows, h, :] += softmax_scale * (ds @ k_j)   # atomicAdd in the kernel
-                    dk_j += softmax_scale * (ds.T @ q_i)       # (Bc, d)
+                    dp = do_i @ v_j.T                          # (Br, Bc)          line 23
+                    p = np.exp2(s * scale_log2 - lse_i[:, None])   # (Br, Bc); lse = +inf → 0, line 24
+                    ds = p * (dp - d_i[:, None])               # (Br, Bc)          line 24
+                    dv_j += p.T @ do_i                         # (Bc, d)           line 25
+                    dk_j += softmax_scale * (ds.T @ q_i)       # (Bc, d)           line 26
+                    dq[b, rows, h, :] += softmax_scale * (ds @ k_j)   # atomicAdd, lines 27, 33
                 dk[b, col0:col0 + block_n, h_kv, :] += dk_j    # GQA: the group's heads add up
                 dv[b, col0:col0 + block_n, h_kv, :] += dv_j
     return dq, dk, dv

@@ -113,7 +113,7 @@ def online_softmax_update(s, m_i, l_i, scale_log2: float):
     The −inf − (−inf) guard: a row whose every key so far is masked has m_new = −inf; its scaled
     max is taken as 0, so P = exp2(−inf) = 0 and acc_scale = exp2(−inf) = 0 instead of NaN.
 
-    Source: paper §2.3 and Algorithm 1 lines 12–15 (consumer softmax); FA3 ``hopper/softmax.h``
+    Source: paper §2.3 and Algorithm 1 lines 18–19 (consumer softmax); FA3 ``hopper/softmax.h``
     (``max_get_scale`` / ``online_softmax``) for the base-2 form and the guard.
     """
     m_new = np.maximum(m_i, np.max(s, axis=-1))                          # (Br,)
@@ -136,7 +136,7 @@ def forward_tile_step(q_i, k_j, v_j, m_i, l_i, acc_o, scale_log2: float, visible
     Returns:
         (m_i, l_i, acc_o) after folding in this K/V tile (new arrays; inputs are not modified).
 
-    Source: FlashAttention-2 Algorithm 1 lines 8–10; paper Algorithm 1 lines 11–16 (consumer).
+    Source: paper Algorithm 1 lines 17–21 (consumer mainloop); FlashAttention-2 Algorithm 1 lines 8–10.
     """
     s = q_i @ k_j.T                                                       # (Br, Bc) GEMM0
     if visible is not None:
@@ -154,7 +154,7 @@ def softmax_finalize(acc_o, m_i, l_i, softmax_scale: float):
     Returns:
         (o_i (Br, d) in acc_o's dtype, lse_i (Br,) float64).
 
-    Source: FlashAttention-2 Algorithm 1 lines 12–13; FA3 ``softmax.h`` ``finalize``.
+    Source: paper Algorithm 1 line 24; FlashAttention-2 Algorithm 1 lines 12–13; FA3 ``softmax.h``.
     """
     seen = l_i > 0
     safe_l = np.where(seen, l_i, 1)
