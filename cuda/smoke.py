@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, ".")
 import fa3_lab  # noqa: E402
 from fa3_lab import api  # noqa: E402
-from tests.test_kernel import attention_ref  # noqa: E402
+from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
 torch.manual_seed(0)
 worst = 0

@@ -16,31 +16,11 @@ torch = pytest.importorskip("torch")
 
 import fa3_lab  # noqa: E402
 from fa3_lab import api  # noqa: E402
+from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
 STEPS16 = [s.id for s in api.steps() if "bf16" in s.dtypes]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FLOOR = {"bf16": 1e-3, "fp16": 2e-4}
-
-
-def attention_ref(q, k, v, causal, scale, upcast=True):
-    """Standard attention on the GPU; upcast=True: float32 (the reference), False: the input dtype."""
-    dt = torch.float32 if upcast else q.dtype
-    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
-    group = q.shape[2] // k.shape[2]
-    kf = kf.repeat_interleave(group, dim=2)
-    vf = vf.repeat_interleave(group, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
-    sq, sk = q.shape[1], k.shape[1]
-    if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + sk - sq, float("-inf"))
-    lse = torch.logsumexp(s.float(), dim=-1)
-    p = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(dt)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, vf)
-    empty = torch.isinf(lse) & (lse < 0)
-    lse = lse.masked_fill(empty, float("inf"))
-    return out, lse
 
 
 def describe_mismatch(out, ref, tol, shape_info):
