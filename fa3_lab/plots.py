@@ -1,0 +1,262 @@
+"""Figures from recorded GPU runs: the paper's Figure 5 layout and its Table 2 ablation.
+
+Both functions read rows in the one results schema (DESIGN.md, "Timing protocol";
+:mod:`fa3_lab.results`) and draw with Matplotlib only. Nothing is random and nothing is measured
+here, so the same JSON gives the same picture. Every figure carries a title line naming the GPU,
+the date and the commit of the run it shows (taken from the run's ``meta``, never typed).
+
+Numbers from different runs are never put side by side (DESIGN.md: "never compare numbers taken on
+different GPUs or in different runs"): each function takes one run, or rows without a ``meta``.
+"""
+from __future__ import annotations
+
+from .bench import PAPER_ABLATION_TFLOPS
+from .results import IMPLS, STEP_IMPLS, Run
+
+#: The paper's Table 2 / §3.1 numbers (H100 SXM5, TFLOPs/s) beside our steps 01-04.
+PAPER_ABLATION = dict(PAPER_ABLATION_TFLOPS)
+
+#: Bar order and legend labels: our steps first, then the peers.
+IMPL_ORDER = IMPLS
+LABELS = {
+    "step01": "step 01 TMA+WGMMA", "step02": "step 02 warp-specialized", "step03": "step 03 pingpong",
+    "step04": "step 04 intra-WG overlap", "step05": "step 05 FP8",
+    "fa3": "FA3 (fa3-fwd)", "cudnn": "cuDNN", "sdpa_flash": "SDPA FA2", "sdpa_efficient": "SDPA mem-efficient",
+    "sdpa_math": "SDPA math (standard)",
+}
+COLORS = {
+    "step01": "#c6dbef", "step02": "#6baed6", "step03": "#2171b5", "step04": "#08306b", "step05": "#54278f",
+    "fa3": "#d62728", "cudnn": "#2ca02c", "sdpa_flash": "#ff7f0e", "sdpa_efficient": "#bcbd22",
+    "sdpa_math": "#7f7f7f",
+}
+_FIG5_HEADDIMS = (64, 128, 256)
+
+
+def _rows_and_meta(runs_or_rows, where: str):
+    """(rows, meta or None) from one Run, a one-element list of Runs, a {"meta", "rows"} document or a
+    list of row dicts. Raises TypeError for other types, ValueError for empty input or several runs."""
+    if isinstance(runs_or_rows, Run):
+        return list(runs_or_rows.rows), runs_or_rows.meta
+    if isinstance(runs_or_rows, dict):
+        if "rows" not in runs_or_rows:
+            raise ValueError(f"{where}: expected a results document with 'rows', got keys {sorted(runs_or_rows)}")
+        rows, meta = runs_or_rows["rows"], runs_or_rows.get("meta")
+    elif isinstance(runs_or_rows, (list, tuple)):
+        items = list(runs_or_rows)
+        if not items:
+            raise ValueError(f"{where}: expected a run or a non-empty list of rows, got an empty list")
+        if all(isinstance(x, Run) for x in items):
+            if len(items) > 1:
+                names = ", ".join(x.path.name for x in items)
+                raise ValueError(f"{where}: expected one run, got {len(items)} ({names}); numbers from "
+                                 f"different runs must not share a figure — pass one of them")
+            return list(items[0].rows), items[0].meta
+        rows, meta = items, None
+    else:
+        raise TypeError(f"{where}: expected a fa3_lab.results.Run, a results document or a list of row dicts, "
+                        f"got {type(runs_or_rows).__name__}")
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ValueError(f"{where}: expected a non-empty list of rows, got {rows!r:.60}")
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad:
+        raise TypeError(f"{where}: rows[{bad[0]}]: expected a dict, got {type(rows[bad[0]]).__name__}")
+    return list(rows), meta
+
+
+def title_line(meta) -> str:
+    """"<gpu> (<n> SMs), <YYYY-MM-DD>, commit <sha>, torch <v>, CUDA <v>" from a run's meta; a note
+    when there is none."""
+    if not meta:
+        return "rows without run metadata (GPU, date and commit unknown)"
+    return (f"{meta['gpu']} ({meta['sm_count']} SMs), {meta['date'][:10]}, commit {meta['commit']}, "
+            f"torch {meta['torch']}, CUDA {meta['cuda']}")
+
+
+def _check_dtype(dtype, rows, where):
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype: expected a str like 'bf16', got {type(dtype).__name__}")
+    present = sorted({r["dtype"] for r in rows})
+    if dtype not in present:
+        raise ValueError(f"dtype: expected one of the dtypes in the rows {present}, got {dtype!r} ({where})")
+
+
+def bench_table(runs_or_rows, dtype="bf16"):
+    """The Figure-5 grid as a dict: {(headdim, causal, seqlen): {impl: tflops}} for one dtype.
+
+    Args:
+        runs_or_rows: one :class:`fa3_lab.results.Run`, a results document, or a list of row dicts.
+        dtype: "bf16", "fp16" or "e4m3" (must occur in the rows).
+
+    Raises:
+        TypeError: wrong input types. ValueError: empty input, several runs, a dtype not in the rows,
+        or two rows for the same (impl, headdim, causal, seqlen) (e.g. two runs' rows mixed).
+    """
+    rows, _ = _rows_and_meta(runs_or_rows, "bench_table")
+    _check_dtype(dtype, rows, "bench_table")
+    table: dict = {}
+    for r in rows:
+        if r["dtype"] != dtype:
+            continue
+        key = (r["headdim"], r["causal"], r["seqlen_q"])
+        cell = table.setdefault(key, {})
+        if r["impl"] in cell:
+            raise ValueError(f"rows: two rows for {r['impl']} {dtype} headdim {key[0]} causal={key[1]} "
+                             f"seqlen {key[2]}; pass the rows of one run")
+        cell[r["impl"]] = r["tflops"]
+    return table
+
+
+def plot_bench(runs_or_rows, dtype="bf16", ax=None):
+    """The paper's Figure 5 layout: forward TFLOPs/s per seqlen, grouped bars per implementation.
+
+    A 2 × 3 grid of panels — rows: causal no / yes; columns: headdim 64, 128, 256 (those present) —
+    each with one group of bars per seqlen and one bar per implementation present in the rows (ours
+    first, then FA3, cuDNN, SDPA's backends). The figure's title line names the GPU, date and commit.
+
+    Args:
+        runs_or_rows: one :class:`fa3_lab.results.Run` (e.g. ``bench.json`` from ``load_all()``), a
+            results document ``{"meta", "rows"}``, or a list of row dicts (then the title says the
+            run is unknown).
+        dtype: the rows' ``dtype`` to draw ("bf16" or "fp16" in our runs).
+        ax: None (a new figure) or 2·(number of headdims) Matplotlib Axes (a 2-D array or a flat
+            sequence, row-major: causal no first).
+
+    Returns:
+        matplotlib.figure.Figure.
+
+    Raises:
+        TypeError: wrong input types. ValueError: empty input, several runs at once, a dtype absent
+        from the rows, duplicate rows, or the wrong number of Axes.
+
+    Source: paper §4.1, Figure 5 (forward speed, head dim 64/128/256, with and without causal mask).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, meta = _rows_and_meta(runs_or_rows, "plot_bench")
+    table = bench_table(rows, dtype)
+    headdims = [d for d in _FIG5_HEADDIMS if any(k[0] == d for k in table)]
+    headdims += sorted({k[0] for k in table} - set(headdims))
+    impls = [i for i in IMPL_ORDER if any(i in cell for cell in table.values())]
+    if ax is None:
+        fig, axes = plt.subplots(2, len(headdims), figsize=(4.6 * len(headdims), 6.4), squeeze=False)
+    else:
+        axes = np.asarray(ax, dtype=object).reshape(-1)
+        if axes.size != 2 * len(headdims):
+            raise ValueError(f"ax: expected {2 * len(headdims)} Axes (2 masks × {len(headdims)} headdims), "
+                             f"got {axes.size}")
+        axes = axes.reshape(2, len(headdims))
+        fig = axes[0, 0].figure
+    width = 0.8 / len(impls)
+    for r, causal in enumerate((False, True)):
+        for c, d in enumerate(headdims):
+            a = axes[r, c]
+            seqlens = sorted(k[2] for k in table if k[0] == d and k[1] == causal)
+            x = np.arange(len(seqlens))
+            for n, impl in enumerate(impls):
+                ys = [table[(d, causal, s)].get(impl, np.nan) for s in seqlens]
+                a.bar(x + (n - (len(impls) - 1) / 2) * width, ys, width, color=COLORS.get(impl),
+                      label=LABELS.get(impl, impl))
+            a.set_xticks(x, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
+            a.set_title(f"headdim {d}, {'causal' if causal else 'no mask'}", fontsize=9)
+            a.grid(axis="y", alpha=0.3)
+            if c == 0:
+                a.set_ylabel("TFLOPs/s")
+            if r == 1:
+                a.set_xlabel("seqlen (batch = 16k / seqlen, nheads = 2048 / headdim)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(impls), 5), fontsize=8, frameon=False)
+    fig.suptitle(f"Forward, {dtype} — {title_line(meta)}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    return fig
+
+
+def _two_lines(impl):
+    label = LABELS.get(impl, impl)
+    if impl in STEP_IMPLS:  # "step 01 TMA+WGMMA" -> "step 01" / "TMA+WGMMA"
+        head, _, rest = label.partition(" ")[2].partition(" ")
+        return f"step {head}\n{rest}"
+    return label.replace(" ", "\n", 1)
+
+
+def ablation_table(runs_or_rows, dtype="bf16", paper=None):
+    """Rows of the ablation figure: [(impl, ours TFLOPs/s, paper TFLOPs/s or None)], steps first.
+
+    Raises:
+        as :func:`plot_ablation`.
+    """
+    paper = PAPER_ABLATION if paper is None else paper
+    if not isinstance(paper, dict):
+        raise TypeError(f"paper: expected a dict {{impl: TFLOPs/s}}, got {type(paper).__name__}")
+    rows, _ = _rows_and_meta(runs_or_rows, "ablation_table")
+    _check_dtype(dtype, rows, "ablation_table")
+    rows = [r for r in rows if r["dtype"] == dtype]
+    configs = sorted({(r["batch"], r["seqlen_q"], r["seqlen_k"], r["nheads"], r["headdim"], r["causal"])
+                      for r in rows})
+    if len(configs) != 1:
+        raise ValueError(f"rows: expected the rows of one configuration (the Table 2 run), got {len(configs)} "
+                         f"configurations, e.g. {configs[:2]}")
+    got = {}
+    for r in rows:
+        if r["impl"] in got:
+            raise ValueError(f"rows: two rows for {r['impl']} {dtype}; pass the rows of one run")
+        got[r["impl"]] = r["tflops"]
+    return [(i, got[i], paper.get(i)) for i in IMPL_ORDER if i in got]
+
+
+def plot_ablation(rows, paper=PAPER_ABLATION, dtype="bf16", ax=None):
+    """Our steps 01-04 (and the peers of the same run) beside the paper's Table 2 / §3.1 numbers.
+
+    One pair of bars per step (ours solid, the paper's H100 SXM5 number hatched), then one bar per
+    peer (FA3, cuDNN, SDPA). Values are written above the bars, rounded to whole TFLOPs/s.
+
+    Args:
+        rows: one :class:`fa3_lab.results.Run` (``ablation.json``), a results document, or a list
+            of row dicts of ONE configuration (the paper's (4, 8448, 16, 128), non-causal).
+        paper: {impl: TFLOPs/s} — default :data:`PAPER_ABLATION` (570 / 582 / 620 / 661).
+        dtype: which of the rows' dtypes to draw.
+        ax: a Matplotlib Axes, or None for a new figure.
+
+    Returns:
+        matplotlib.figure.Figure.
+
+    Raises:
+        TypeError: wrong input types. ValueError: empty input, several runs, several configurations,
+        duplicate rows, a dtype absent from the rows.
+
+    Source: paper §4.2, Table 2 (pipelining ablation); §3.1 (pingpong 570 → 620).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = ablation_table(rows, dtype, paper)
+    _, meta = _rows_and_meta(rows, "plot_ablation")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 4))
+    else:
+        fig = ax.figure
+    x = np.arange(len(table), dtype=float)
+    ours = [t for _, t, _ in table]
+    is_step = [i in STEP_IMPLS for i, _, _ in table]
+    w = 0.38
+    xs_ours = [xi - w / 2 if (s and p is not None) else xi for xi, s, (_, _, p) in zip(x, is_step, table)]
+    bars = ax.bar(xs_ours, ours, w, color=[COLORS.get(i) for i, _, _ in table], edgecolor="black", lw=0.5,
+                  label=f"ours, {dtype}")
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    px = [xi + w / 2 for xi, (_, _, p) in zip(x, table) if p is not None]
+    pv = [p for _, _, p in table if p is not None]
+    if pv:
+        pbars = ax.bar(px, pv, w, color="white", edgecolor="black", hatch="//", lw=0.5,
+                       label="paper (H100 SXM5)")
+        ax.bar_label(pbars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(x, [_two_lines(i) for i, _, _ in table], fontsize=8)
+    ax.set_ylabel("TFLOPs/s")
+    r0 = _rows_and_meta(rows, "plot_ablation")[0][0]
+    ax.set_title(f"Ablation, batch {r0['batch']}, seqlen {r0['seqlen_q']}, {r0['nheads']} heads, "
+                 f"headdim {r0['headdim']}, {'causal' if r0['causal'] else 'non-causal'}\n{title_line(meta)}",
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, 1.15 * max(ours + pv))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
