@@ -25,7 +25,10 @@
 //     arrive.expect_tx full_v[s]; TMA V_j        6. arrive empty[s] (stage released)
 //                                               7. epilogue: O / ℓ, lse
 //
-// Measured: see cuda/NOTES.md. Known limits: the two consumer warpgroups still contend for the
+// Measured (NVIDIA H200, bf16, commit b5d00c6, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 574 TFLOPs/s; seqlen 16k: hd64 426, hd128 545, hd128 causal 553, hd256 615.
+// Same run: FA3 698 / cuDNN 613 / SDPA-FA2 351 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Known limits: the two consumer warpgroups still contend for the
 // tensor cores and the MUFU in no particular order (that is step 03), and within a warpgroup the
 // softmax waits for the GEMM (step 04).
 // ============================================================================================

@@ -19,7 +19,11 @@
 // The price is registers: S_next (fp32) and P_{j−1} (16-bit, read asynchronously by the RS WGMMA
 // until step 5) are live at once. Prologue and epilogue as in step 03.
 //
-// This is the default 16-bit kernel of fa3_lab.flash_attn_func. Measured: see cuda/NOTES.md.
+// Measured (NVIDIA H200, bf16, commit b5d00c6, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 490 TFLOPs/s; seqlen 16k: hd64 444, hd128 511, hd128 causal 500, hd256 533.
+// Same run: FA3 698 / cuDNN 613 / SDPA-FA2 351 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Known limit: ptxas places wgmma.wait_group 0 before the softmax's exponentials, so the overlap
+// is not realized yet and this step is slower than 02/03 (NOTES.md); flash_attn_func defaults to 02.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
