@@ -22,6 +22,8 @@ for what in "$@"; do
     test) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -x --maxfail=3 -rs 2>&1 | tail -40 | tee "$OUT/test.log" ;;
     memcheck|racecheck|synccheck)
       compute-sanitizer --tool "$what" --print-limit 20 python3 cuda/sanitize_case.py 2>&1 | tail -15 | tee "$OUT/$what.log" ;;
+    info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;
+    tour) python3 -m fa3_lab tour 2>&1 | tee "$OUT/tour.log" ;;
     bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
     ablation) python3 -m fa3_lab bench --ablation 2>&1 | tail -20 ;;
     collect) mkdir -p "$OUT" && cp -r fa3_lab/results/nvidia-* "$OUT/" 2>/dev/null; ls -R "$OUT" ;;
