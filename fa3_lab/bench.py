@@ -10,6 +10,7 @@ forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs f
 from __future__ import annotations
 
 import math
+import warnings
 
 from .cli import UsageError
 from .results import flops
@@ -57,7 +58,8 @@ def peers():
 
     def sdpa(backend):
         def fn(q, k, v, causal):
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "kernel X not used because …" per backend probe
                 group = q.shape[2] // k.shape[2]
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                       is_causal=causal, enable_gqa=group > 1).transpose(1, 2)
