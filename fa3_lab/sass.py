@@ -19,7 +19,7 @@ so we check the machine code:
 before the softmax (fraction 0 by design); step 04 is meant to be well above it.
 
 Public: :func:`analyze`, :func:`parse_sass`, :func:`classify`, :func:`main_loop`, :func:`overlap`,
-:func:`render_html`, :func:`compile_step`; CLI ``python -m fa3_lab sass --step 04``.
+:func:`gemm_groups`, :func:`render_html`, :func:`compile_step`, :func:`record`; CLI ``python -m fa3_lab sass --step 04``.
 """
 from __future__ import annotations
 
@@ -267,6 +267,23 @@ def overlap(listing: list[dict]) -> dict:
             "max_in_flight": max_in_flight}
 
 
+def gemm_groups(listing: list[dict]) -> list[int]:
+    """HGMMA/QGMMA issues per committed group, in order: a group ends with the issue carrying ``gsb0``.
+
+    Each issue is one k-slice of 16 (bf16/fp16) or 32 (e4m3) along the contraction dimension, so a
+    Q·Kᵀ group has headdim/16 issues and a P·V group kBlockN/16 (16-bit). Issues after the last
+    ``gsb0`` of the listing (an unfinished group) are not counted.
+    """
+    out, n = [], 0
+    for ins in listing:
+        if ins["category"] == "gemm":
+            n += 1
+            if "gsb0" in ins["text"]:
+                out.append(n)
+                n = 0
+    return out
+
+
 def summarize(instrs: list[dict], loop: dict | None = None) -> dict:
     """Counts and overlap of a function's SASS (``instrs`` from :func:`parse_sass`) and its main loop."""
     loop = loop or main_loop(instrs)
@@ -457,6 +474,39 @@ def ptxas_spills(step) -> list[dict]:
     from ._build import ptxas_report
 
     return ptxas_report(compile_step(step)[1])
+
+
+RECORDED = "results/sass/bf16_hd128.json"
+
+
+def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
+    """Write the analyses of ``steps`` (bf16, headdim 128, non-causal) and of the overlap probe
+    (tests/data/overlap_probe.cu) to a JSON file (default ``fa3_lab/results/sass/bf16_hd128.json``),
+    so notebooks can show listings without a compiler. Returns the path."""
+    import datetime
+
+    from . import _env
+
+    path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
+    data = {"meta": {"nvcc": _env.nvcc_version(), "commit": _env.git_commit(),
+                     "date": datetime.date.today().isoformat(),
+                     "command": "python -c 'from fa3_lab import sass; sass.record()'"},
+            "steps": {f"{s:02d}": analyze(s) for s in steps}}
+    probe = _env.REPO_ROOT / "tests" / "data" / "overlap_probe.cu"
+    if probe.exists():
+        cubin, _ = compile_source(probe)
+        funcs = dump_sass(cubin)
+        (name,) = [n for n in funcs if "overlap_kernel" in n]
+        data["probe"] = {**summarize(parse_sass(funcs[name])), "kernel": name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=0) + "\n")
+    return path
+
+
+def load_recorded(path: Path | None = None) -> dict:
+    """The JSON written by :func:`record` (``{"meta", "steps": {"02": analysis, …}, "probe"}``)."""
+    path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
+    return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------- HTML
