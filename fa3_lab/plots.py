@@ -63,6 +63,29 @@ def _rows_and_meta(runs_or_rows, where: str):
     return list(rows), meta
 
 
+def latest_run(name: str, root=None) -> Run:
+    """The newest recorded run called ``<name>.json`` in any GPU folder of ``fa3_lab/results``.
+
+    Reads only the files of that name (other files in the results tree are not touched), validating
+    each with :func:`fa3_lab.results.load`.
+
+    Raises:
+        TypeError: ``name`` is not a str. FileNotFoundError: no such recorded run (the message
+        names the folder searched). SchemaError: a file of that name fails the schema.
+    """
+    from pathlib import Path
+
+    from . import results
+
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str like 'bench', got {type(name).__name__}")
+    folder = Path(root if root is not None else results.RESULTS_DIR)
+    paths = sorted(folder.glob(f"*/{name}.json"))
+    if not paths:
+        raise FileNotFoundError(f"name: no recorded run {name}.json under {folder}/<gpu>/")
+    return max((results.load(p) for p in paths), key=lambda r: (r.meta["date"], str(r.path)))
+
+
 def title_line(meta) -> str:
     """"<gpu> (<n> SMs), <YYYY-MM-DD>, commit <sha>, torch <v>, CUDA <v>" from a run's meta; a note
     when there is none."""

@@ -14,10 +14,10 @@ from fa3_lab import plots, results  # noqa: E402
 
 
 def _run(name):
-    runs = [r for r in results.load_all() if r.path.name == name]
-    if not runs:
+    try:
+        return plots.latest_run(name.removesuffix(".json"))
+    except FileNotFoundError:
         pytest.skip(f"no recorded {name} under fa3_lab/results/")
-    return runs[-1]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,18 @@ def test_several_runs_raise(bench_run, ablation_run):
     with pytest.raises(ValueError, match="expected one run, got 2"):
         plots.plot_bench([bench_run, ablation_run])
     assert len(plots.plot_bench([bench_run]).axes) == 6
+
+
+def test_latest_run(bench_run, tmp_path):
+    assert bench_run.path.name == "bench.json" and bench_run.rows
+    with pytest.raises(FileNotFoundError, match="no recorded run nope.json"):
+        plots.latest_run("nope")
+    with pytest.raises(TypeError, match="name"):
+        plots.latest_run(None)
+    (tmp_path / "gpu-a").mkdir()
+    (tmp_path / "gpu-a" / "bench.json").write_text('{"meta": {}}')
+    with pytest.raises(results.SchemaError, match="bench.json"):
+        plots.latest_run("bench", root=tmp_path)
 
 
 def test_bad_dtype_and_duplicates(bench_run, ablation_run):
