@@ -480,7 +480,8 @@ RECORDED = "results/sass/bf16_hd128.json"
 
 
 def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
-    """Write the analyses of ``steps`` (bf16, headdim 128, non-causal) and of the overlap probe
+    """Write the analyses of ``steps`` (bf16, headdim 128 under "steps" and 256 under "hd256",
+    non-causal) and of the overlap probe
     (tests/data/overlap_probe.cu) to a JSON file (default ``fa3_lab/results/sass/bf16_hd128.json``),
     so notebooks can show listings without a compiler. Returns the path."""
     import datetime
@@ -491,7 +492,9 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
     data = {"meta": {"nvcc": _env.nvcc_version(), "commit": _env.git_commit(),
                      "date": datetime.date.today().isoformat(),
                      "command": "python -c 'from fa3_lab import sass; sass.record()'"},
-            "steps": {f"{s:02d}": analyze(s) for s in steps}}
+            "steps": {f"{s:02d}": analyze(s) for s in steps},
+            # headdim 256 (kBlockN = 80): the one instantiation where ptxas keeps some EX2 under P·V
+            "hd256": {f"{s:02d}": analyze(s, headdim=256) for s in steps}}
     probe = _env.REPO_ROOT / "tests" / "data" / "overlap_probe.cu"
     if probe.exists():
         cubin, _ = compile_source(probe)
