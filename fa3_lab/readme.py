@@ -23,19 +23,37 @@ NO_RESULTS = ("No GPU results are recorded yet: `fa3_lab/results/` holds no run.
               "They appear here once a run on an H100 is recorded there.")
 
 
-def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
-    """One run's rows as a table: (header, rows of strings).
-
-    Columns: dtype, headdim, mask, seqlen (``sq`` or ``sq→sk``), batch×nheads (kv heads when
-    GQA), TFLOPs/s of each impl present (in :data:`results.IMPLS` order; median of duplicate rows),
-    ``best step`` (the fastest of ours), then ``best/<peer>`` for each peer present.
-    Cells with no measurement are "—".
-    """
+def _cells(run: results.Run) -> dict[tuple, dict[str, float]]:
+    """(dtype index, headdim, causal, sq, sk, batch, nheads, nheads_kv) -> {impl: median TFLOPs/s}."""
     cells: dict[tuple, dict[str, list[float]]] = {}
     for row in run.rows:
         key = (results.DTYPES.index(row["dtype"]), row["headdim"], row["causal"], row["seqlen_q"],
                row["seqlen_k"], row["batch"], row["nheads"], row["nheads_kv"])
         cells.setdefault(key, {}).setdefault(row["impl"], []).append(float(row["tflops"]))
+    return {key: {impl: statistics.median(v) for impl, v in by_impl.items()} for key, by_impl in cells.items()}
+
+
+def _shape_cells(key) -> list[str]:
+    dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv = key
+    heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
+    return [results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
+            str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
+
+
+def _best_step(tf: dict[str, float]):
+    ours = [(tf[s], s) for s in results.STEP_IMPLS if s in tf]
+    return max(ours) if ours else (None, None)
+
+
+def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
+    """One run's rows as a table: (header, rows of strings).
+
+    Columns: dtype, headdim, mask, seqlen (``sq`` or ``sq→sk``), batch×heads (kv heads when
+    GQA), TFLOPs/s of each impl present (in :data:`results.IMPLS` order; median of duplicate rows),
+    ``best step`` (the fastest of ours), then ``best/<peer>`` for each peer present.
+    Cells with no measurement are "—".
+    """
+    cells = _cells(run)
     present = {impl for by_impl in cells.values() for impl in by_impl}
     impls = [i for i in results.IMPLS if i in present]
     steps = [i for i in results.STEP_IMPLS if i in present]
@@ -46,20 +64,50 @@ def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
         header += ["best step"] + [f"best/{p}" for p in peers]
     table = []
     for key in sorted(cells):
-        dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv = key
-        tf = {impl: statistics.median(v) for impl, v in cells[key].items()}
-        heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
-        line = [results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
-                str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
-        line += [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
+        tf = cells[key]
+        line = _shape_cells(key) + [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
         if steps:
-            ours = [(tf[s], s) for s in steps if s in tf]
-            if ours:
-                best, best_step = max(ours)
+            best, best_step = _best_step(tf)
+            if best is None:
+                line += ["—"] * (1 + len(peers))
+            else:
                 line.append(f"{best_step} ({best:.1f})")
                 line += [f"{best / tf[p]:.2f}×" if p in tf else "—" for p in peers]
+        table.append(line)
+    return header, table
+
+
+#: Peers the compact view (the tour) shows: FA3, cuDNN, FlashAttention-2.
+MAIN_PEERS = ("fa3", "cudnn", "sdpa_flash")
+
+
+def compact(run: results.Run) -> tuple[list[str], list[list[str]]]:
+    """A narrow view of one run for a terminal: the longest seqlen of each (dtype, headdim, mask).
+
+    Columns: dtype, hdim, mask, seqlen, ours ("TFLOPs/s stepNN", our best step), then each of
+    :data:`MAIN_PEERS` present as "TFLOPs/s best/peer×".
+    """
+    cells = _cells(run)
+    longest: dict[tuple, tuple] = {}
+    for key in cells:
+        group = key[:3]
+        if group not in longest or (key[3], key[4]) > (longest[group][3], longest[group][4]):
+            longest[group] = key
+    present = {impl for by_impl in cells.values() for impl in by_impl}
+    peers = [p for p in MAIN_PEERS if p in present]
+    header = ["dtype", "hdim", "mask", "seqlen", "ours"] + peers
+    table = []
+    for key in sorted(longest.values()):
+        tf = cells[key]
+        best, best_step = _best_step(tf)
+        line = _shape_cells(key)[:4] + ["—" if best is None else f"{best:.0f} {best_step}"]
+        for p in peers:
+            if p not in tf:
+                line.append("—")
+            elif best is None:
+                line.append(f"{tf[p]:.0f}")
             else:
-                line += ["—"] * (1 + len(peers))
+                line.append(f"{tf[p]:.0f} {best / tf[p]:.2f}×")
         table.append(line)
     return header, table
 
@@ -71,7 +119,7 @@ def _run_line(run: results.Run) -> str:
     except ValueError:  # a results folder outside the repo (tests)
         rel = Path(run.path.parent.name, run.path.name)
     return (f"Recorded on **{m['gpu']}** ({m['sm_count']} SMs), {m['date'][:10]}, commit `{m['commit']}`; "
-            f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}; `{m['command']}` "
+            f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}; `{m['command'].strip()}` "
             f"(`{rel.as_posix()}`). TFLOPs/s, median of timed runs; best/peer = our fastest step "
             f"÷ that peer, same run, same inputs.")
 

@@ -33,6 +33,11 @@ META_KEYS = ("gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "com
 ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
             "nheads", "nheads_kv", "ms", "tflops")
 
+#: Folders of ``fa3_lab/results/`` that hold records of another kind (not timing runs), skipped by
+#: :func:`load_all`: ``sass/`` (fa3_lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
+#: such as reference.fp8's Table 3 errors). Every other folder is a GPU and must hold timing runs.
+OTHER_RECORD_DIRS = ("sass", "cpu")
+
 #: How far a row's ``tflops`` may sit from ``flops(...) / ms`` (rounding when it was written).
 TFLOPS_RTOL = 0.01
 
@@ -274,7 +279,10 @@ def save(name: str, rows: list, meta: dict, root: Path | None = None) -> Path:
     if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".json"):
         raise ValueError(f"name: expected letters, digits, '_', '.', '-' without .json, got {name!r}")
     doc = validate({"meta": meta, "rows": rows})
-    folder = Path(root if root is not None else RESULTS_DIR) / gpu_slug(meta["gpu"])
+    slug = gpu_slug(meta["gpu"])
+    if slug in OTHER_RECORD_DIRS:
+        raise ValueError(f"meta.gpu: {meta['gpu']!r} maps to the reserved folder {slug}/")
+    folder = Path(root if root is not None else RESULTS_DIR) / slug
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -299,8 +307,9 @@ def load(path: Path) -> Run:
 
 
 def load_all(root: Path | None = None) -> list[Run]:
-    """Every recorded run under ``root`` (default ``fa3_lab/results``), oldest first.
+    """Every recorded timing run under ``root`` (default ``fa3_lab/results``), oldest first.
 
+    Reads ``<root>/<gpu-slug>/*.json``, skipping the folders named in :data:`OTHER_RECORD_DIRS`.
     Order: by date, then path, so the output is deterministic. An empty or missing folder gives [].
 
     Raises:
@@ -309,5 +318,5 @@ def load_all(root: Path | None = None) -> list[Run]:
     root = Path(root if root is not None else RESULTS_DIR)
     if not root.is_dir():
         return []
-    runs = [load(p) for p in sorted(root.glob("*/*.json"))]
+    runs = [load(p) for p in sorted(root.glob("*/*.json")) if p.parent.name not in OTHER_RECORD_DIRS]
     return sorted(runs, key=lambda r: (r.meta["date"], str(r.path)))

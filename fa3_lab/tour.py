@@ -117,6 +117,7 @@ def compare(seqlen: int, progress=None) -> list[dict]:
 
 def show_recorded(console) -> int:
     """Print the recorded GPU runs (one table each), or say plainly that there are none."""
+    from rich import box
     from rich.table import Table
 
     from fa3_lab import readme, results
@@ -127,13 +128,18 @@ def show_recorded(console) -> int:
                       "(they are written on an H100).")
         return 0
     for run in runs:
-        header, rows = readme.pivot(run)
-        table = Table(title=f"{run.describe()} — TFLOPs/s", title_justify="left")
+        header, rows = readme.compact(run)
+        table = Table(title=f"{run.describe()}: {run.meta['command'].strip()}", title_justify="left",
+                      box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,
+                      caption="TFLOPs/s; × = our best step ÷ that peer, same run",
+                      caption_justify="left")
         for col in header:
-            table.add_column(col, justify="left" if col in ("dtype", "mask") else "right")
+            table.add_column(col, justify="left" if col in ("dtype", "mask") else "right", no_wrap=True)
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    console.print("Longest sequence of each configuration shown; README.md has every row "
+                  "(python -m fa3_lab.readme).")
     return len(runs)
 
 

@@ -331,6 +331,20 @@ def test_load_all_names_a_broken_file(tmp_path):
         results.load_all(tmp_path)
 
 
+def test_load_all_skips_only_the_other_record_folders(tmp_path):
+    results.save("bench", [_row()], _meta(), root=tmp_path)
+    for other in results.OTHER_RECORD_DIRS:  # records of another kind (sass counts, CPU numbers)
+        (tmp_path / other).mkdir()
+        (tmp_path / other / "x.json").write_text('{"meta": {"date": "2026-11-22"}, "steps": {}}')
+    assert [r.path.parent.name for r in results.load_all(tmp_path)] == ["nvidia-h100-80gb-hbm3"]
+    (tmp_path / "nvidia-h200").mkdir()
+    (tmp_path / "nvidia-h200" / "x.json").write_text('{"meta": {"date": "2026-11-22"}, "steps": {}}')
+    with pytest.raises(results.SchemaError, match=r"nvidia-h200/x\.json"):
+        results.load_all(tmp_path)
+    with pytest.raises(ValueError, match="reserved"):
+        results.save("x", [_row()], _meta(gpu="CPU"), root=tmp_path)
+
+
 def test_recorded_results_in_the_repo_are_valid():
     for run in results.load_all():  # raises on any invalid file
         assert run.path.parent.name == results.gpu_slug(run.meta["gpu"])
@@ -413,6 +427,20 @@ def test_readme_without_markers_is_an_error(tmp_path, capsys):
     path.write_text("# no markers\n")
     assert readme.main(["--check", "--readme", str(path), "--results", str(tmp_path)]) == 2
     assert "expected one <!-- results:begin -->" in capsys.readouterr().err
+
+
+def test_compact_view_keeps_the_longest_seqlen_of_each_config():
+    rows = [_row("step02", 1.0), _row("step04", 0.9), _row("cudnn", 1.2), _row("sdpa_math", 9.0),
+            _row("step04", 3.0, seqlen_q=8192, seqlen_k=8192), _row("fa3", 2.5, seqlen_q=8192, seqlen_k=8192),
+            _row("step02", 0.5, causal=True)]
+    run = results.Run(path=ROOT / "x.json", meta=_meta(), rows=rows)
+    header, table = readme.compact(run)
+    assert header == ["dtype", "hdim", "mask", "seqlen", "ours", "fa3", "cudnn"]  # main peers present
+    assert [r[:4] for r in table] == [["bf16", "128", "full", "8192"], ["bf16", "128", "causal", "4096"]]
+    ours = _row("step04", 3.0, seqlen_q=8192, seqlen_k=8192)["tflops"]
+    fa3 = _row("fa3", 2.5, seqlen_q=8192, seqlen_k=8192)["tflops"]
+    assert table[0][4:] == [f"{ours:.0f} step04", f"{fa3:.0f} {ours / fa3:.2f}×", "—"]
+    assert table[1][4:] == [f"{_row('step02', 0.5, causal=True)['tflops']:.0f} step02", "—", "—"]
 
 
 def test_pivot_takes_the_median_of_repeats():
