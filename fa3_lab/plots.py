@@ -19,7 +19,7 @@ PAPER_ABLATION = dict(PAPER_ABLATION_TFLOPS)
 #: Bar order and legend labels: our steps first, then the peers.
 IMPL_ORDER = IMPLS
 LABELS = {
-    "step01": "step 01 TMA+WGMMA", "step02": "step 02 warp-specialized", "step03": "step 03 pingpong",
+    "step01": "step 01 TMA+WGMMA", "step02": "step 02 warp specialized", "step03": "step 03 pingpong",
     "step04": "step 04 intra-WG overlap", "step05": "step 05 FP8",
     "fa3": "FA3 (fa3-fwd)", "cudnn": "cuDNN", "sdpa_flash": "SDPA FA2", "sdpa_efficient": "SDPA mem-efficient",
     "sdpa_math": "SDPA math (standard)",
@@ -198,7 +198,7 @@ def _two_lines(impl):
     label = LABELS.get(impl, impl)
     if impl in STEP_IMPLS:  # "step 01 TMA+WGMMA" -> "step 01" / "TMA+WGMMA"
         head, _, rest = label.partition(" ")[2].partition(" ")
-        return f"step {head}\n{rest}"
+        return f"step {head}\n" + rest.replace(" ", "\n")
     return label.replace(" ", "\n", 1)
 
 
@@ -272,7 +272,7 @@ def plot_ablation(rows, paper=PAPER_ABLATION, dtype="bf16", ax=None):
         pbars = ax.bar(px, pv, w, color="white", edgecolor="black", hatch="//", lw=0.5,
                        label="paper (H100 SXM5)")
         ax.bar_label(pbars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(x, [_two_lines(i) for i, _, _ in table], fontsize=8)
+    ax.set_xticks(x, [_two_lines(i) for i, _, _ in table], fontsize=7)
     ax.set_ylabel("TFLOPs/s")
     r0 = _rows_and_meta(rows, "plot_ablation")[0][0]
     ax.set_title(f"Ablation, batch {r0['batch']}, seqlen {r0['seqlen_q']}, {r0['nheads']} heads, "
