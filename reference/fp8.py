@@ -17,12 +17,14 @@ names and precisions, so a reader can hold both files open side by side:
 
 1. ``incoherent``: Q, K ← incoherent_transform(Q, K, seed), in float64.
 2. quantize Q per ``block_m`` rows, K and V per ``block_n`` rows (or per tensor) to e4m3.
-3. per Q tile i and K/V tile j: ``S = Q8_i K8_jᵀ`` accumulated in float32; the descales are folded
-   into the base-2 softmax scale ``scale_log2 = softmax_scale·log2(e)·sq_i·sk_j``.
+3. per Q tile i and K/V tile j (last K/V tile first, as the lab's kernels walk them):
+   ``S = Q8_i K8_jᵀ`` accumulated in float32; the descales are folded into the base-2 softmax
+   scale ``scale_log2 = softmax_scale·log2(e)·sq_i·sk_j``.
 4. online softmax in float32, base 2, with P scaled by ``2^kPLog2Scale = 256`` before its e4m3
    rounding; ℓ is summed from the unrounded float32 P.
 5. O accumulates ``P8·V8_j`` in float32, kept in units of the current V block's scale.
-6. epilogue: ``out = O·sv_last/ℓ`` rounded to bfloat16; ``softmax_lse`` in natural log.
+6. epilogue: ``out = O·sv_last/ℓ`` (sv of the last tile visited) rounded to bfloat16;
+   ``softmax_lse`` in natural log.
 
 Also here: the paper's FP8 baseline (:func:`baseline_fp8_attention`), a tiled FP16 emulation
 (:func:`flash_fp16_attention`) and the Table 3 experiment (:func:`numerical_error_table`).
@@ -317,8 +319,8 @@ def fwht(x) -> np.ndarray:
 
     ``H_d`` is the Sylvester Hadamard matrix (``scipy.linalg.hadamard(d)``, entries ±1, symmetric),
     so ``H_d/√d`` is orthogonal and symmetric: :func:`fwht` is its own inverse. Computed with
-    log2(d) stages of butterflies, O(d log d) per row, never forming H (the kernel does the same
-    in registers, FA3 §3.3: "the Hadamard transform ... in O(d log d) instead of O(d²)").
+    log2(d) stages of butterflies, O(d log d) per row, never forming H (FA3 §3.3 relies on this:
+    the transform is cheap enough to fuse with another memory-bound step, e.g. rotary embedding).
 
     Args:
         x: floating ndarray, last axis of length d (a power of two), finite.
@@ -477,8 +479,10 @@ def fp8_attention(q, k, v, causal=False, softmax_scale=None, block_quant=True, i
     float32 with the descales folded into the base-2 softmax scale; (4) online softmax in float32,
     base 2, P scaled by 2^8 and rounded to e4m3; (5) O accumulated in float32 in units of the
     current V block's scale; (6) epilogue ``O·sv/ℓ`` rounded to bfloat16. Loop order is FA2's
-    (Q tiles outer, K/V tiles inner); with ``causal``, K/V tiles wholly above the bottom-right
-    aligned diagonal are skipped.
+    (Q tiles outer, K/V tiles inner), K/V tiles visited last first as the lab's kernels do (the
+    causally masked tiles come first); with ``causal``, K/V tiles wholly above the bottom-right
+    aligned diagonal are skipped. The order matters only for rounding: P is rounded to e4m3
+    relative to the running max of the moment.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim) floating, finite.
@@ -534,7 +538,7 @@ def fp8_attention(q, k, v, causal=False, softmax_scale=None, block_quant=True, i
                 # causal: the tile's last row sees keys < r1 + diag_offset; later K/V tiles are skipped
                 n_max = n_block_n if not causal else min(n_block_n, max(0, -(-(r1 + diag_offset) // block_n)))
                 sv_prev = None
-                for j in range(n_max):                                         # K/V tile j
+                for j in range(n_max - 1, -1, -1):                             # K/V tile j, last first
                     c0, c1 = j * block_n, min((j + 1) * block_n, seqlen_k)
                     k_j = k8[b, c0:c1, hk, :]                                  # (Bc, d) e4m3 as fp32
                     v_j = v8[b, c0:c1, hk, :]                                  # (Bc, d) e4m3 as fp32
@@ -669,7 +673,7 @@ def flash_fp16_attention(q, k, v, causal=False, softmax_scale=None, block_m=128,
                 l_i = np.zeros(r1 - r0, np.float32)
                 o_i = np.zeros((r1 - r0, headdim), np.float32)
                 c_end = seqlen_k if not causal else min(seqlen_k, max(0, r1 + diag_offset))
-                for c0 in range(0, c_end, block_n):
+                for c0 in reversed(range(0, c_end, block_n)):                           # last tile first
                     c1 = min(c0 + block_n, seqlen_k)
                     s_log2 = (q16[b, r0:r1, h] @ k16[b, c0:c1, hk].T) * scale_log2   # fp32
                     if causal and c1 - 1 > r0 + diag_offset:

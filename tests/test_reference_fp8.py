@@ -355,7 +355,10 @@ def test_table3_inputs_have_sparse_outliers():
 
 @pytest.mark.slow
 def test_table3_orderings():
-    """Paper Table 3's claims at (batch 1, seqlen 4096, nheads 2, headdim 128), about 10 s.
+    """Paper Table 3's claims at (batch 1, seqlen 4096, nheads 4, headdim 128), ~20 s on 2 idle cores.
+
+    Checked at seeds 0, 1, 2: baseline_fp8 / fa3_fp8 = 2.4, 2.3, 2.3. The gap grows with seqlen
+    (1.6 at 512, 2.0 at 2048, 2.8 at 8192), so smaller sizes would not show the paper's factor.
 
     Why they hold: (1) baseline FP16 rounds S to fp16 before the softmax (absolute error ~|S|·2^-11
     in the exponent), flash keeps S in fp32. (2) Without rotation, in a row of Q with an outlier
@@ -364,7 +367,7 @@ def test_table3_orderings():
     into a sum of d independent roundings, ~|q||k|/√d, no longer aligned with the winner.
     Block quantization alone changes little: relative precision does not depend on the scale.
     """
-    table = numerical_error_table(1, 4096, 2, 128, seed=0)
+    table = numerical_error_table(1, 4096, 4, 128, seed=0)
     assert set(table) == set(PAPER_TABLE3)
     assert table["flash_fp16"] < table["baseline_fp16"]
     assert table["fa3_fp8"] <= table["baseline_fp8"] / 2
