@@ -61,7 +61,7 @@ std::vector<at::Tensor> fwd(int64_t step, const at::Tensor& q, const at::Tensor&
   if (trace_.has_value()) {
     p.trace = reinterpret_cast<uint64_t*>(trace_.value().data_ptr<int64_t>());
     p.trace_ctas = static_cast<int>(trace_ctas);
-    p.trace_capacity = static_cast<int>(trace_.value().size(-1));
+    p.trace_capacity = static_cast<int>(trace_.value().size(-1) / 2);  // records of 2 int64
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (step) {

@@ -5,7 +5,8 @@ directory is ``$FA3_LAB_CACHE`` (default ``~/.cache/fa3_lab``) / ``<name>-<hash 
 editing any kernel source rebuilds, and an unchanged tree loads in a second.
 
 Flags (DESIGN.md, kernel conventions): ``-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo
--Xptxas=--warn-on-spills``. ``traced=True`` adds ``-DFA3_TRACE`` (the %globaltimer build).
+-Xptxas=--warn-on-spills``. ``traced=True`` adds ``-DFA3_TRACE`` (the timeline build); ``$FA3_LAB_DEFINES`` adds
+more ``-D`` flags (tile-size A/B builds), part of the cache key.
 """
 from __future__ import annotations
 
@@ -64,7 +65,10 @@ def load(traced: bool = False):
     import torch.utils.cpp_extension as cpp_ext
 
     steps = step_sources()
-    defines = [f"-DFA3_HAS_STEP{n:02d}" for n in steps] + (["-DFA3_TRACE"] if traced else [])
+    extra = os.environ.get("FA3_LAB_DEFINES", "").split()  # e.g. "-DFA3_BLOCK_N_HD128=128" (A/B builds)
+    if any(not d.startswith("-D") for d in extra):
+        raise ValueError(f"FA3_LAB_DEFINES: expected -DNAME[=VALUE] flags, got {extra}")
+    defines = [f"-DFA3_HAS_STEP{n:02d}" for n in steps] + (["-DFA3_TRACE"] if traced else []) + extra
     name = "fa3_lab_ext_trace" if traced else "fa3_lab_ext"
     digest = source_hash(" ".join(defines))
     build_dir = cache_dir() / f"{name}-{digest}"

@@ -38,6 +38,7 @@
 #include "fa3/params.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
+#include "fa3/trace.h"
 #include "fa3/wgmma.h"
 
 namespace fa3 {
@@ -92,7 +93,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   }
   const int num_tiles = n_block_max;
 
+  FA3_TRACE_DECL(tr_tma);  // row 0: TMA issue (thread 0)
+  FA3_TRACE_INIT(tr_tma, p, 0, threadIdx.x == 0);
+  FA3_TRACE_DECL(tr);      // rows 2, 3: the two warpgroups
+  FA3_TRACE_INIT(tr, p, 2 + wg, threadIdx.x % 128 == 0);
   auto load_kv = [&](int stage, int n_block) {
+    FA3_TRACE_STAMP(tr_tma, kTmaIssueK, n_block_max - 1 - n_block);
     mbarrier_arrive_expect_tx(&bar_k[stage], Cfg::kKVBytes);
 #pragma unroll
     for (int a = 0; a < Cfg::kAtoms; ++a)
@@ -139,12 +145,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     // 1. S = Q·K_jᵀ
     float s[kBlockN / 2];  // (64, kBlockN) fp32 accumulator fragment, registers
     mbarrier_wait(&bar_k[stage], phase);
+    FA3_TRACE_STAMP(tr, kGemm0Issue, i);
     wgmma_fence();
     gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, wg * 64,
                                                     smem_u32(sK + stage * (Cfg::kKVBytes / sizeof(T))), false);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(s);
+    FA3_TRACE_STAMP(tr, kGemm0Done, i);
+    FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
 
     // 2. mask the tiles that cross seqlen_k or the diagonal
     if (blocks.needs_mask(n_block))
@@ -158,20 +167,25 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     // 4. P → 16-bit A fragments
     uint32_t pa[kBlockN / 16][4];
     pack_p<Traits, kBlockN>(s, pa);
+    FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
 
     // 5. O += P·V_j
     mbarrier_wait(&bar_v[stage], phase);
+    FA3_TRACE_STAMP(tr, kGemm1Issue, i);
     wgmma_fence();
     gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + stage * (Cfg::kKVBytes / sizeof(T))));
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
+    FA3_TRACE_STAMP(tr, kGemm1Done, i);
 
     // 6. the stage is free: refill it with tile i + kStages
     __syncthreads();
     if (threadIdx.x == 0 && i + kStages < num_tiles) load_kv(stage, n_block - kStages);
   }
 
+  FA3_TRACE_FINISH(tr);
+  FA3_TRACE_FINISH(tr_tma);
   // 7. epilogue
   float inv_sum[2], lse[2];
   softmax.finalize(p.scale_log2, inv_sum, lse);

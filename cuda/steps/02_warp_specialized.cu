@@ -41,6 +41,7 @@
 #include "fa3/params.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
+#include "fa3/trace.h"
 #include "fa3/wgmma.h"
 
 namespace fa3 {
@@ -49,7 +50,7 @@ namespace step02 {
 template <typename T, int kHeadDim>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? 128 : 80;  // Bc
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? FA3_BLOCK_N_HD128 : 80;  // Bc
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
@@ -110,7 +111,22 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
+#ifdef FA3_TRACE
+    if (threadIdx.x / 32 == 1 && threadIdx.x % 32 == 0) {  // observer: stamps when each tile lands
+      Tracer obs;
+      obs.init(p, 1, true);
+      for (int i = 0; i < n_block_max; ++i) {
+        const int stage = i % kStages;
+        const uint32_t phase = (i / kStages) & 1;
+        if (mbarrier_try_wait(&full_k[stage], phase, 1 << 16)) obs.stamp(kArriveK, i);
+        if (mbarrier_try_wait(&full_v[stage], phase, 1 << 16)) obs.stamp(kArriveV, i);
+      }
+      obs.finish();
+    }
+#endif
     if (threadIdx.x / 32 == 0 && elect_one()) {
+      FA3_TRACE_DECL(tr);
+      FA3_TRACE_INIT(tr, p, 0, true);
       tma_prefetch_descriptor(&tmap_k);
       tma_prefetch_descriptor(&tmap_v);
       // 0. Q once
@@ -122,22 +138,27 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
         const int n_block = n_block_max - 1 - i;
         const int stage = i % kStages;
         mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
+        FA3_TRACE_STAMP(tr, kTmaIssueK, i);
         mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_k, &full_k[stage], a * kAtomCols16,
                       n_block * kBlockN, h_kv, b);
+        FA3_TRACE_STAMP(tr, kTmaIssueV, i);
         mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_v, &full_v[stage], a * kAtomCols16,
                       n_block * kBlockN, h_kv, b);
       }
+      FA3_TRACE_FINISH(tr);
     }
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
     const int row0 = m_block * kBlockM + (wg - 1) * 64;  // this warpgroup's first query row
+    FA3_TRACE_DECL(tr);
+    FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % 128 == 0);
     OnlineSoftmax softmax;
     softmax.init();
     float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
@@ -154,12 +175,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       // 1. S = Q·K_jᵀ
       float s[kBlockN / 2];  // (64, kBlockN) fp32 fragment, registers
       mbarrier_wait(&full_k[stage], phase);
+      FA3_TRACE_STAMP(tr, kGemm0Issue, i);
       wgmma_fence();
       gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, (wg - 1) * 64, smem_u32(sK + stage * kTileElems),
                                                       false);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
+      FA3_TRACE_STAMP(tr, kGemm0Done, i);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
       // 2. mask
       if (blocks.needs_mask(n_block))
         apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
@@ -170,16 +194,20 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       // 4. P → 16-bit
       uint32_t pa[kBlockN / 16][4];
       pack_p<Traits, kBlockN>(s, pa);
+      FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
       // 5. O += P·V_j
       mbarrier_wait(&full_v[stage], phase);
+      FA3_TRACE_STAMP(tr, kGemm1Issue, i);
       wgmma_fence();
       gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + stage * kTileElems));
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
+      FA3_TRACE_STAMP(tr, kGemm1Done, i);
       // 6. release the stage (one arrival per warp)
       if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[stage]);
     }
+    FA3_TRACE_FINISH(tr);
     // 7. epilogue
     float inv_sum[2], lse[2];
     softmax.finalize(p.scale_log2, inv_sum, lse);

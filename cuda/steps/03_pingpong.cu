@@ -37,6 +37,7 @@
 #include "fa3/params.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
+#include "fa3/trace.h"
 #include "fa3/wgmma.h"
 
 namespace fa3 {
@@ -45,7 +46,7 @@ namespace step03 {
 template <typename T, int kHeadDim>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? 128 : 80;  // Bc
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? FA3_BLOCK_N_HD128 : 80;  // Bc
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
@@ -108,7 +109,22 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
+#ifdef FA3_TRACE
+    if (threadIdx.x / 32 == 1 && threadIdx.x % 32 == 0) {  // observer: stamps when each tile lands
+      Tracer obs;
+      obs.init(p, 1, true);
+      for (int i = 0; i < n_block_max; ++i) {
+        const int stage = i % kStages;
+        const uint32_t phase = (i / kStages) & 1;
+        if (mbarrier_try_wait(&full_k[stage], phase, 1 << 16)) obs.stamp(kArriveK, i);
+        if (mbarrier_try_wait(&full_v[stage], phase, 1 << 16)) obs.stamp(kArriveV, i);
+      }
+      obs.finish();
+    }
+#endif
     if (threadIdx.x / 32 == 0 && elect_one()) {
+      FA3_TRACE_DECL(tr);
+      FA3_TRACE_INIT(tr, p, 0, true);
       tma_prefetch_descriptor(&tmap_k);
       tma_prefetch_descriptor(&tmap_v);
       // 0. Q once
@@ -120,22 +136,27 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
         const int n_block = n_block_max - 1 - i;
         const int stage = i % kStages;
         mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
+        FA3_TRACE_STAMP(tr, kTmaIssueK, i);
         mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_k, &full_k[stage], a * kAtomCols16,
                       n_block * kBlockN, h_kv, b);
+        FA3_TRACE_STAMP(tr, kTmaIssueV, i);
         mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_v, &full_v[stage], a * kAtomCols16,
                       n_block * kBlockN, h_kv, b);
       }
+      FA3_TRACE_FINISH(tr);
     }
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
     const int row0 = m_block * kBlockM + (wg - 1) * 64;  // this warpgroup's first query row
+    FA3_TRACE_DECL(tr);
+    FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % 128 == 0);
     OnlineSoftmax softmax;
     softmax.init();
     float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
@@ -156,12 +177,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     // prologue, tile 0: S = Q·K_0ᵀ
     mbarrier_wait(&full_k[0], 0);
     wait_turn();
+    FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
     wgmma_fence();
     gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK), false);
     wgmma_commit();
     pass_turn();
     wgmma_wait<0>();
     fence_regs(s);
+    FA3_TRACE_STAMP(tr, kGemm0Done, 0);
+    FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
     {
       const int n_block = n_block_max - 1;
       if (blocks.needs_mask(n_block))
@@ -170,6 +194,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
       pack_p<Traits, kBlockN>(s, pa);
     }
+    FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
     for (int i = 1; i < n_block_max; ++i) {
       const int n_block = n_block_max - 1 - i;
       const int stage = i % kStages, prev = (i - 1) % kStages;
@@ -178,6 +203,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
       wait_turn();
       // 2. O += P_{j−1}·V_{j−1};  S = Q·K_jᵀ;  hand over
+      FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
+      FA3_TRACE_STAMP(tr, kGemm0Issue, i);
       wgmma_fence();
       gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
       gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
@@ -187,6 +214,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(s);
+      FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
+      FA3_TRACE_STAMP(tr, kGemm0Done, i);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
       if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[prev]);
       // 4. mask, softmax, rescale, P → 16-bit
       if (blocks.needs_mask(n_block))
@@ -195,20 +225,24 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       softmax.update<kBlockN>(s, p.scale_log2, corr);
       rescale_rows<kHeadDim>(o, corr);
       pack_p<Traits, kBlockN>(s, pa);
+      FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
     }
     // epilogue turn: O += P_last·V_last
     {
       const int last = (n_block_max - 1) % kStages;
       mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
       wait_turn();
+      FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
       wgmma_fence();
       gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
       wgmma_commit();
       if (c == 0) pass_turn();
       wgmma_wait<0>();
       fence_regs(o);
+      FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
       if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[last]);
     }
+    FA3_TRACE_FINISH(tr);
     // 7. epilogue
     float inv_sum[2], lse[2];
     softmax.finalize(p.scale_log2, inv_sum, lse);

@@ -49,6 +49,21 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// One bounded look at a phase (the tracing observer must never hang the kernel): true if the phase
+// with this parity completed within max_tries try_waits.
+__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity, int max_tries) {
+  for (int i = 0; i < max_tries; ++i) {
+    uint32_t ok;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+    if (ok) return true;
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------- TMA (PTX §9.7.9.25)
 // Load one box of a 4-D tensor map (dims innermost first: headdim, seqlen, head, batch) into shared
 // memory; the bytes are counted against `bar`. Coordinates past the tensor's end are zero-filled.
