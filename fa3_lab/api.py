@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from . import _build
 
 HEADDIMS = (64, 128, 256)
@@ -35,6 +37,9 @@ _ALL_STEPS = (
 )
 
 
+# torch.compile traces flash_attn_func's checks; the step files are fixed while a process runs, so
+# dynamo may call steps() once at trace time instead of tracing its directory glob (fa3_lab/ops.py).
+@torch.compiler.assume_constant_result
 def steps() -> list[Step]:
     """The kernel steps whose source is present in ``cuda/steps/``, in order (id, name, what it adds)."""
     present = _build.step_sources()
@@ -53,6 +58,16 @@ def default_step() -> int:
     if not ids:
         raise RuntimeError("no 16-bit kernel step found in cuda/steps/")
     return DEFAULT_STEP if DEFAULT_STEP in ids else max(ids)
+
+
+def _has_storage(t) -> bool:
+    """False while torch.compile traces (FakeTensors) and for fake/meta tensors: they have no data
+    pointer, so the base-alignment check is left to the op's real implementation (fa3_lab/ops.py)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type != "meta" and not is_fake(t)
 
 
 def _check_inputs(q, k, v, softmax_scale, allowed_dtypes, dtype_names):
@@ -92,7 +107,7 @@ def _check_inputs(q, k, v, softmax_scale, allowed_dtypes, dtype_names):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1:
             raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
-        if any((s * elem) % 16 for s in t.stride()[:3]) or t.data_ptr() % 16:
+        if any((s * elem) % 16 for s in t.stride()[:3]) or (_has_storage(t) and t.data_ptr() % 16):
             raise ValueError(f"{name}: TMA needs 16-byte aligned base and strides, got strides {t.stride()}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(headdim)
@@ -143,8 +158,8 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out: expected a tensor of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}")
-    ext = _build.load()
-    o, lse = ext.fwd(step, q, k, v, bool(causal), scale, out, None, 0)
+    from . import ops  # torch.library custom ops (compile-friendly; the extension is loaded lazily)
+    o, lse = ops.forward(q, k, v, bool(causal), scale, step, out)
     return (o, lse) if return_lse else o
 
 
