@@ -22,6 +22,9 @@ for what in "$@"; do
     test) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py -q -m gpu -x --maxfail=3 -rs 2>&1 | tail -40 | tee "$OUT/test.log" ;;
     memcheck|racecheck|synccheck)
       compute-sanitizer --tool "$what" --print-limit 20 python3 cuda/sanitize_case.py 2>&1 | tail -15 | tee "$OUT/$what.log" ;;
+    trace) for st in 1 2 3 4; do python3 -m fa3_lab trace --step $st --out "$OUT/pack/traces" 2>&1 | tail -3; done ;;
+    bench_ab128) FA3_LAB_DEFINES=-DFA3_BLOCK_N_HD128=128 python3 -m fa3_lab bench --headdims 128 --dtypes bf16 --seqlens 2048,8192,16384 --name bench_bn128 2>&1 | tail -12 ;;
+    pack) mkdir -p "$OUT/pack" && cp -r fa3_lab/results/nvidia-* "$OUT/pack/" 2>/dev/null; tar -C "$OUT/pack" -cf "$OUT/run.tar" . && rm -rf "$OUT/pack" && tar -tf "$OUT/run.tar" ;;
     info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;
     tour) python3 -m fa3_lab tour 2>&1 | tee "$OUT/tour.log" ;;
     bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
