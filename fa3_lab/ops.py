@@ -50,13 +50,31 @@ def _ext():
     return _build.load()  # lru_cached: compiles on first use only
 
 
-def _check_real(q, k, v, softmax_scale):
-    """The Python checks of flash_attn_func on real tensors, for callers of the ops themselves (a
-    compiled graph calls the op directly; its checks ran at trace time on fake tensors, where the
-    base pointers are unknown — the 16-byte alignment of q/k/v's base is checked here)."""
-    from .api import _check_inputs
+def _check_real(q, k, v):
+    """The kernel's contract, checked on real tensors before every launch.
 
-    _check_inputs(q, k, v, softmax_scale, (torch.float16, torch.bfloat16), "float16 or bfloat16")
+    flash_attn_func checks everything first (with its messages); these few checks are what a
+    direct caller of the op, or a compiled graph, must not get past: a compiled graph calls the op
+    without re-running flash_attn_func's Python, whose checks ran at trace time on fake tensors that
+    have no base pointer — so the 16-byte alignment TMA needs is checked here.
+
+    Raises:
+        TypeError: not CUDA; dtype not fp16/bf16 or mixed.  ValueError: headdim, heads, base alignment.
+    """
+    from .api import HEADDIMS
+
+    if not (q.device.type == k.device.type == v.device.type == "cuda"):
+        raise TypeError(f"q, k, v: expected CUDA tensors (on an sm_90 GPU), got {q.device}, {k.device}, {v.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, float16 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[3] not in HEADDIMS \
+            or k.shape[3] != q.shape[3] or k.shape[0] != q.shape[0] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q, k, v: expected q (batch, seqlen_q, nheads, headdim) and k, v (batch, seqlen_k, "
+                         f"nheads_kv, headdim) with headdim in {HEADDIMS} and nheads % nheads_kv == 0, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: TMA needs a 16-byte aligned base, got address % 16 = {t.data_ptr() % 16}")
 
 
 @torch.library.custom_op(OP, mutates_args=(),
@@ -76,9 +94,11 @@ def flash_attn_fwd(q, k, v, causal, softmax_scale, step):
         out (q's shape, dtype and strides) and lse (batch, nheads, seqlen_q) float32, natural log.
 
     Raises:
-        TypeError / ValueError / RuntimeError: as :func:`fa3_lab.flash_attn_func` (same checks).
+        TypeError / ValueError: dtype, shapes or base alignment outside the kernel's contract (the
+            full checks, with flash_attn_func's messages, run in :func:`fa3_lab.flash_attn_func`).
+        RuntimeError: from the extension (not a CUDA tensor, no sm_90 GPU, unknown step).
     """
-    _check_real(q, k, v, softmax_scale)
+    _check_real(q, k, v)
     out, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, None, None, 0)
     return out, lse
 
@@ -137,7 +157,11 @@ def flash_attn_fwd_out(q, k, v, out, causal, softmax_scale, step):
 
     No autograd (like torch's own ``out=`` variants): :func:`forward` refuses grad-requiring inputs.
     """
-    _check_real(q, k, v, softmax_scale)
+    _check_real(q, k, v)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(3) != 1 \
+            or out.data_ptr() % 16:
+        raise ValueError(f"out: expected shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}, last dim contiguous, "
+                         f"16-byte aligned; got {tuple(out.shape)}, {out.dtype} on {out.device}, strides {out.stride()}")
     _, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, out, None, 0)
     return lse
 
