@@ -8,14 +8,17 @@
 transformers >= 4.48 offers for custom kernels) and the matching mask builder to
 ``AttentionMaskInterface`` (transformers >= 4.53, ``masking_utils``): the model then hands us
 ``attention_mask=None`` for an unpadded batch and the 2D padding mask otherwise, which we refuse.
+Without that registration transformers would build no mask at all for an unknown backend, and a
+padded batch would silently attend to its padding.
 
 What the kernel covers, and what raises instead of silently computing something else:
 
 * causal (decoder) or non-causal attention without a mask; GQA/MQA (k/v with fewer heads, never
   repeated); any ``scaling``; fp16/bf16 on an sm_90 GPU; headdim 64/128/256. Causal is bottom-right
   aligned, so decoding and chunked prefill with a dynamic KV cache are right too.
-* NotImplementedError: a padding or custom mask, ``sliding_window``, ``softcap``, attention sinks
-  (``s_aux``), position bias, ``output_attentions=True``, a paged cache.
+* NotImplementedError: a padding or custom mask, packed sequences, ``sliding_window`` or chunked
+  attention, ``softcap``, attention sinks (``s_aux``), position bias, ``output_attentions=True``, a
+  paged cache, a static cache (its unfilled slots need a mask).
 * ValueError: ``dropout`` > 0 (the kernel has none: use ``model.eval()``).
 * The checks of :func:`fa3_lab.flash_attn_func` (TypeError for an fp32 model or CPU tensors, …).
 
@@ -94,13 +97,41 @@ def _short(x) -> str:
     return f"a tensor of shape {tuple(shape)}" if shape is not None else repr(x)
 
 
+def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                 **kwargs):
+    """The mask builder registered beside :func:`attention_forward` (transformers' ``AttentionMaskInterface``).
+
+    transformers calls it while building a model's masks, with the pattern the layer wants
+    (``mask_function``) and the 2D padding mask. Plain causal or bidirectional patterns go to
+    transformers' own ``flash_attention_mask`` (None when nothing is padded, else the 2D mask, which
+    :func:`attention_forward` refuses). Anything else — packed sequences, sliding window, chunked
+    attention, a custom or/and pattern — cannot be expressed as the kernel's causal flag, so it raises
+    here, before any compute.
+
+    Raises:
+        NotImplementedError: ``mask_function`` is not transformers' causal or bidirectional pattern.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, flash_attention_mask
+
+    if mask_function is None:
+        mask_function = causal_mask_function
+    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+        raise NotImplementedError(
+            f"mask_function: the model asks for the attention pattern {getattr(mask_function, '__qualname__', mask_function)} "
+            f"(packed sequences, sliding window, chunked or custom attention); the fa3_lab kernel does causal "
+            f"or full attention only — use attn_implementation='sdpa'")
+    return flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                                **kwargs)
+
+
 def register(name: str = NAME) -> str:
     """Register :func:`attention_forward` as ``attn_implementation=name`` in transformers.
 
-    Adds ``name`` to ``transformers.AttentionInterface`` (the attention function) and to
-    ``transformers.masking_utils.AttentionMaskInterface`` (the mask builder transformers uses for its
-    own FlashAttention backends: None for an unpadded batch, the 2D padding mask otherwise, so a padded
-    batch reaches :func:`attention_forward` and raises). Calling it again is harmless.
+    Adds ``name`` to ``transformers.AttentionInterface`` (:func:`attention_forward`) and to
+    ``transformers.masking_utils.AttentionMaskInterface`` (:func:`mask_builder`: None for an unpadded
+    causal batch, the 2D padding mask otherwise, so a padded batch reaches :func:`attention_forward`
+    and raises; other patterns raise at once). Calling it again is harmless.
 
     Args:
         name: the ``attn_implementation`` string, a non-empty str (default ``"fa3_lab"``).
@@ -122,12 +153,13 @@ def register(name: str = NAME) -> str:
         raise ImportError("fa3_lab.hf.register: transformers is not installed (pip install transformers)") from e
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,  # noqa: F401
+                                                causal_mask_function, flash_attention_mask)
     except ImportError as e:
         raise RuntimeError(f"fa3_lab.hf.register: needs transformers >= 4.53 (AttentionInterface and "
                            f"masking_utils.AttentionMaskInterface), found {transformers.__version__}") from e
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, mask_builder)
     return name
 
 
