@@ -35,8 +35,10 @@ ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k
 
 #: Folders of ``fa3_lab/results/`` that hold records of another kind (not timing runs), skipped by
 #: :func:`load_all`: ``sass/`` (fa3_lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
-#: such as reference.fp8's Table 3 errors). Every other folder is a GPU and must hold timing runs.
-OTHER_RECORD_DIRS = ("sass", "cpu", "traces")
+#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.trace timelines) and ``experiments/``
+#: (timing runs of A/B builds, e.g. another tile size; cuda/NOTES.md cites them). Every other folder
+#: is a GPU and must hold timing runs of the default build.
+OTHER_RECORD_DIRS = ("sass", "cpu", "traces", "experiments")
 
 #: How far a row's ``tflops`` may sit from ``flops(...) / ms`` (rounding when it was written).
 TFLOPS_RTOL = 0.01

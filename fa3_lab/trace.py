@@ -228,7 +228,8 @@ def run(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"trace_step{step:02d}.json"
     path.write_text(json.dumps(doc, indent=1))
-    fig = plot(ctas, title=f"step {step:02d}, {args.shape}{' causal' if args.causal else ''} — {meta['gpu']}, "
+    mid = ctas[0]["span_ns"] / 2 if ctas else 0.0
+    fig = plot(ctas, window_ns=(mid - 4000, mid + 4000), title=f"step {step:02d}, {args.shape}{' causal' if args.causal else ''} — {meta['gpu']}, "
                            f"{meta['date'][:10]}, commit {meta['commit']}")
     fig.savefig(out_dir / f"trace_step{step:02d}.png", dpi=90)
     console.print(f"step {step:02d}: softmax under the other warpgroup's GEMMs {summary['softmax_under_other_gemms']:.2f}; "

@@ -42,10 +42,10 @@
 namespace fa3 {
 namespace step04 {
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kCausal>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? FA3_BLOCK_N_HD128 : 80;  // Bc
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : FA3_BLOCK_N_HD128) : 80;  // Bc
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
@@ -60,10 +60,10 @@ struct Config {
 };
 
 template <typename T, int kHeadDim, bool kCausal>
-__global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
+__global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     fwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
                const __grid_constant__ CUtensorMap tmap_v, const FwdParams p) {
-  using Cfg = Config<T, kHeadDim>;
+  using Cfg = Config<T, kHeadDim, kCausal>;
   using Traits = ElemTraits<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
 
 template <typename T, int kHeadDim, bool kCausal>
 void launch(const FwdParams& p, cudaStream_t stream) {
-  using Cfg = Config<T, kHeadDim>;
+  using Cfg = Config<T, kHeadDim, kCausal>;
   CUtensorMap tq = make_tmap_bshd(p.q, p.dtype, kHeadDim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                                   p.q_head_stride, p.q_batch_stride, kAtomCols16, Cfg::kBlockM);
   CUtensorMap tk = make_tmap_bshd(p.k, p.dtype, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.k_row_stride,
