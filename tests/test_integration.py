@@ -131,6 +131,22 @@ def test_compile_fullgraph_traces_flash_attn_func_into_one_graph(pretend_sm90, u
     assert any(t.startswith(want) for t in rec.graphs[0]), rec.graphs[0]
 
 
+def test_bad_input_under_compile_raises_our_error(pretend_sm90):
+    """The checks run at trace time: dynamo falls back to eager and our TypeError comes out; with
+    fullgraph=True dynamo reports it as Unsupported, our message included."""
+    def f(q, k, v):
+        return fa3_lab.flash_attn_func(q, k, v, causal=True)
+
+    msg = "q: expected dtype float16 or bfloat16, got torch.float32"
+    with FakeTensorMode():
+        q = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.float32)
+        with pytest.raises(TypeError, match=msg):
+            torch.compile(f, backend="eager")(q, q, q)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=msg):
+            torch.compile(f, backend="eager", fullgraph=True)(q, q, q)
+
+
 def test_compile_with_grad_traces_forward_and_backward_graphs():
     """AOTAutograd traces the backward at compile time: the placeholder op's fake impl lets it."""
     from functorch.compile import make_boxed_func
