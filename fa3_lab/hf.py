@@ -97,32 +97,31 @@ def _short(x) -> str:
     return f"a tensor of shape {tuple(shape)}" if shape is not None else repr(x)
 
 
-def mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-                 **kwargs):
+def mask_builder(*args, **kwargs):
     """The mask builder registered beside :func:`attention_forward` (transformers' ``AttentionMaskInterface``).
 
     transformers calls it while building a model's masks, with the pattern the layer wants
-    (``mask_function``) and the 2D padding mask. Plain causal or bidirectional patterns go to
-    transformers' own ``flash_attention_mask`` (None when nothing is padded, else the 2D mask, which
-    :func:`attention_forward` refuses). Anything else — packed sequences, sliding window, chunked
-    attention, a custom or/and pattern — cannot be expressed as the kernel's causal flag, so it raises
-    here, before any compute.
+    (``mask_function``) and the 2D padding mask (``attention_mask``). Plain causal or bidirectional
+    patterns go to transformers' own ``flash_attention_mask`` (None when nothing is padded, else the 2D
+    mask, which :func:`attention_forward` refuses). Anything else — packed sequences, sliding window,
+    chunked attention, a custom or/and pattern — cannot be expressed as the kernel's causal flag, so it
+    raises here, before any compute. Arguments are passed through unchanged (their names changed in
+    transformers 5.5: ``cache_position`` became ``q_length``/``q_offset``).
 
     Raises:
         NotImplementedError: ``mask_function`` is not transformers' causal or bidirectional pattern.
     """
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, flash_attention_mask
+    from transformers import masking_utils
+    from transformers.masking_utils import causal_mask_function, flash_attention_mask
 
-    if mask_function is None:
-        mask_function = causal_mask_function
-    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+    plain = (causal_mask_function, getattr(masking_utils, "bidirectional_mask_function", causal_mask_function))
+    mask_function = kwargs.get("mask_function", causal_mask_function)
+    if not any(mask_function is f for f in plain):
         raise NotImplementedError(
             f"mask_function: the model asks for the attention pattern {getattr(mask_function, '__qualname__', mask_function)} "
             f"(packed sequences, sliding window, chunked or custom attention); the fa3_lab kernel does causal "
             f"or full attention only — use attn_implementation='sdpa'")
-    return flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                                **kwargs)
+    return flash_attention_mask(*args, **kwargs)
 
 
 def register(name: str = NAME) -> str:
@@ -153,8 +152,7 @@ def register(name: str = NAME) -> str:
         raise ImportError("fa3_lab.hf.register: transformers is not installed (pip install transformers)") from e
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,  # noqa: F401
-                                                causal_mask_function, flash_attention_mask)
+        from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, flash_attention_mask  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"fa3_lab.hf.register: needs transformers >= 4.53 (AttentionInterface and "
                            f"masking_utils.AttentionMaskInterface), found {transformers.__version__}") from e
