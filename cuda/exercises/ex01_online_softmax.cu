@@ -5,9 +5,10 @@
 // ============================================================================================
 //
 // The kernel is step 01 (TMA loads + WGMMA, two consumer warpgroups of 64 query rows; see that file
-// for the whole story; its FA3_TRACE stamps are left out here). One region of its main loop is yours: stage 3, the online softmax of the
-// S tile in registers and the rescale of O (paper §3.1, Algorithm 1 lines 10–12; notebook 01's
-// online_update and notebook 02's tile_step are its NumPy twins; notebook 06 shows the fragment).
+// for the whole story; its FA3_TRACE stamps are left out here). One region of its main loop is
+// yours: stage 3, the online softmax of the S tile in registers and the rescale of O (paper §3.1,
+// Algorithm 1 lines 10–12; notebook 01's online_update and notebook 02's tile_step are its NumPy
+// twins; notebook 06 shows the fragment).
 //
 // Write stage 3 of the main loop below (in the student copy: replace the stub call there). You
 // have, per thread of a warpgroup:
