@@ -3,7 +3,9 @@
 The layer: a Llama-3-8B attention layer at prefill — 32 query heads, 8 KV heads (GQA), headdim 128,
 seqlen 4096, bf16, causal, batch 1. Each kernel step is checked against the NumPy float64 reference
 (`reference.attention.standard_attention`) with FA3's tolerance rule (max error ≤ 2 × the error of
-bf16 standard attention + 1e-3), then timed with the peers (DESIGN.md timing protocol).
+bf16 standard attention + 1e-3), then timed with the peers (DESIGN.md timing protocol). Last, a
+Llama-style model built from a config (random weights, no download) runs its prefill with our kernel
+through transformers' attention interface and with SDPA (fa3_lab.examples.llama_prefill).
 """
 from __future__ import annotations
 
@@ -75,6 +77,13 @@ def run(console) -> int:
         rows = bench.run_grid([cfg], step_ids, with_peers=True)
     console.print(bench.format_table(rows, title=f"{gpu} — TFLOPs/s on this layer, median of do_bench"))
     console.print("Full paper grid: python -m fa3_lab bench (recorded runs: fa3_lab/results/, README, notebook 06).")
+
+    # The kernel inside a model: a Llama-style GQA model through transformers' attention interface.
+    from .examples import llama_prefill
+
+    console.rule("Llama-style model prefill: attn_implementation=\"fa3_lab\" vs \"sdpa\"")
+    prefill = llama_prefill.run(console)
+    failures += not prefill["ok"]
     if failures:
         console.print(f"[red]{failures} step(s) outside the tolerance[/]")
     return 1 if failures else 0
