@@ -25,6 +25,8 @@ for what in "$@"; do
     trace) for st in 1 2 3 4; do python3 -m fa3_lab trace --step $st --out "$OUT/pack/traces" 2>&1 | tail -3; done ;;
     bench_ab128) FA3_LAB_DEFINES=-DFA3_BLOCK_N_HD128=128 python3 -m fa3_lab bench --headdims 128 --dtypes bf16 --seqlens 2048,8192,16384 --name bench_bn128 2>&1 | tail -12 ;;
     pack) mkdir -p "$OUT/pack" && cp -r fa3_lab/results/nvidia-* "$OUT/pack/" 2>/dev/null; tar -C "$OUT/pack" -cf "$OUT/run.tar" . && rm -rf "$OUT/pack" && tar -tf "$OUT/run.tar" ;;
+    gputests) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py tests/test_integration.py tests/test_grading.py -q -m gpu -rs 2>&1 | tail -25 | tee "$OUT/gputests.log" ;;
+    prefill) mkdir -p "$OUT/pack/experiments" && python3 -m fa3_lab.examples.llama_prefill --out "$OUT/pack/experiments/llama_prefill.json" 2>&1 | tail -40 ;;
     info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;
     tour) python3 -m fa3_lab tour 2>&1 | tee "$OUT/tour.log" ;;
     bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
