@@ -46,18 +46,27 @@ def steps() -> list[Step]:
     return [s for s in _ALL_STEPS if s.id in present]
 
 
-#: The step :func:`flash_attn_func` runs when ``step`` is None: the fastest step measured
-#: (fa3_lab/results/nvidia-h200/bench.json, commit b5d00c6). DESIGN.md names the last step (04);
-#: step 04's overlap is not yet realized in SASS, so it is slower — cuda/NOTES.md says why.
-DEFAULT_STEP = 2
+#: The step :func:`flash_attn_func` runs when ``step`` is None, per headdim: the step that won most
+#: of the paper grid (seqlen >= 2k, bf16 and fp16, causal and not) in the recorded run
+#: fa3_lab/results/nvidia-h200/bench.json (commit fe84476). DESIGN.md names the last step (04) as the
+#: default; step 04's intra-warpgroup overlap is only partly realized in SASS, so it wins only at
+#: headdim 64 — cuda/NOTES.md says why.
+DEFAULT_STEP_BY_HEADDIM = {64: 4, 128: 3, 256: 2}
 
 
-def default_step() -> int:
-    """The step :func:`flash_attn_func` runs when ``step`` is None (:data:`DEFAULT_STEP`)."""
+def default_step(headdim: int = 128) -> int:
+    """The step :func:`flash_attn_func` runs for this headdim when ``step`` is None.
+
+    Raises:
+        ValueError: headdim not in (64, 128, 256).
+    """
+    if headdim not in DEFAULT_STEP_BY_HEADDIM:
+        raise ValueError(f"headdim: expected one of {tuple(DEFAULT_STEP_BY_HEADDIM)}, got {headdim}")
     ids = [s.id for s in steps() if "bf16" in s.dtypes]
     if not ids:
         raise RuntimeError("no 16-bit kernel step found in cuda/steps/")
-    return DEFAULT_STEP if DEFAULT_STEP in ids else max(ids)
+    best = DEFAULT_STEP_BY_HEADDIM[headdim]
+    return best if best in ids else max(ids)
 
 
 def _has_storage(t) -> bool:
@@ -132,7 +141,8 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
         k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype/device; nheads % nheads_kv == 0.
         causal: bottom-right aligned causal mask (row i sees keys j <= i + seqlen_k - seqlen_q).
         softmax_scale: α, default 1/sqrt(headdim).
-        step: kernel step 1–4 (``fa3_lab.steps()``); default :data:`DEFAULT_STEP` (the fastest measured).
+        step: kernel step 1–4 (``fa3_lab.steps()``); default :data:`DEFAULT_STEP_BY_HEADDIM` (the
+            fastest measured step for the headdim).
         return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for rows
             that see no key).
         out: optional preallocated output, shape and dtype of q (tests poison it first).
@@ -152,7 +162,7 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
     scale = _check_inputs(q, k, v, softmax_scale, (torch.float16, torch.bfloat16), "float16 or bfloat16")
     available = [s.id for s in steps() if "bf16" in s.dtypes]
     if step is None:
-        step = default_step()
+        step = default_step(q.shape[3])
     if isinstance(step, bool) or not isinstance(step, int) or step not in available:
         raise ValueError(f"step: expected one of {available}, got {step!r}")
     if out is not None:

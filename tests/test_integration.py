@@ -397,7 +397,7 @@ def test_example_flow_on_cpu_with_the_kernel_swapped_for_the_reference(transform
     monkeypatch.setattr(_build, "load", lambda *a: None)
     monkeypatch.setattr(bench, "time_ms", lambda fn: (fn(), 1.25)[1])
     monkeypatch.setattr(bench, "peers", lambda: {"sdpa_flash": lambda q, k, v, causal: q})
-    monkeypatch.setattr(api, "default_step", lambda: 2)
+    monkeypatch.setattr(api, "default_step", lambda headdim=128: 2)
     monkeypatch.setattr(results, "collect_meta", lambda command: {
         "gpu": "CPU stand-in", "sm_count": 1, "torch": torch.__version__, "cuda": None, "cudnn": None,
         "commit": "test", "date": "2026-11-22T00:00:00Z", "command": command})

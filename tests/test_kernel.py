@@ -171,3 +171,13 @@ def test_steps_listing():
     assert listed and listed[0].name == "01_tma_wgmma"
     for s in listed:
         assert s.adds and s.paper
+
+
+def test_default_step_per_headdim():
+    """Every headdim has a default step that exists; a bad headdim is refused by name."""
+    import re
+
+    for d in (64, 128, 256):
+        assert api.default_step(d) in [s.id for s in api.steps()]
+    with pytest.raises(ValueError, match=re.escape("headdim: expected one of (64, 128, 256), got 96")):
+        api.default_step(96)

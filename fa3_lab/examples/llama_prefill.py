@@ -187,7 +187,7 @@ def time_attention(model, batch: int, seqlen: int, seed: int = SEED):
     k = torch.randn(batch, hkv, seqlen, d, device=DEVICE, dtype=torch.bfloat16, generator=g)
     v = torch.randn(batch, hkv, seqlen, d, device=DEVICE, dtype=torch.bfloat16, generator=g)
     fl = flops(batch, h, seqlen, seqlen, d, True)
-    step = api.default_step()
+    step = api.default_step(d)
 
     def row(impl, ms):
         return {"impl": impl, "ms": ms, "tflops": fl / ms / 1e9}
