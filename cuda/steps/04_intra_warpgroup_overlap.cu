@@ -19,11 +19,12 @@
 // The price is registers: S_next (fp32) and P_{j−1} (16-bit, read asynchronously by the RS WGMMA
 // until step 5) are live at once. Prologue and epilogue as in step 03.
 //
-// Measured (NVIDIA H200, bf16, commit b5d00c6, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 490 TFLOPs/s; seqlen 16k: hd64 444, hd128 511, hd128 causal 500, hd256 533.
-// Same run: FA3 698 / cuDNN 613 / SDPA-FA2 351 at the Table 2 shape. Analysis: cuda/NOTES.md.
-// Known limit: ptxas places wgmma.wait_group 0 before the softmax's exponentials, so the overlap
-// is not realized yet and this step is slower than 02/03 (NOTES.md); flash_attn_func defaults to 02.
+// Measured (NVIDIA H200, bf16, commit fe84476, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 542 TFLOPs/s; seqlen 16k: hd64 459, hd128 547, hd128 causal 523, hd256 552.
+// Same run: FA3 698 / cuDNN 620 / SDPA-FA2 365 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Known limit: at headdim 64/128 ptxas places wgmma.wait_group 0 before the softmax's exponentials
+// (at 256 it keeps 16 of 42 under P·V), so the overlap is only partly realized (NOTES.md);
+// flash_attn_func runs this step by default at headdim 64, where it is the fastest.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
