@@ -27,6 +27,9 @@ for what in "$@"; do
     pack) mkdir -p "$OUT/pack" && cp -r fa3_lab/results/nvidia-* "$OUT/pack/" 2>/dev/null; tar -C "$OUT/pack" -cf "$OUT/run.tar" . && rm -rf "$OUT/pack" && tar -tf "$OUT/run.tar" ;;
     gputests) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py tests/test_integration.py tests/test_grading.py -q -m gpu -rs 2>&1 | tail -25 | tee "$OUT/gputests.log" ;;
     prefill) mkdir -p "$OUT/pack/experiments" && python3 -m fa3_lab.examples.llama_prefill --out "$OUT/pack/experiments/llama_prefill.json" 2>&1 | tail -40 ;;
+    notebooks) python3 cuda/run_notebooks.py 2>&1 | tee "$OUT/notebooks.log"
+      python3 -m pytest -p no:cacheprovider --nbval notebooks -q 2>&1 | tail -15 | tee "$OUT/nbval.log"
+      mkdir -p "$OUT/pack/notebooks" && cp notebooks/0*.ipynb "$OUT/pack/notebooks/" ;;
     info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;
     tour) python3 -m fa3_lab tour 2>&1 | tee "$OUT/tour.log" ;;
     bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
