@@ -35,6 +35,7 @@
 #include "fa3/block_info.h"
 #include "fa3/epilogue.h"
 #include "fa3/host.h"
+#include "fa3/launch.h"
 #include "fa3/params.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
@@ -193,39 +194,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
 }
 
 template <typename T, int kHeadDim, bool kCausal>
-void launch(const FwdParams& p, cudaStream_t stream) {
-  using Cfg = Config<T, kHeadDim>;
-  const Dtype dt = p.dtype;
-  CUtensorMap tq = make_tmap_bshd(p.q, dt, kHeadDim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride, p.q_head_stride,
-                                  p.q_batch_stride, kAtomCols16, Cfg::kBlockM);
-  CUtensorMap tk = make_tmap_bshd(p.k, dt, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.k_row_stride,
-                                  p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN);
-  CUtensorMap tv = make_tmap_bshd(p.v, dt, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.v_row_stride,
-                                  p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN);
-  auto kernel = fwd_kernel<T, kHeadDim, kCausal>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-             "cudaFuncSetAttribute(step01)");
-  dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
-  check_cuda(cudaGetLastError(), "step01 launch");
-}
+struct Launch {
+  static void run(const FwdParams& p, cudaStream_t stream) {
+    launch_fwd<Config<T, kHeadDim>>(fwd_kernel<T, kHeadDim, kCausal>, p, stream, "step01");
+  }
+};
 
 }  // namespace step01
 
 // Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
-void run_fwd_step01(const FwdParams& p, cudaStream_t stream) {
-  auto by_dim = [&](auto tag) {
-    using T = decltype(tag);
-    switch (p.headdim) {
-      case 64: return p.causal ? step01::launch<T, 64, true>(p, stream) : step01::launch<T, 64, false>(p, stream);
-      case 128: return p.causal ? step01::launch<T, 128, true>(p, stream) : step01::launch<T, 128, false>(p, stream);
-      case 256: return p.causal ? step01::launch<T, 256, true>(p, stream) : step01::launch<T, 256, false>(p, stream);
-      default: throw std::runtime_error("step01: headdim must be 64, 128 or 256");
-    }
-  };
-  if (p.dtype == Dtype::kFloat16) by_dim(__half{});
-  else if (p.dtype == Dtype::kBFloat16) by_dim(__nv_bfloat16{});
-  else throw std::runtime_error("step01: dtype must be fp16 or bf16");
-}
+void run_fwd_step01(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step01::Launch>(p, stream, "step01"); }
 
 }  // namespace fa3

@@ -34,7 +34,9 @@
 #include "fa3/block_info.h"
 #include "fa3/epilogue.h"
 #include "fa3/host.h"
+#include "fa3/launch.h"
 #include "fa3/params.h"
+#include "fa3/producer.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
 #include "fa3/trace.h"
@@ -95,62 +97,14 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     return;
   }
 
-  if (threadIdx.x == 0) {
-    mbarrier_init(full_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full_k[s], 1);
-      mbarrier_init(&full_v[s], 1);
-      mbarrier_init(&empty[s], 4 * Cfg::kNumConsumers);  // one arrival per consumer warp
-    }
-    fence_barrier_init();
-  }
+  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty, 4 * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
-#ifdef FA3_TRACE
-    if (threadIdx.x / 32 == 1 && threadIdx.x % 32 == 0) {  // observer: stamps when each tile lands
-      Tracer obs;
-      obs.init(p, 1, true);
-      for (int i = 0; i < n_block_max; ++i) {
-        const int stage = i % kStages;
-        const uint32_t phase = (i / kStages) & 1;
-        if (mbarrier_try_wait(&full_k[stage], phase, 1 << 16)) obs.stamp(kArriveK, i);
-        if (mbarrier_try_wait(&full_v[stage], phase, 1 << 16)) obs.stamp(kArriveV, i);
-      }
-      obs.finish();
-    }
-#endif
-    if (threadIdx.x / 32 == 0 && elect_one()) {
-      FA3_TRACE_DECL(tr);
-      FA3_TRACE_INIT(tr, p, 0, true);
-      tma_prefetch_descriptor(&tmap_k);
-      tma_prefetch_descriptor(&tmap_v);
-      // 0. Q once
-      mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
-#pragma unroll
-      for (int a = 0; a < Cfg::kAtoms; ++a)
-        tma_load_4d(sQ + a * kBlockM * kAtomCols16, &tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
-      for (int i = 0; i < n_block_max; ++i) {
-        const int n_block = n_block_max - 1 - i;
-        const int stage = i % kStages;
-        mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
-        FA3_TRACE_STAMP(tr, kTmaIssueK, i);
-        mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
-#pragma unroll
-        for (int a = 0; a < Cfg::kAtoms; ++a)
-          tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_k, &full_k[stage], a * kAtomCols16,
-                      n_block * kBlockN, h_kv, b);
-        FA3_TRACE_STAMP(tr, kTmaIssueV, i);
-        mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
-#pragma unroll
-        for (int a = 0; a < Cfg::kAtoms; ++a)
-          tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, &tmap_v, &full_v[stage], a * kAtomCols16,
-                      n_block * kBlockN, h_kv, b);
-      }
-      FA3_TRACE_FINISH(tr);
-    }
+    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty, m_block, h, h_kv, b,
+                         n_block_max, p);
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
@@ -251,37 +205,14 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 }
 
 template <typename T, int kHeadDim, bool kCausal>
-void launch(const FwdParams& p, cudaStream_t stream) {
-  using Cfg = Config<T, kHeadDim, kCausal>;
-  CUtensorMap tq = make_tmap_bshd(p.q, p.dtype, kHeadDim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                                  p.q_head_stride, p.q_batch_stride, kAtomCols16, Cfg::kBlockM);
-  CUtensorMap tk = make_tmap_bshd(p.k, p.dtype, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.k_row_stride,
-                                  p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN);
-  CUtensorMap tv = make_tmap_bshd(p.v, p.dtype, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch, p.v_row_stride,
-                                  p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN);
-  auto kernel = fwd_kernel<T, kHeadDim, kCausal>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-             "cudaFuncSetAttribute(step03)");
-  dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
-  check_cuda(cudaGetLastError(), "step03 launch");
-}
+struct Launch {
+  static void run(const FwdParams& p, cudaStream_t stream) {
+    launch_fwd<Config<T, kHeadDim, kCausal>>(fwd_kernel<T, kHeadDim, kCausal>, p, stream, "step03");
+  }
+};
 
 }  // namespace step03
 
-void run_fwd_step03(const FwdParams& p, cudaStream_t stream) {
-  auto by_dim = [&](auto tag) {
-    using T = decltype(tag);
-    switch (p.headdim) {
-      case 64: return p.causal ? step03::launch<T, 64, true>(p, stream) : step03::launch<T, 64, false>(p, stream);
-      case 128: return p.causal ? step03::launch<T, 128, true>(p, stream) : step03::launch<T, 128, false>(p, stream);
-      case 256: return p.causal ? step03::launch<T, 256, true>(p, stream) : step03::launch<T, 256, false>(p, stream);
-      default: throw std::runtime_error("step03: headdim must be 64, 128 or 256");
-    }
-  };
-  if (p.dtype == Dtype::kFloat16) by_dim(__half{});
-  else if (p.dtype == Dtype::kBFloat16) by_dim(__nv_bfloat16{});
-  else throw std::runtime_error("step03: dtype must be fp16 or bf16");
-}
+void run_fwd_step03(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step03::Launch>(p, stream, "step03"); }
 
 }  // namespace fa3

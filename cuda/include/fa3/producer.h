@@ -1,0 +1,86 @@
+// fa3/producer.h — the producer warpgroup of the warp-specialized steps (02 onwards) and the
+// barriers of its K/V ring (paper §3.1, Algorithm 1 lines 3–8).
+//
+// Ring: kStages slots of K and V in shared memory. full_k[s]/full_v[s] complete when the TMA bytes of
+// slot s have landed (the producer's arrive.expect_tx is the one arrival); empty[s] completes when
+// every consumer warp has released slot s (one arrival per warp). The producer waits on empty[s] with
+// the flipped parity — a fresh barrier counts as "the previous phase completed", so the ring starts
+// empty — and consumers wait on full[s] with the parity of the pass: (tile / kStages) & 1.
+#pragma once
+#include <cstdint>
+
+#include "params.h"
+#include "ptx.h"
+#include "trace.h"
+#include "wgmma.h"
+
+namespace fa3 {
+
+template <int kStages>
+__device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* full_k, uint64_t* full_v,
+                                                   uint64_t* empty, int consumer_warps) {
+  mbarrier_init(full_q, 1);
+  for (int s = 0; s < kStages; ++s) {
+    mbarrier_init(&full_k[s], 1);
+    mbarrier_init(&full_v[s], 1);
+    mbarrier_init(&empty[s], consumer_warps);  // one arrival per consumer warp
+  }
+  fence_barrier_init();
+}
+
+// Run by the whole producer warpgroup: one elected thread of warp 0 issues Q once and then K_j, V_j
+// for every tile (last to first) into slot j % kStages as soon as the slot is empty. In FA3_TRACE
+// builds an idle lane of warp 1 also watches the full barriers and stamps when each tile landed.
+// Tiles are (kBlockN, kHeadDim) 16-bit, stored as kHeadDim/64 swizzle atoms (one TMA box each).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
+                                             const CUtensorMap* tmap_v, T* sQ, T* sK, T* sV, uint64_t* full_q,
+                                             uint64_t* full_k, uint64_t* full_v, uint64_t* empty, int m_block,
+                                             int h, int h_kv, int b, int n_block_max, const FwdParams& p) {
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+#ifdef FA3_TRACE
+  if (threadIdx.x / 32 == 1 && threadIdx.x % 32 == 0) {  // observer: stamps when each tile lands
+    Tracer obs;
+    obs.init(p, 1, true);
+    for (int i = 0; i < n_block_max; ++i) {
+      const int stage = i % kStages;
+      const uint32_t phase = (i / kStages) & 1;
+      if (mbarrier_try_wait(&full_k[stage], phase, 1 << 16)) obs.stamp(kArriveK, i);
+      if (mbarrier_try_wait(&full_v[stage], phase, 1 << 16)) obs.stamp(kArriveV, i);
+    }
+    obs.finish();
+  }
+#endif
+  if (threadIdx.x / 32 == 0 && elect_one()) {
+    FA3_TRACE_DECL(tr);
+    FA3_TRACE_INIT(tr, p, 0, true);
+    tma_prefetch_descriptor(tmap_k);
+    tma_prefetch_descriptor(tmap_v);
+    // Q once
+    mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
+#pragma unroll
+    for (int a = 0; a < Cfg::kAtoms; ++a)
+      tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
+    for (int i = 0; i < n_block_max; ++i) {
+      const int n_block = n_block_max - 1 - i;
+      const int stage = i % kStages;
+      mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
+      FA3_TRACE_STAMP(tr, kTmaIssueK, i);
+      mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
+#pragma unroll
+      for (int a = 0; a < Cfg::kAtoms; ++a)
+        tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
+                    n_block * kBlockN, h_kv, b);
+      FA3_TRACE_STAMP(tr, kTmaIssueV, i);
+      mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
+#pragma unroll
+      for (int a = 0; a < Cfg::kAtoms; ++a)
+        tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_v, &full_v[stage], a * kAtomCols16,
+                    n_block * kBlockN, h_kv, b);
+    }
+    FA3_TRACE_FINISH(tr);
+  }
+}
+
+}  // namespace fa3
