@@ -92,6 +92,17 @@ def windows(events):
     return out
 
 
+def _merge(intervals):
+    """Union of intervals as sorted, disjoint (start, end) pairs."""
+    out = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
 def _overlap_len(a, intervals):
     s, e = a
     return sum(max(0.0, min(e, y) - max(s, x)) for x, y in intervals)
@@ -100,13 +111,15 @@ def _overlap_len(a, intervals):
 def softmax_under_other_gemms(cta):
     """Fraction of each consumer's softmax time that lies under the other consumer's GEMM windows.
 
-    GEMM windows run from issue to the wait that retires them, so this is an upper bound on the
+    The other warpgroup's GEMM windows (issue → retiring wait; in steps 03/04 two of them are in flight
+    at once) are merged into their union first, so time is never counted twice and the fraction is
+    ≤ 1. Windows run from issue to the wait that retires them, so this is an upper bound on the
     tensor-core overlap, and exactly the quantity the pingpong schedule is meant to raise.
     """
     w = {r: windows(cta["rows"].get(r, [])) for r in ("consumer0", "consumer1")}
     res = {}
     for me, other in (("consumer0", "consumer1"), ("consumer1", "consumer0")):
-        gemms = [(s, e) for k, s, e, _ in w[other] if k in ("gemm0", "gemm1")]
+        gemms = _merge([(s, e) for k, s, e, _ in w[other] if k in ("gemm0", "gemm1")])
         soft = [(s, e) for k, s, e, _ in w[me] if k == "softmax"]
         total = sum(e - s for s, e in soft)
         res[me] = (sum(_overlap_len(x, gemms) for x in soft) / total) if total > 0 else 0.0

@@ -12,17 +12,17 @@
 // and the warpgroup gives its registers back (setmaxnreg.dec to kProducerRegs). Warpgroups 1 and 2 are
 // consumers (64 query rows each) and take those registers (setmaxnreg.inc to kConsumerRegs). K and V
 // flow through a kStages-deep circular buffer in shared memory guarded by mbarriers:
-//   full_k[s], full_v[s]  "tile in stage s has landed"      producer arrive.expect_tx, TMA completes
-//   empty[s]              "both consumers are done with s"   one arrival per consumer warp (8)
+//   full_k[s], full_v[s]    "tile in stage s has landed"     producer arrive.expect_tx, TMA completes
+//   empty_k[s], empty_v[s]  "both consumers are done with it" one arrival per consumer warp (8)
 // The producer runs ahead of the consumers by up to kStages tiles; no __syncthreads in the loop.
 //
 // Producer (Alg. 1 lines 3–8):                 Consumer (Alg. 1 lines 9–17), per tile j:
 //   0. load Q once (full_q)                     1. wait full_k[s]; S = Q·K_jᵀ (WGMMA SS)
 //   for each tile j, stage s = j % kStages:      2. mask (boundary/diagonal tiles only)
-//     wait empty[s] (parity flipped: the ring    3. online softmax, rescale O
-//       starts empty)                            4. P → 16-bit A fragments
-//     arrive.expect_tx full_k[s]; TMA K_j        5. wait full_v[s]; O += P·V_j (WGMMA RS)
-//     arrive.expect_tx full_v[s]; TMA V_j        6. arrive empty[s] (stage released)
+//     wait empty_k[s] (parity flipped: the ring  3. online softmax, rescale O; release K_j
+//       starts empty); TMA K_j on full_k[s]       4. P → 16-bit A fragments
+//     wait empty_v[s]; TMA V_j on full_v[s]       5. wait full_v[s]; O += P·V_j (WGMMA RS)
+//                                                6. release V_j (arrive empty_v[s])
 //                                               7. epilogue: O / ℓ, lse
 //
 // Measured (NVIDIA H200, bf16, commit fe84476, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
@@ -61,7 +61,7 @@ struct Config {
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
-  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
   uint64_t* full_k = full_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
-  uint64_t* empty = full_v + kStages;   // (kStages)
+  uint64_t* empty_k = full_v + kStages;  // (kStages)
+  uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -99,14 +100,14 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     return;
   }
 
-  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty, 4 * Cfg::kNumConsumers);
+  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty, m_block, h, h_kv, b,
-                         n_block_max, p);
+    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v, m_block, h,
+                         h_kv, b, n_block_max, p);
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
@@ -138,6 +139,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       fence_regs(s);
       FA3_TRACE_STAMP(tr, kGemm0Done, i);
       FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);  // K_j read: release its slot
       // 2. mask
       if (blocks.needs_mask(n_block))
         apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
@@ -158,8 +160,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       wgmma_wait<0>();
       fence_regs(o);
       FA3_TRACE_STAMP(tr, kGemm1Done, i);
-      // 6. release the stage (one arrival per warp)
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[stage]);
+      // 6. release V_j's slot (one arrival per warp)
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[stage]);
     }
     FA3_TRACE_FINISH(tr);
     // 7. epilogue

@@ -58,7 +58,7 @@ struct Config {
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
-  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
@@ -80,7 +80,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
   uint64_t* full_k = full_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
-  uint64_t* empty = full_v + kStages;   // (kStages)
+  uint64_t* empty_k = full_v + kStages;  // (kStages)
+  uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -97,14 +98,14 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     return;
   }
 
-  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty, 4 * Cfg::kNumConsumers);
+  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty, m_block, h, h_kv, b,
-                         n_block_max, p);
+    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v, m_block, h,
+                         h_kv, b, n_block_max, p);
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
@@ -140,6 +141,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     fence_regs(s);
     FA3_TRACE_STAMP(tr, kGemm0Done, 0);
     FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);  // K_0 read: release its slot
     {
       const int n_block = n_block_max - 1;
       if (blocks.needs_mask(n_block))
@@ -176,6 +178,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       fence_regs(s);
       FA3_TRACE_STAMP(tr, kGemm0Done, i);
       FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);  // K_j read: release its slot
       // 4. mask, softmax of S_next (under the P·V GEMM)
       if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
       float corr[2];
@@ -184,12 +187,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       fence_regs(s);
       fence_regs(corr);
       FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
-      // 5. P·V done: release the stage, rescale O
+      // 5. P·V done: release V_{j−1}'s slot, rescale O
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs_u32(pa);
       FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[prev]);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
       rescale_rows<kHeadDim>(o, corr);
       // 6. P_j → 16-bit
       pack_p<Traits, kBlockN>(s, pa);
@@ -210,7 +213,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       wgmma_wait<0>();
       fence_regs(o);
       FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[last]);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
     }
     FA3_TRACE_FINISH(tr);
     // 7. epilogue

@@ -2,10 +2,14 @@
 // barriers of its K/V ring (paper §3.1, Algorithm 1 lines 3–8).
 //
 // Ring: kStages slots of K and V in shared memory. full_k[s]/full_v[s] complete when the TMA bytes of
-// slot s have landed (the producer's arrive.expect_tx is the one arrival); empty[s] completes when
-// every consumer warp has released slot s (one arrival per warp). The producer waits on empty[s] with
-// the flipped parity — a fresh barrier counts as "the previous phase completed", so the ring starts
-// empty — and consumers wait on full[s] with the parity of the pass: (tile / kStages) & 1.
+// slot s have landed (the producer's arrive.expect_tx is the one arrival); empty_k[s]/empty_v[s]
+// complete when every consumer warp has released that slot (one arrival per warp). K and V are
+// released separately because they are consumed at different times: K_j by Q·K_jᵀ, V_j by P_j·V_j,
+// which steps 03/04 issue a whole tile later — with one barrier for both, a K slot would sit idle
+// until P·V finished and a 2-stage ring would behave like 1 stage (seen in the traces, NOTES.md).
+// The producer waits on empty with the flipped parity — a fresh barrier counts as "the previous
+// phase completed", so the ring starts empty — and consumers wait on full with the parity of the
+// pass: (tile / kStages) & 1.
 #pragma once
 #include <cstdint>
 
@@ -18,12 +22,13 @@ namespace fa3 {
 
 template <int kStages>
 __device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* full_k, uint64_t* full_v,
-                                                   uint64_t* empty, int consumer_warps) {
+                                                   uint64_t* empty_k, uint64_t* empty_v, int consumer_warps) {
   mbarrier_init(full_q, 1);
   for (int s = 0; s < kStages; ++s) {
     mbarrier_init(&full_k[s], 1);
     mbarrier_init(&full_v[s], 1);
-    mbarrier_init(&empty[s], consumer_warps);  // one arrival per consumer warp
+    mbarrier_init(&empty_k[s], consumer_warps);  // one arrival per consumer warp
+    mbarrier_init(&empty_v[s], consumer_warps);
   }
   fence_barrier_init();
 }
@@ -35,7 +40,7 @@ __device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* f
 template <typename T, typename Cfg>
 __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
                                              const CUtensorMap* tmap_v, T* sQ, T* sK, T* sV, uint64_t* full_q,
-                                             uint64_t* full_k, uint64_t* full_v, uint64_t* empty, int m_block,
+                                             uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k, uint64_t* empty_v, int m_block,
                                              int h, int h_kv, int b, int n_block_max, const FwdParams& p) {
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
@@ -65,13 +70,14 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
     for (int i = 0; i < n_block_max; ++i) {
       const int n_block = n_block_max - 1 - i;
       const int stage = i % kStages;
-      mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
+      mbarrier_wait(&empty_k[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
       FA3_TRACE_STAMP(tr, kTmaIssueK, i);
       mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
 #pragma unroll
       for (int a = 0; a < Cfg::kAtoms; ++a)
         tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
                     n_block * kBlockN, h_kv, b);
+      mbarrier_wait(&empty_v[stage], ((i / kStages) & 1) ^ 1);
       FA3_TRACE_STAMP(tr, kTmaIssueV, i);
       mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
 #pragma unroll
