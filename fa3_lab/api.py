@@ -48,10 +48,10 @@ def steps() -> list[Step]:
 
 #: The step :func:`flash_attn_func` runs when ``step`` is None, per headdim: the step that won most
 #: of the paper grid (seqlen >= 2k, bf16 and fp16, causal and not) in the recorded run
-#: fa3_lab/results/nvidia-h200/bench.json (commit fe84476). DESIGN.md names the last step (04) as the
-#: default; step 04's intra-warpgroup overlap is only partly realized in SASS, so it wins only at
-#: headdim 64 — cuda/NOTES.md says why.
-DEFAULT_STEP_BY_HEADDIM = {64: 4, 128: 3, 256: 2}
+#: fa3_lab/results/nvidia-h200/bench.json (commit e3e20a7): step 04 at every headdim (at 256 it ties
+#: with step 03, 8 points each), as DESIGN.md intends. Kept per headdim so a later tile change can
+#: pick differently from a measurement.
+DEFAULT_STEP_BY_HEADDIM = {64: 4, 128: 4, 256: 4}
 
 
 def default_step(headdim: int = 128) -> int:

@@ -22,9 +22,9 @@
 //   7. epilogue: O / ℓ → 16-bit → global; lse = m·α + ln ℓ
 // K/V tiles are visited from the last to the first, so the masked tiles come first.
 //
-// Measured (NVIDIA H200, bf16, commit fe84476, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 558 TFLOPs/s; seqlen 16k: hd64 364, hd128 524, hd128 causal 513, hd256 585.
-// Same run: FA3 698 / cuDNN 620 / SDPA-FA2 365 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 555 TFLOPs/s; seqlen 16k: hd64 365, hd128 521, hd128 causal 516, hd256 578.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
 // Known limits: the two GEMMs and the softmax of a warpgroup run back to back (nothing overlaps
 // within a CTA except what the other warpgroup does); the __syncthreads per tile couples both
 // warpgroups; the epilogue stores straight from registers (4-byte stores).

@@ -25,9 +25,9 @@
 //                                                6. release V_j (arrive empty_v[s])
 //                                               7. epilogue: O / ℓ, lse
 //
-// Measured (NVIDIA H200, bf16, commit fe84476, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 582 TFLOPs/s; seqlen 16k: hd64 437, hd128 580, hd128 causal 570, hd256 628.
-// Same run: FA3 698 / cuDNN 620 / SDPA-FA2 365 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 575 TFLOPs/s; seqlen 16k: hd64 426, hd128 572, hd128 causal 561, hd256 630.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
 // Known limits: the two consumer warpgroups still contend for the
 // tensor cores and the MUFU in no particular order (that is step 03), and within a warpgroup the
 // softmax waits for the GEMM (step 04).

@@ -22,9 +22,9 @@
 // with a prologue (turn: S = Q·K_0ᵀ) and an epilogue (turn: O += P_last·V_last), then O / ℓ and lse.
 // The producer warpgroup is unchanged from step 02.
 //
-// Measured (NVIDIA H200, bf16, commit fe84476, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 577 TFLOPs/s; seqlen 16k: hd64 413, hd128 586, hd128 causal 579, hd256 548.
-// Same run: FA3 698 / cuDNN 620 / SDPA-FA2 365 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 628 TFLOPs/s; seqlen 16k: hd64 424, hd128 603, hd128 causal 597, hd256 685.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
 // Known limit: inside one warpgroup the softmax still waits for the
 // GEMMs it depends on (step 04 overlaps them).
 // ============================================================================================

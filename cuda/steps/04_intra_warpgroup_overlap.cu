@@ -19,12 +19,12 @@
 // The price is registers: S_next (fp32) and P_{j−1} (16-bit, read asynchronously by the RS WGMMA
 // until step 5) are live at once. Prologue and epilogue as in step 03.
 //
-// Measured (NVIDIA H200, bf16, commit fe84476, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 542 TFLOPs/s; seqlen 16k: hd64 459, hd128 547, hd128 causal 523, hd256 552.
-// Same run: FA3 698 / cuDNN 620 / SDPA-FA2 365 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
+// (4, 8448, 16, 128) 658 TFLOPs/s; seqlen 16k: hd64 456, hd128 641, hd128 causal 600, hd256 661.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
 // Known limit: at headdim 64/128 ptxas places wgmma.wait_group 0 before the softmax's exponentials
-// (at 256 it keeps 16 of 42 under P·V), so the overlap is only partly realized (NOTES.md);
-// flash_attn_func runs this step by default at headdim 64, where it is the fastest.
+// (at 256 it keeps 16 of 42 under P·V), so the intra-warpgroup overlap is only partly realized; the
+// pingpong across warpgroups does the rest (NOTES.md). This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
