@@ -175,11 +175,36 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
 
 def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quant=True, incoherent=True,
                         return_lse=False):
-    """FP8 e4m3 forward with block quantization and incoherent processing (paper §3.3).
+    """FP8 e4m3 forward with block quantization and incoherent processing (paper §3.3, step 05).
+
+    16-bit inputs are rotated (Q and K by diag(s)·H/√d, s from ``np.random.default_rng(0)``) and
+    quantized to e4m3 with one float32 scale per 128-row tile (``fa3_lab.fp8.quantize``); the kernel
+    (``fa3_lab.fp8.fwd_quantized``) then computes ``reference.fp8.fp8_attention``: S in fp32 with the
+    descales folded into the softmax scale, P·2^8 rounded to e4m3, O in fp32, out in bf16.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim) fp16/bf16 CUDA tensor, last dim contiguous.
+        k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype/device; nheads % nheads_kv == 0.
+        causal: bottom-right aligned causal mask (row i sees keys j <= i + seqlen_k - seqlen_q).
+        softmax_scale: α, default 1/sqrt(headdim) (the rotation leaves headdim and Q·Kᵀ unchanged).
+        block_quant: one scale per 128-row tile (True) or one per tensor (False).
+        incoherent: apply the random Hadamard rotation to Q and K first (paper's incoherent processing).
+        return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for rows
+            that see no key).
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) bfloat16; and lse if ``return_lse``.
 
     Raises:
-        RuntimeError: the FP8 kernel (step 05) is not in this build yet.
+        TypeError: not a tensor, dtype not fp16/bf16 or mixed, not on a CUDA device, non-bool flags.
+        ValueError: rank, shapes, headdim not in (64, 128, 256), nheads % nheads_kv, strides, NaN/inf.
+        RuntimeError: no sm_90 GPU here, or the FP8 kernel (cuda/steps/05_fp8.cu) is not in this build.
+
+    Source: paper §3.3 ("Block quantization", "Incoherent processing"), Table 3; ``reference/fp8.py``.
     """
     if 5 not in _build.step_sources():
         raise RuntimeError("flash_attn_fp8_func: the FP8 kernel (cuda/steps/05_fp8.cu) is not built yet")
-    raise RuntimeError("flash_attn_fp8_func: not available in this build")
+    from . import fp8
+
+    return fp8.flash_attn_fp8_func(q, k, v, causal, softmax_scale, block_quant=block_quant,
+                                   incoherent=incoherent, return_lse=return_lse)

@@ -1,0 +1,497 @@
+"""Step 05 on the GPU: quantize Q, K, V to e4m3 (paper §3.3), lay V out for the kernel, run it.
+
+Three levels, highest first:
+
+* :func:`flash_attn_fp8_func` — 16-bit CUDA Q, K, V in, bf16 out: :func:`quantize` then
+  :func:`fwd_quantized`.
+* :func:`quantize` — incoherent processing (random signs + Walsh–Hadamard on Q and K) and block
+  (or per-tensor) quantization, in torch on any device. It reproduces
+  ``reference.fp8.fp8_attention_inputs`` (the kernel contract): the same sign vector (drawn from
+  ``np.random.default_rng(seed)`` by ``reference.fp8.random_signs``), the same butterflies, the
+  same amax/448 scales and the same saturation at ±448 before the cast.
+* :func:`fwd_quantized` — e4m3 tensors plus float32 descales in, the kernel ``ext.fwd_fp8`` out;
+  it transposes and key-permutes V with :func:`kernel_v_layout` first.
+
+The kernel implements ``reference.fp8.fp8_attention`` with block_m = block_n = 128: K/V tiles
+visited last first, P scaled by 2^8 before its e4m3 rounding, O kept in units of the current V
+block's scale, out bf16, lse in natural log.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+HEADDIMS = (64, 128, 256)
+BLOCK_M = 128               # Br: Q rows per tile and per q_descale entry (the kernel's tile)
+BLOCK_N = 128               # Bc: K/V rows per tile and per k/v_descale entry
+E4M3_MAX = 448.0            # largest finite float8_e4m3fn; the cast saturates here
+KEY_GROUP = 32              # keys per k-step of the FP8 WGMMA (m64nNk32): the span PERM permutes
+
+#: Column p of every group of 32 keys in the kernel's V layout holds key ``PERM[p]`` of the group.
+#: With p = 16·hh + 4·t + j (hh ∈ {0, 1}, t = lane % 4, j ∈ 0..3):
+#: PERM[p] = 16·hh + 8·(j // 2) + 2·t + (j % 2). See :func:`kernel_v_layout` for why.
+PERM = tuple(16 * hh + 8 * (j // 2) + 2 * t + (j % 2) for hh in (0, 1) for t in range(4) for j in range(4))
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Fp8Tensors(NamedTuple):
+    """What :func:`fwd_quantized` reads (torch twin of ``reference.fp8.Fp8Inputs``).
+
+    ``q8`` (batch, seqlen_q, nheads, headdim), ``k8``/``v8`` (batch, seqlen_k, nheads_kv, headdim),
+    ``torch.float8_e4m3fn``; ``q_descale`` (batch, nheads, ceil(seqlen_q/128)), ``k_descale`` and
+    ``v_descale`` (batch, nheads_kv, ceil(seqlen_k/128)), float32, contiguous: ``q ≈ q8 · q_descale``
+    block of rows by block of rows. Per-tensor quantization broadcasts its one scale into these shapes.
+    """
+
+    q8: torch.Tensor
+    k8: torch.Tensor
+    v8: torch.Tensor
+    q_descale: torch.Tensor
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# V layout for the kernel
+# --------------------------------------------------------------------------------------------
+
+def _perm_index(seqlen_pad: int, inverse: bool, device) -> torch.Tensor:
+    """Gather index over a padded key axis: stored column c ← key idx[c] (or its inverse)."""
+    perm = torch.tensor(PERM, dtype=torch.long, device=device)
+    if inverse:
+        perm = torch.argsort(perm)                   # key PERM[p] ← column p
+    base = torch.arange(0, seqlen_pad, KEY_GROUP, device=device).repeat_interleave(KEY_GROUP)
+    return base + perm.repeat(seqlen_pad // KEY_GROUP)
+
+
+def kernel_v_layout(v8: torch.Tensor) -> torch.Tensor:
+    """V8 (batch, seqlen_k, nheads_kv, headdim) → vt8 (batch, nheads_kv, headdim, seqlen_k_pad).
+
+    Two things in one copy, both for the P·V GEMM (WGMMA, A = P from registers, B = V from smem):
+
+    1. **Transpose**: FP8 WGMMA reads its B operand only k-major, and the contraction index k of
+       P·V is the key index, so V is stored with keys contiguous: (headdim, seqlen_k) per head.
+       ``seqlen_k_pad = ceil(seqlen_k / 128) · 128``; the padded columns are zero (+0 in e4m3) so
+       a partial last tile multiplies masked P (= 0) by finite values.
+    2. **Key permutation**: within every group of 32 keys, stored column p holds key
+       ``g·32 + PERM[p]``. The FP32 accumulator of S = Q·Kᵀ (m64nNk32) gives a thread (t = lane
+       % 4) the columns 8c + 2t + {0, 1}, c = 0..3, of each 32-key group; the e4m3 A fragment of
+       the next WGMMA wants from it the k indices 16·hh + 4t + j, j = 0..3. Writing the thread's
+       8 P values in register order *is* a valid A fragment if A's column p means key PERM[p]
+       (p = 16·hh + 4t + j ↦ 16·hh + 8·(j//2) + 2t + (j%2)). A contraction index may be
+       renamed freely as long as both factors are renamed alike — Σ_k P[:, k]·V[k, :] is the
+       same sum in any order of k — so permuting V's keys the same way makes P·V exact and P
+       needs no register shuffle (FA3 does a byte permute in registers instead, §3.3).
+
+    Args:
+        v8: (batch, seqlen_k, nheads_kv, headdim) ``torch.float8_e4m3fn`` on any device.
+
+    Returns:
+        vt8: contiguous (batch, nheads_kv, headdim, seqlen_k_pad) float8_e4m3fn, same device.
+
+    Raises:
+        TypeError: not a tensor or not float8_e4m3fn.
+        ValueError: not 4-D, or an empty dimension.
+    """
+    _check_fp8_tensor("v8", v8)
+    _check_rank("v8", v8)
+    batch, seqlen_k, nheads_kv, headdim = v8.shape
+    seqlen_pad = -(-seqlen_k // BLOCK_N) * BLOCK_N
+    raw = v8.view(torch.uint8)                                     # byte moves; float8 index ops are sparse
+    vt = torch.zeros(batch, nheads_kv, headdim, seqlen_pad, dtype=torch.uint8, device=v8.device)
+    vt[..., :seqlen_k] = raw.permute(0, 2, 3, 1)                   # (b, hkv, d, sk) keys contiguous
+    vt = vt.index_select(3, _perm_index(seqlen_pad, False, v8.device))  # column c ← key idx[c]
+    return vt.contiguous().view(torch.float8_e4m3fn)
+
+
+def kernel_v_layout_inverse(vt8: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """Undo :func:`kernel_v_layout`: vt8 (batch, nheads_kv, headdim, seqlen_k_pad) → v8 BSHD.
+
+    Args:
+        vt8: float8_e4m3fn, last dim a multiple of 128 (the padded key axis).
+        seqlen_k: the true number of keys, 1 ≤ seqlen_k ≤ seqlen_k_pad.
+
+    Returns:
+        (batch, seqlen_k, nheads_kv, headdim) float8_e4m3fn, contiguous.
+
+    Raises:
+        TypeError: vt8 not float8_e4m3fn, seqlen_k not an int.
+        ValueError: vt8 not 4-D, padded length not a multiple of 128, seqlen_k out of range.
+    """
+    _check_fp8_tensor("vt8", vt8)
+    _check_rank("vt8", vt8)
+    seqlen_pad = vt8.shape[3]
+    if seqlen_pad % BLOCK_N:
+        raise ValueError(f"vt8: expected the last dim a multiple of {BLOCK_N}, got {seqlen_pad}")
+    if isinstance(seqlen_k, bool) or not isinstance(seqlen_k, int):
+        raise TypeError(f"seqlen_k: expected an int, got {type(seqlen_k).__name__}")
+    if not (seqlen_pad - BLOCK_N < seqlen_k <= seqlen_pad):
+        raise ValueError(f"seqlen_k: expected {seqlen_pad - BLOCK_N} < seqlen_k <= {seqlen_pad} "
+                         f"(vt8's padded length), got {seqlen_k}")
+    raw = vt8.view(torch.uint8).index_select(3, _perm_index(seqlen_pad, True, vt8.device))
+    return raw[..., :seqlen_k].permute(0, 3, 1, 2).contiguous().view(torch.float8_e4m3fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+def _check_fp8_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"{name}: expected dtype torch.float8_e4m3fn, got {t.dtype}")
+
+
+def _check_rank(name, t):
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+    if min(t.shape) < 1:
+        raise ValueError(f"{name}: every dimension must be >= 1, got shape {tuple(t.shape)}")
+
+
+def _check_flag(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_positive_int(name, value, minimum=1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_shapes(q, k, v, names=("q", "k", "v")):
+    """BSHD shape rules shared by quantize and fwd_quantized; returns (b, sq, sk, h, hkv, d)."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        _check_rank(name, t)
+    batch, seqlen_q, nheads, headdim = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"{nv}: expected the shape of {nk} {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"{nk}: expected batch {batch} (from {nq}), got {k.shape[0]}")
+    if k.shape[3] != headdim:
+        raise ValueError(f"{nk}: expected headdim {headdim} (from {nq}), got {k.shape[3]}")
+    nheads_kv = k.shape[2]
+    if nheads % nheads_kv:
+        raise ValueError(f"{nk}: nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
+    return batch, seqlen_q, k.shape[1], nheads, nheads_kv, headdim
+
+
+def _check_same_device(names, tensors):
+    dev = tensors[0].device
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != dev:
+            raise TypeError(f"{name}: expected the device of {names[0]} ({dev}), got {t.device}")
+
+
+def _check_softmax_scale(softmax_scale, headdim) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(headdim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization (stages 1–2 of reference.fp8.fp8_attention)
+# --------------------------------------------------------------------------------------------
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal fast Walsh–Hadamard transform over the last axis, in x's dtype.
+
+    The same butterflies in the same order as ``reference.fp8._fwht`` (so float64 input gives the
+    reference's bits exactly), then one division by √d.
+    """
+    d = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < d:                                     # log2(d) stages of d/2 butterflies
+        y = x.reshape(*lead, d // (2 * h), 2, h)     # pairs (a, b) that are h apart
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2)      # (a, b) → (a + b, a − b)
+        h *= 2
+    return x.reshape(*lead, d) / math.sqrt(d)
+
+
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """float32 scale = amax / 448 (computed in float64 as the reference does); 1 where amax = 0."""
+    scale = (amax.double() / E4M3_MAX).float()
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
+
+
+def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Hold in float32, clamp to ±448 (the kernel's satfinite), round to nearest even e4m3."""
+    return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _quantize_per_block(x: torch.Tensor, block: int):
+    batch, seqlen, nheads, headdim = x.shape
+    nblocks = -(-seqlen // block)
+    pad = torch.zeros(batch, nblocks * block - seqlen, nheads, headdim, dtype=x.dtype, device=x.device)
+    amax = torch.cat((x.abs(), pad), dim=1).reshape(batch, nblocks, block, nheads, headdim).amax(dim=(2, 4))
+    scale = _scale_from_amax(amax.transpose(1, 2)).contiguous()                  # (b, h, nblk) fp32
+    per_row = scale.to(x.dtype).repeat_interleave(block, dim=2)[:, :, :seqlen]   # (b, h, seqlen)
+    return _to_e4m3(x / per_row.transpose(1, 2)[..., None]), scale
+
+
+def _quantize_per_tensor(x: torch.Tensor, nheads: int, block: int):
+    batch, seqlen = x.shape[:2]
+    scale = _scale_from_amax(x.abs().amax())
+    x8 = _to_e4m3(x / scale.to(x.dtype))
+    return x8, scale.expand(batch, nheads, -(-seqlen // block)).contiguous()
+
+
+def quantize(q, k, v, *, block_quant=True, incoherent=True, seed=0, block_m=BLOCK_M, block_n=BLOCK_N):
+    """Stages 1–2 of FA3's FP8 forward in torch: rotate Q, K (optional), quantize Q, K, V to e4m3.
+
+    1. ``incoherent``: Q, K ← (Q·diag(s)) H/√d, (K·diag(s)) H/√d with the reference's sign vector
+       s (``reference.fp8.random_signs(headdim, seed)``, i.e. ``np.random.default_rng(seed)``) and
+       a fast Walsh–Hadamard transform (butterflies, H never formed). ``(QM)(KM)ᵀ = QKᵀ``.
+    2. ``block_quant``: one scale per ``block_m`` rows of Q and per ``block_n`` rows of K and V of
+       each (batch, head): scale = amax/448 in float32 (1 for an all-zero block), x8 =
+       e4m3(clamp(x/scale, ±448)). Otherwise one scale per tensor, broadcast into the same shapes.
+
+    Works on any device. Arithmetic is in float32 for 16-bit or float32 inputs (the GPU path) and
+    in float64 for float64 inputs — then it is bit-for-bit ``reference.fp8.fp8_attention_inputs``.
+    In float32 the rotation rounds differently from the reference's float64 one, so a scale may
+    differ by a float32 ulp and an e4m3 value by one e4m3 ulp (tests/test_fp8_kernel.py measures
+    it); without ``incoherent`` the two agree exactly.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim) float16/bfloat16/float32/float64 tensor, finite.
+        k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype and device; nheads % nheads_kv == 0.
+        block_quant: per-tile (True) or per-tensor (False) scales.
+        incoherent: apply the random Hadamard rotation to Q and K (headdim a power of two).
+        seed: non-negative int, seed of the random signs.
+        block_m, block_n: rows per scale of Q and of K/V (the kernel uses 128, 128).
+
+    Returns:
+        :class:`Fp8Tensors` (q8, k8, v8 float8_e4m3fn BSHD; q_descale (b, h, ceil(sq/block_m)),
+        k_descale, v_descale (b, hkv, ceil(sk/block_n)) float32), on the input's device.
+
+    Raises:
+        TypeError: not tensors, unsupported or mixed dtypes, mixed devices, non-bool flags,
+            non-int seed or block sizes.
+        ValueError: shapes, NaN/inf, headdim not a power of two with ``incoherent``, seed < 0,
+            block sizes < 1.
+
+    Source: paper §3.3 "Block quantization" and "Incoherent processing"; reference.fp8 stages 1–2.
+    """
+    from reference.fp8 import random_signs
+
+    names = ("q", "k", "v")
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    _check_same_device(names, (q, k, v))
+    block_quant = _check_flag("block_quant", block_quant)
+    incoherent = _check_flag("incoherent", incoherent)
+    seed = _check_positive_int("seed", seed, minimum=0)
+    block_m = _check_positive_int("block_m", block_m)
+    block_n = _check_positive_int("block_n", block_n)
+    _, _, _, nheads, nheads_kv, headdim = _check_shapes(q, k, v)
+    if incoherent and headdim & (headdim - 1):
+        raise ValueError(f"q: expected headdim a power of two for the Hadamard transform, got {headdim}")
+    for name, t in zip(names, (q, k, v)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected finite values, got NaN or inf")
+
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = (t.to(work) for t in (q, k, v))
+    if incoherent:                                                       # 1. rotate Q and K
+        s = torch.from_numpy(random_signs(headdim, seed)).to(device=q.device, dtype=work)
+        q, k = _fwht(q * s), _fwht(k * s)
+    if block_quant:                                                      # 2. one scale per tile
+        (q8, sq), (k8, sk), (v8, sv) = (_quantize_per_block(x, bs) for x, bs in
+                                        ((q, block_m), (k, block_n), (v, block_n)))
+    else:                                                                # 2'. one scale per tensor
+        q8, sq = _quantize_per_tensor(q, nheads, block_m)
+        k8, sk = _quantize_per_tensor(k, nheads_kv, block_n)
+        v8, sv = _quantize_per_tensor(v, nheads_kv, block_n)
+    return Fp8Tensors(q8, k8, v8, sq, sk, sv)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel call
+# --------------------------------------------------------------------------------------------
+
+def _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, out):
+    names = ("q8", "k8", "v8")
+    for name, t in zip(names, (q8, k8, v8)):
+        _check_fp8_tensor(name, t)
+    dnames = ("q_descale", "k_descale", "v_descale")
+    for name, t in zip(dnames, (q_descale, k_descale, v_descale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
+    batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = _check_shapes(q8, k8, v8, names)
+    if headdim not in HEADDIMS:
+        raise ValueError(f"q8: expected headdim in {HEADDIMS}, got {headdim}")
+    for name, t in zip(names, (q8, k8, v8)):
+        if t.stride(3) != 1:
+            raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
+        if any(s % 16 for s in t.stride()[:3]):          # 1 byte per element: strides in bytes
+            raise ValueError(f"{name}: TMA needs 16-byte aligned strides, got strides {t.stride()}")
+    want = {"q_descale": (batch, nheads, -(-seqlen_q // BLOCK_M)),
+            "k_descale": (batch, nheads_kv, -(-seqlen_k // BLOCK_N)),
+            "v_descale": (batch, nheads_kv, -(-seqlen_k // BLOCK_N))}
+    for name, t in zip(dnames, (q_descale, k_descale, v_descale)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name}: expected shape {want[name]} (batch, heads, blocks of 128 rows), "
+                             f"got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    scale = _check_softmax_scale(softmax_scale, headdim)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q8.shape) or out.dtype != torch.bfloat16:
+            got = (f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, torch.Tensor)
+                   else type(out).__name__)
+            raise ValueError(f"out: expected a bfloat16 tensor of shape {tuple(q8.shape)}, got {got}")
+    all_names = names + dnames + (("out",) if out is not None else ())
+    all_t = (q8, k8, v8, q_descale, k_descale, v_descale) + ((out,) if out is not None else ())
+    for name, t in zip(all_names, all_t):
+        if t.device.type != "cuda":
+            raise TypeError(f"{name}: expected a CUDA tensor (on an sm_90 GPU), got device {t.device}")
+    _check_same_device(all_names, all_t)
+    for name, t in zip(names, (q8, k8, v8)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: TMA needs a 16-byte aligned base address")
+    from . import _env
+
+    reason = _env.why_no_sm90()
+    if reason:
+        raise RuntimeError(f"fwd_quantized needs an sm_90 GPU (H100/H200): {reason}")
+    return scale
+
+
+def fwd_quantized(q8, k8, v8, q_descale, k_descale, v_descale, causal=False, softmax_scale=None, *,
+                  return_lse=False, out=None):
+    """The FP8 kernel (step 05) on e4m3 inputs with per-block descales: ``reference.fp8.fp8_attention``.
+
+    Stages 3–6 of the contract, with block_m = block_n = 128: S = Q8_i K8_jᵀ in fp32 with
+    ``α·log2(e)·q_descale·k_descale`` folded into one FFMA, online softmax in base 2, P·2^8 rounded
+    to e4m3, O accumulated in units of the current V block's descale, out = O·v_descale/ℓ in bf16.
+    V is first transposed and key-permuted by :func:`kernel_v_layout` (one extra copy of V).
+
+    Args:
+        q8: (batch, seqlen_q, nheads, headdim) torch.float8_e4m3fn CUDA tensor, last dim contiguous,
+            16-byte aligned strides; headdim in (64, 128, 256).
+        k8, v8: (batch, seqlen_k, nheads_kv, headdim), same rules; nheads % nheads_kv == 0.
+        q_descale: (batch, nheads, ceil(seqlen_q/128)) float32, contiguous: q ≈ q8·q_descale.
+        k_descale, v_descale: (batch, nheads_kv, ceil(seqlen_k/128)) float32, contiguous.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: α applied to the *dequantized* Q·Kᵀ, default 1/√headdim.
+        return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for a row
+            that sees no key).
+        out: optional preallocated bf16 output of q8's shape (tests poison it first).
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) bfloat16; and lse if ``return_lse``.
+
+    Raises:
+        TypeError: not tensors, wrong dtypes (e4m3 / float32), not CUDA, mixed devices.
+        ValueError: shapes, headdim, nheads % nheads_kv, descale shapes, strides, softmax_scale.
+        RuntimeError: no sm_90 GPU (nothing computed, no fallback).
+
+    Source: paper §3.3, Alg. 1 with FP8 operands; contract ``reference/fp8.py`` ``fp8_attention``.
+    """
+    causal = _check_flag("causal", causal)
+    scale = _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, out)
+    from . import _build
+
+    ext = _build.load()
+    if not hasattr(ext, "fwd_fp8"):
+        raise RuntimeError("fwd_quantized: the FP8 kernel (cuda/steps/05_fp8.cu) is not in this build")
+    vt8 = kernel_v_layout(v8)
+    o, lse = ext.fwd_fp8(q8, k8, vt8, q_descale, k_descale, v_descale, BLOCK_M, BLOCK_N, causal, scale, out)
+    return (o, lse) if return_lse else o
+
+
+def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quant=True, incoherent=True,
+                        return_lse=False):
+    """FP8 e4m3 attention from 16-bit inputs: :func:`quantize` then :func:`fwd_quantized` (paper §3.3).
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim) float16/bfloat16 CUDA tensor, last dim contiguous.
+        k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype/device; nheads % nheads_kv == 0.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: α, default 1/√headdim (the rotation keeps headdim and Q·Kᵀ unchanged).
+        block_quant: per-tile scales (True) or per tensor (False).
+        incoherent: rotate Q and K by diag(s)·H/√d (seed 0) before quantizing.
+        return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log.
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) bfloat16; and lse if ``return_lse``.
+
+    Raises:
+        TypeError: not tensors, dtype not fp16/bf16 or mixed, not CUDA, non-bool flags.
+        ValueError: shapes, headdim not in (64, 128, 256), nheads % nheads_kv, strides, NaN/inf.
+        RuntimeError: no sm_90 GPU.
+    """
+    from .api import _check_inputs
+
+    block_quant = _check_flag("block_quant", block_quant)
+    incoherent = _check_flag("incoherent", incoherent)
+    causal = _check_flag("causal", causal)
+    scale = _check_inputs(q, k, v, softmax_scale, (torch.float16, torch.bfloat16), "float16 or bfloat16")
+    t = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent)
+    return fwd_quantized(*t, causal=causal, softmax_scale=scale, return_lse=return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing (benchmark rows)
+# --------------------------------------------------------------------------------------------
+
+def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nheads_kv=None,
+                            block_quant=True, incoherent=True, seed=0) -> dict:
+    """Time the three parts of :func:`flash_attn_fp8_func` on fresh N(0,1) bf16 inputs (GPU only).
+
+    Median of ``triton.testing.do_bench`` (CUDA events) for: ``quantize`` (rotation + scales +
+    casts), ``kernel_v_layout`` (the V copy) and the kernel ``ext.fwd_fp8`` alone.
+
+    Returns:
+        A row in the results schema (DESIGN.md): impl "step05", dtype "e4m3", the shape, ``ms``
+        and ``tflops`` of the kernel alone, plus ``quantize_ms``, ``v_layout_ms``,
+        ``block_quant``, ``incoherent``.
+
+    Raises:
+        RuntimeError: no sm_90 GPU.  ValueError / TypeError: as :func:`fwd_quantized`.
+    """
+    from . import _build
+    from .bench import time_ms
+
+    nheads_kv = nheads if nheads_kv is None else nheads_kv
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent)
+    scale = _check_quantized(*t, None, None)
+    ext = _build.load()
+    vt8 = kernel_v_layout(t.v8)
+    quantize_ms = time_ms(lambda: quantize(q, k, v, block_quant=block_quant, incoherent=incoherent))
+    layout_ms = time_ms(lambda: kernel_v_layout(t.v8))
+    kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, vt8, t.q_descale, t.k_descale, t.v_descale,
+                                            BLOCK_M, BLOCK_N, bool(causal), scale, None))
+    flops = 4 * batch * nheads * seqlen * seqlen * headdim / (2 if causal else 1)
+    return {"impl": "step05", "dtype": "e4m3", "headdim": headdim, "causal": bool(causal), "batch": batch,
+            "seqlen_q": seqlen, "seqlen_k": seqlen, "nheads": nheads, "nheads_kv": nheads_kv,
+            "ms": kernel_ms, "tflops": flops / (kernel_ms * 1e-3) / 1e12,
+            "quantize_ms": quantize_ms, "v_layout_ms": layout_ms,
+            "block_quant": bool(block_quant), "incoherent": bool(incoherent)}
