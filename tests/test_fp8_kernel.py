@@ -504,3 +504,12 @@ def test_table3_on_the_gpu(capsys):
     assert gpu["fa3_fp8"] <= 0.5 * gpu["per_tensor_fp8 (kernel)"], gpu
     for name in rows:  # the kernel is the emulation's twin: same error to within 10 %
         assert gpu[name] <= 1.1 * emu[name] + 1e-4, (name, gpu[name], emu[name])
+
+
+@pytest.mark.gpu
+def test_time_quantize_vs_kernel_row():
+    row = F.time_quantize_vs_kernel(1, 1024, 4, 128, causal=True, nheads_kv=2)
+    assert row["impl"] == "step05" and row["dtype"] == "e4m3" and row["nheads_kv"] == 2
+    for key in ("ms", "quantize_ms", "v_layout_ms", "tflops"):
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+    assert row["tflops"] == pytest.approx(4 * 4 * 1024 * 1024 * 128 / 2 / (row["ms"] * 1e-3) / 1e12)
