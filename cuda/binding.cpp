@@ -83,20 +83,32 @@ std::vector<at::Tensor> fwd(int64_t step, const at::Tensor& q, const at::Tensor&
 }
 
 #ifdef FA3_HAS_STEP05
-std::vector<at::Tensor> fwd_fp8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_descale,
+// vt: V laid out for the kernel by fa3_lab.fp8.kernel_v_layout — (batch, nheads_kv, headdim, seqlen_k_pad)
+// e4m3, contiguous, keys permuted within groups of 32. Descales: fp32, contiguous, per 128-row block.
+std::vector<at::Tensor> fwd_fp8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& vt, const at::Tensor& q_descale,
                                 const at::Tensor& k_descale, const at::Tensor& v_descale, int64_t block_m,
                                 int64_t block_n, bool causal, double softmax_scale, c10::optional<at::Tensor> out_) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn");
+  TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn && k.scalar_type() == at::kFloat8_e4m3fn &&
+              vt.scalar_type() == at::kFloat8_e4m3fn, "q, k, vt must be float8_e4m3fn");
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && vt.is_cuda(), "q, k, vt must be CUDA tensors");
+  TORCH_CHECK(vt.dim() == 4 && vt.is_contiguous() && vt.size(0) == k.size(0) && vt.size(1) == k.size(2) &&
+              vt.size(2) == k.size(3) && vt.size(3) % 128 == 0 && vt.size(3) >= k.size(1),
+              "vt must be (batch, nheads_kv, headdim, seqlen_k padded to 128), contiguous");
+  for (const auto* d : {&q_descale, &k_descale, &v_descale})
+    TORCH_CHECK(d->scalar_type() == at::kFloat && d->is_contiguous() && d->is_cuda(), "descales must be contiguous fp32 CUDA");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = out_.has_value() ? out_.value() : at::empty(q.sizes(), q.options().dtype(at::kBFloat16));
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   fa3::FwdParams p;
-  fill_common(p, q, k, v, out, lse, causal, softmax_scale);
+  fill_common(p, q, k, k, out, lse, causal, softmax_scale);
+  p.v = vt.data_ptr();
+  p.v_batch_stride = vt.stride(0), p.v_head_stride = vt.stride(1), p.v_row_stride = vt.stride(2);
+  p.vt_seqlen_pad = static_cast<int>(vt.size(3));
   p.dtype = fa3::Dtype::kE4M3;
   p.q_descale = q_descale.data_ptr<float>();
   p.k_descale = k_descale.data_ptr<float>();
   p.v_descale = v_descale.data_ptr<float>();
-  p.descale_block_m = block_m, p.descale_block_n = block_n;
+  p.descale_block_m = static_cast<int>(block_m), p.descale_block_n = static_cast<int>(block_n);
   fa3::run_fwd_step05(p, at::cuda::getCurrentCUDAStream());
   return {out, lse};
 }

@@ -668,7 +668,7 @@ def check_acc_index(acc_index, *, seed: int = 2606, cases: int = 5) -> None:
 def check_smem_bytes(smem_bytes, *, seed: int = 2607, cases: int = 50) -> None:
     """Notebook 06, exercise 2: shared memory of step 02's configuration and whether it fits.
 
-    Expected: ``kSmemBytes = 1024 + Br·d·e + 2·stages·Bc·d·e + 8·(1 + 3·stages)`` (as in
+    Expected: ``kSmemBytes = 1024 + Br·d·e + 2·stages·Bc·d·e + 8·(1 + 4·stages)`` (as in
     ``cuda/steps/02_warp_specialized.cu``, checked to still say so when the file is present) and
     ``fits = bytes <= 232448``.
 
@@ -680,14 +680,14 @@ def check_smem_bytes(smem_bytes, *, seed: int = 2607, cases: int = 50) -> None:
     if src.exists():
         text = src.read_text()
         for line in ("kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes",
-                     "kBarrierBytes = 8 * (1 + 3 * kStages)"):
+                     "kBarrierBytes = 8 * (1 + 4 * kStages)"):
             if line not in text:
                 raise AssertionError(f"check_smem_bytes: {src} no longer says '{line}'; update fa3_lab/grading.py")
     choices = ((64, 96, 128, 192, 256), (64, 128, 192), (16, 64, 80, 128, 176), (1, 2, 3, 4), (1, 2))
     for _ in range(cases):
         d, bm, bn, st, eb = (int(g.rng.choice(c)) for c in choices)
         g.start(headdim=d, block_m=bm, block_n=bn, stages=st, elem_bytes=eb)
-        want = 1024 + bm * d * eb + 2 * st * bn * d * eb + 8 * (1 + 3 * st)
+        want = 1024 + bm * d * eb + 2 * st * bn * d * eb + 8 * (1 + 4 * st)
         got = g.call(d, bm, bn, st, elem_bytes=eb)
         g.equal(tuple(got) if isinstance(got, (tuple, list)) else got, (want, want <= MAX_SMEM_PER_BLOCK),
                 "(bytes, fits)")

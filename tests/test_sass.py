@@ -221,7 +221,8 @@ def test_step01_has_no_setmaxnreg(analyzed):
 @pytest.mark.parametrize("step", STEPS)
 def test_no_spills_in_any_instantiation(step):
     rows = sass.ptxas_spills(step)
-    assert len(rows) >= 12, f"expected 2 dtypes × 3 headdims × 2 masks, got {len(rows)}"
+    dtypes = 1 if step == 5 else 2  # step 05 is e4m3 only
+    assert len(rows) >= dtypes * 6, f"expected {dtypes} dtype(s) × 3 headdims × 2 masks, got {len(rows)}"
     spilled = [r for r in rows if r.get("spill_stores") or r.get("spill_loads")]
     assert not spilled, spilled
 

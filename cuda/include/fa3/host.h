@@ -43,7 +43,7 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // Tensor map of a BSHD tensor; box = (box_cols elements, box_rows rows, 1 head, 1 batch).
 inline CUtensorMap make_tmap_bshd(const void* ptr, Dtype dtype, int headdim, int seqlen, int heads, int batch,
                                   int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_cols,
-                                  int box_rows) {
+                                  int box_rows, int swizzle_bytes = 128) {
   const int elem_bytes = dtype == Dtype::kE4M3 ? 1 : 2;
   const CUtensorMapDataType type = dtype == Dtype::kE4M3    ? CU_TENSOR_MAP_DATA_TYPE_UINT8
                                    : dtype == Dtype::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -55,7 +55,8 @@ inline CUtensorMap make_tmap_bshd(const void* ptr, Dtype dtype, int headdim, int
   cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
   CUresult r = tensor_map_encoder()(&map, type, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides,
-                                    CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B,
                                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     throw std::runtime_error("cuTensorMapEncodeTiled failed (" + std::to_string((int)r) +

@@ -28,6 +28,7 @@ struct FwdParams {
   const float* k_descale = nullptr;
   const float* v_descale = nullptr;
   int descale_block_m = 0, descale_block_n = 0;
+  int vt_seqlen_pad = 0;  // step 05: V is passed transposed, (batch, nheads_kv, headdim, vt_seqlen_pad)
   // Tracing (FA3_TRACE builds only): %globaltimer stamps of the first `trace_ctas` CTAs.
   uint64_t* trace = nullptr;
   int trace_ctas = 0;

@@ -114,6 +114,83 @@ struct OnlineSoftmax {
   }
 };
 
+// Online softmax whose scale changes from tile to tile (FP8: S is descaled by sq_i·sk_j per tile), so
+// the running max is kept in scaled log2 units: m = max(m, rowmax(S)·scale_log2) (scale > 0, so the
+// max of the raw scores suffices), P = exp2(S·scale_log2 − m + bias) — still one FFMA + MUFU.EX2.
+// bias = kPLog2Scale (8) makes P ≤ 2^8, using e4m3's relative precision; it cancels in O/ℓ and is
+// taken out of lse. Same contract as reference.fp8.fp8_attention, steps 4 and 6.
+struct OnlineSoftmaxScaled {
+  float row_max[2];  // scaled log2 units
+  float row_sum[2];
+  __device__ __forceinline__ void init() {
+    row_max[0] = row_max[1] = kNegInf;
+    row_sum[0] = row_sum[1] = 0.f;
+  }
+  template <int kN>
+  __device__ __forceinline__ void update(float (&s)[kN / 2], float scale_log2, float bias, float (&corr)[2]) {
+    float m_tile[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c) {
+      m_tile[0] = fmaxf(m_tile[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
+      m_tile[1] = fmaxf(m_tile[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
+    }
+    float offset[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mt = quad_max(m_tile[r]);
+      const float m_new = fmaxf(row_max[r], mt == kNegInf ? kNegInf : mt * scale_log2);
+      offset[r] = (m_new == kNegInf) ? 0.f : m_new;         // guard −inf − (−inf)
+      corr[r] = fast_exp2(row_max[r] - offset[r]);            // 0 while row_max = −inf
+      row_max[r] = m_new;
+      offset[r] -= bias;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[i >> 1]));
+        sum[i >> 1] += s[4 * c + i];
+      }
+    row_sum[0] = row_sum[0] * corr[0] + sum[0];
+    row_sum[1] = row_sum[1] * corr[1] + sum[1];
+  }
+  __device__ __forceinline__ void finalize(float bias, float (&inv_sum)[2], float (&lse)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(row_sum[r]);
+      const bool empty = (l == 0.f) || (l != l);
+      inv_sum[r] = empty ? 0.f : 1.f / l;
+      lse[r] = empty ? INFINITY : (row_max[r] - bias + __log2f(l)) * kLn2;
+    }
+  }
+};
+
+// Two fp32 → two e4m3 bytes (saturating, like reference.fp8.to_e4m3): lo byte = lo.
+__device__ __forceinline__ uint32_t pack_e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// P (fp32 accumulator fragment, 64 × kN) → e4m3 A fragments of m64k32 WGMMAs. The 8-bit A layout wants
+// 4 consecutive k per register (k = 4·(lane%4) + j, and +16), but the accumulator gives each thread
+// columns 2·(lane%4) + {0,1} of every 8-wide chunk. Instead of shuffling P across lanes, the k index is
+// reinterpreted: register byte j of a0 holds S column 8·(j/2) + 2·(lane%4) + j%2, and V's keys are
+// permuted the same way when it is laid out for the kernel (fa3_lab.fp8.kernel_v_layout, PERM), so
+// Σ_k P[:, k]·V[k, :] is unchanged.
+template <int kN>
+__device__ __forceinline__ void pack_p_e4m3(const float (&p)[kN / 2], uint32_t (&a)[kN / 32][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 32; ++kk) {
+    const float* c0 = p + 16 * kk;  // chunks 4kk .. 4kk+3, 4 floats each
+    a[kk][0] = pack_e4m3x2(c0[0], c0[1]) | (pack_e4m3x2(c0[4], c0[5]) << 16);      // row g
+    a[kk][1] = pack_e4m3x2(c0[2], c0[3]) | (pack_e4m3x2(c0[6], c0[7]) << 16);      // row g + 8
+    a[kk][2] = pack_e4m3x2(c0[8], c0[9]) | (pack_e4m3x2(c0[12], c0[13]) << 16);    // row g, k + 16
+    a[kk][3] = pack_e4m3x2(c0[10], c0[11]) | (pack_e4m3x2(c0[14], c0[15]) << 16);  // row g + 8, k + 16
+  }
+}
+
 // O (64 × kN fragment) *= per-row factor.
 template <int kN>
 __device__ __forceinline__ void rescale_rows(float (&o)[kN / 2], const float (&f)[2]) {

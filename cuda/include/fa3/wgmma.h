@@ -67,6 +67,36 @@ __device__ __forceinline__ uint64_t desc_mnmajor(uint32_t base, int kk) {
   return make_desc(addr, kRows * kSwizzleBytes, kCoreGroupBytes);
 }
 
+// ---- FP8 (e4m3, one byte per element): K = 32 per instruction, both smem operands K-major.
+// A row of kSw bytes (kSw = 128, or 64 for headdim 64) is one swizzle atom; a k-slice is 32 bytes.
+constexpr uint64_t kDescSwizzle64 = 2ull << 62;
+template <int kRows, int kSw>
+__device__ __forceinline__ uint64_t desc_kmajor_u8(uint32_t base, int row0, int kk) {
+  constexpr int kSlicesPerAtom = kSw / 32;
+  const uint32_t atom = kk / kSlicesPerAtom, within = kk % kSlicesPerAtom;
+  const uint32_t addr = base + atom * (kRows * kSw) + row0 * kSw + within * 32;
+  const uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+                     (static_cast<uint64_t>((8 * kSw) >> 4) << 32);
+  return d | (kSw == 64 ? kDescSwizzle64 : kDescSwizzle128);
+}
+
+// S(64 × kN) = Q(64 × kK) · K(kN × kK)ᵀ, e4m3 from smem, fp32 accumulators.
+template <int kN, int kK, int kRowsA, int kRowsB, int kSw>
+__device__ __forceinline__ void gemm_ss_e4m3(float (&acc)[kN / 2], uint32_t a_base, int a_row0, uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 32; ++kk)
+    WgmmaSSe4m3<kN>::run(acc, desc_kmajor_u8<kRowsA, kSw>(a_base, a_row0, kk), desc_kmajor_u8<kRowsB, kSw>(b_base, 0, kk),
+                         kk > 0 ? 1 : 0);
+}
+
+// O(64 × kN) += P(64 × kK, e4m3 registers) · Vᵀ(kN × kK, smem, K-major 128-byte rows).
+template <int kN, int kK>
+__device__ __forceinline__ void gemm_rs_e4m3(float (&acc)[kN / 2], const uint32_t (&a)[kK / 32][4], uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 32; ++kk)
+    WgmmaRSe4m3<kN>::run(acc, a[kk], desc_kmajor_u8<kN, 128>(b_base, 0, kk), 1);
+}
+
 // S(64 × kN) = A(64 × kK, smem) · B(kN × kK, smem)ᵀ — all k-slices, one commit group.
 template <typename T, int kN, int kK, int kRowsA, int kRowsB>
 __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 2], uint32_t a_base, int a_row0, uint32_t b_base,

@@ -1,0 +1,236 @@
+// ============================================================================================
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, one CTA = two consumer warpgroups
+//   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg
+//   03_pingpong                + named-barrier pingpong of the two consumer warpgroups
+//   04_intra_warpgroup_overlap + softmax of tile j+1 under the P·V GEMM of tile j (paper Alg. 2)
+//   05_fp8                     + e4m3 operands, per-block descales, V k-major             <- this file
+// ============================================================================================
+//
+// Step 05: the FP8 forward of paper §3.3, on the warp-specialized structure of step 02 (producer
+// warpgroup, K/V ring with separate K and V empty barriers, two consumer warpgroups). It implements
+// reference.fp8.fp8_attention exactly (block_m = block_n = 128):
+//   - Q, K, V in e4m3 (incoherent processing and block quantization happen before, fa3_lab.fp8);
+//     descales per block: q_descale[b, h, m_block], k/v_descale[b, h_kv, n_block].
+//   - WGMMA e4m3 takes only K-major smem operands and K = 32 per instruction. Q·Kᵀ: both are K-major
+//     as stored. P·V: V must be K-major, i.e. Vᵀ (headdim × keys): fa3_lab.fp8.kernel_v_layout writes
+//     it once per call, with the keys of every 32-group permuted (PERM) so that each thread's fp32 S
+//     accumulator is already its e4m3 A fragment (see pack_p_e4m3) — no register shuffle of P.
+// Consumer, per tile j (last to first):
+//   1. wait full_k; S = Q8·K8_jᵀ (e4m3 WGMMA SS, fp32); release K_j
+//   2. mask; scale_log2 = α·log2(e)·sq_i·sk_j; online softmax in scaled log2 units, P scaled by 2^8
+//   3. O *= corr · sv_{j_prev}/sv_j (O is kept in units of the current V block's scale)
+//   4. P → e4m3 A fragments; wait full_v; O += P8·V8_j (e4m3 WGMMA RS); release V_j
+//   5. epilogue: O · sv_last / ℓ → bf16; lse = (m − 8)·ln2 + ln ℓ
+// Measured: see cuda/NOTES.md. Known limits: no pingpong or intra-warpgroup overlap yet (steps 03/04's
+// ideas are not applied here); V is re-laid out by a separate torch pass (the paper transposes V in
+// shared memory with ldmatrix/stmatrix, overlapped with the GEMMs).
+// ============================================================================================
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <type_traits>
+
+#include "fa3/block_info.h"
+#include "fa3/epilogue.h"
+#include "fa3/host.h"
+#include "fa3/params.h"
+#include "fa3/ptx.h"
+#include "fa3/softmax.h"
+#include "fa3/wgmma.h"
+
+namespace fa3 {
+namespace step05 {
+
+constexpr float kPLog2Scale = 8.f;  // P·2^8 before e4m3 rounding (reference.fp8.K_P_LOG2_SCALE)
+
+template <int kHeadDim>
+struct Config {
+  static constexpr int kBlockM = 128;  // = the quantization block of Q (descale granularity)
+  static constexpr int kBlockN = 128;  // = the quantization block of K and V
+  static constexpr int kNumConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kNumConsumers);
+  static constexpr int kStages = 2;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kSw = kHeadDim == 64 ? 64 : 128;  // swizzle width of Q/K rows (bytes)
+  static constexpr int kAtoms = kHeadDim / kSw;           // Q/K atoms per row
+  static constexpr int kQBytes = kBlockM * kHeadDim;       // e4m3: one byte per element
+  static constexpr int kKBytes = kBlockN * kHeadDim;
+  static constexpr int kVBytes = kHeadDim * kBlockN;       // Vᵀ tile: (kHeadDim, kBlockN), one 128-byte atom per row
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes;
+};
+
+// TIn: the input element type (__nv_fp8_e4m3), named like steps 01–04's T so tools find the kernel.
+template <typename TIn, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
+    fwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
+               const __grid_constant__ CUtensorMap tmap_vt, const FwdParams p) {
+  using Cfg = Config<kHeadDim>;
+  static_assert(sizeof(TIn) == 1, "step05 reads e4m3 inputs");
+  using T = __nv_bfloat16;  // output
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages, kSw = Cfg::kSw;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* sQ = smem;                                   // (kBlockM, kHeadDim) e4m3, kSw-byte swizzle
+  uint8_t* sK = sQ + Cfg::kQBytes;                      // (kStages, kBlockN, kHeadDim) e4m3
+  uint8_t* sVt = sK + kStages * Cfg::kKBytes;           // (kStages, kHeadDim, kBlockN) e4m3, 128B swizzle
+  uint64_t* full_q = reinterpret_cast<uint64_t*>(sVt + kStages * Cfg::kVBytes);
+  uint64_t* full_k = full_q + 1;
+  uint64_t* full_v = full_k + kStages;
+  uint64_t* empty_k = full_v + kStages;
+  uint64_t* empty_v = empty_k + kStages;
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (p.nheads / p.nheads_kv);
+  const int wg = warpgroup_id();
+  const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+  const int n_block_max = blocks.n_block_max;
+
+  T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+  if (n_block_max <= 0) {
+    store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
+                                  p.seqlen_q);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    mbarrier_init(full_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full_k[s], 1);
+      mbarrier_init(&full_v[s], 1);
+      mbarrier_init(&empty_k[s], 4 * Cfg::kNumConsumers);
+      mbarrier_init(&empty_v[s], 4 * Cfg::kNumConsumers);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer warpgroup
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (threadIdx.x / 32 == 0 && elect_one()) {
+      mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
+#pragma unroll
+      for (int a = 0; a < Cfg::kAtoms; ++a)
+        tma_load_4d(sQ + a * kBlockM * kSw, &tmap_q, full_q, a * kSw, m_block * kBlockM, h, b);
+      for (int i = 0; i < n_block_max; ++i) {
+        const int n_block = n_block_max - 1 - i;
+        const int stage = i % kStages;
+        const uint32_t parity = ((i / kStages) & 1) ^ 1;  // the ring starts empty
+        mbarrier_wait(&empty_k[stage], parity);
+        mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKBytes);
+#pragma unroll
+        for (int a = 0; a < Cfg::kAtoms; ++a)
+          tma_load_4d(sK + stage * Cfg::kKBytes + a * kBlockN * kSw, &tmap_k, &full_k[stage], a * kSw,
+                      n_block * kBlockN, h_kv, b);
+        mbarrier_wait(&empty_v[stage], parity);
+        mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kVBytes);
+        // Vᵀ box: (kBlockN keys, kHeadDim rows) at key n_block·kBlockN
+        tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], n_block * kBlockN, 0, h_kv, b);
+      }
+    }
+  } else {
+    // ------------------------------------------------------------------ consumer warpgroups
+    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    const int row0 = m_block * kBlockM + (wg - 1) * 64;
+    const int n_mblocks = (p.seqlen_q + p.descale_block_m - 1) / p.descale_block_m;
+    const int n_nblocks = (p.seqlen_k + p.descale_block_n - 1) / p.descale_block_n;
+    const float sq = p.q_descale[(static_cast<int64_t>(b) * p.nheads + h) * n_mblocks + m_block];
+    const float* sk_row = p.k_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
+    const float* sv_row = p.v_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
+    OnlineSoftmaxScaled softmax;
+    softmax.init();
+    float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, in units of sv_prev
+#pragma unroll
+    for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+    float sv_prev = sv_row[n_block_max - 1];
+    const uint32_t sQ_addr = smem_u32(sQ);
+    mbarrier_wait(full_q, 0);
+
+    auto tile = [&](int i, auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
+      const int n_block = n_block_max - 1 - i;
+      const int stage = i % kStages;
+      const uint32_t phase = (i / kStages) & 1;
+      // 1. S = Q8·K8_jᵀ
+      float s[kBlockN / 2];
+      mbarrier_wait(&full_k[stage], phase);
+      wgmma_fence();
+      gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, (wg - 1) * 64,
+                                                             smem_u32(sK + stage * Cfg::kKBytes));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);
+      // 2. mask; softmax with this tile's descale folded into the base-2 scale
+      if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+      const float sv = sv_row[n_block];
+      float corr[2];
+      softmax.update<kBlockN>(s, p.scale_log2 * sq * sk_row[n_block], kPLog2Scale, corr);
+      // 3. O in units of this V block's scale
+      const float ratio = sv_prev / sv;
+      corr[0] *= ratio;
+      corr[1] *= ratio;
+      rescale_rows<kHeadDim>(o, corr);
+      sv_prev = sv;
+      // 4. O += P8·V8_j
+      uint32_t pa[kBlockN / 32][4];
+      pack_p_e4m3<kBlockN>(s, pa);
+      mbarrier_wait(&full_v[stage], phase);
+      wgmma_fence();
+      gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + stage * Cfg::kVBytes));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[stage]);
+    };
+    int i = 0;
+    for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
+    for (; i < n_block_max; ++i) tile(i, std::false_type{});
+
+    // 5. epilogue: O·sv_last/ℓ
+    float inv_sum[2], lse[2];
+    softmax.finalize(kPLog2Scale, inv_sum, lse);
+    inv_sum[0] *= sv_prev;
+    inv_sum[1] *= sv_prev;
+    store_o_lse<ElemTraits<T>, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+  }
+}
+
+template <int kHeadDim, bool kCausal>
+void launch(const FwdParams& p, cudaStream_t stream) {
+  using Cfg = Config<kHeadDim>;
+  const CUtensorMap tq = make_tmap_bshd(p.q, Dtype::kE4M3, kHeadDim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                                        p.q_head_stride, p.q_batch_stride, Cfg::kSw, Cfg::kBlockM, Cfg::kSw);
+  const CUtensorMap tk = make_tmap_bshd(p.k, Dtype::kE4M3, kHeadDim, p.seqlen_k, p.nheads_kv, p.batch,
+                                        p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kSw, Cfg::kBlockN,
+                                        Cfg::kSw);
+  // Vᵀ (batch, nheads_kv, headdim, vt_seqlen_pad): innermost the keys, then headdim rows
+  const CUtensorMap tvt = make_tmap_bshd(p.v, Dtype::kE4M3, p.vt_seqlen_pad, kHeadDim, p.nheads_kv, p.batch,
+                                         p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBlockN, kHeadDim);
+  auto kernel = fwd_kernel<__nv_fp8_e4m3, kHeadDim, kCausal>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+             "cudaFuncSetAttribute(step05)");
+  const dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tvt, p);
+  check_cuda(cudaGetLastError(), "step05 launch");
+}
+
+}  // namespace step05
+
+void run_fwd_step05(const FwdParams& p, cudaStream_t stream) {
+  if (p.descale_block_m != step05::Config<128>::kBlockM || p.descale_block_n != step05::Config<128>::kBlockN)
+    throw std::runtime_error("step05: descale blocks must be 128 × 128 (the kernel's tiles)");
+  switch (p.headdim) {
+    case 64: return p.causal ? step05::launch<64, true>(p, stream) : step05::launch<64, false>(p, stream);
+    case 128: return p.causal ? step05::launch<128, true>(p, stream) : step05::launch<128, false>(p, stream);
+    case 256: return p.causal ? step05::launch<256, true>(p, stream) : step05::launch<256, false>(p, stream);
+    default: throw std::runtime_error("step05: headdim must be 64, 128 or 256");
+  }
+}
+
+}  // namespace fa3
