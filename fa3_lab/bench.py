@@ -28,6 +28,8 @@ PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help=f"seqlens {QUICK_SEQLENS}, bf16 only")
     p.add_argument("--ablation", action="store_true", help="the paper's Table 2 configuration, steps 01-04")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8: step 05 (kernel alone, plus quantize time) vs FA3's e4m3 forward and our bf16 step 04")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16 (default both; --quick: bf16)")
     p.add_argument("--headdims", default="64,128,256", help="comma list from 64,128,256")
     p.add_argument("--seqlens", default=None, help="comma list of seqlens (default the paper grid)")
@@ -177,6 +179,8 @@ def run(args):
     if args.steps:
         step_ids = _int_list(args.steps, "steps", allowed=tuple(step_ids))
     headdims = _int_list(args.headdims, "headdims", allowed=(64, 128, 256))
+    if args.fp8:
+        return run_fp8(console, args)
     if args.ablation:
         a = ABLATION
         configs = [dict(dtype=dt, headdim=a["headdim"], causal=False, batch=a["batch"], seqlen=a["seqlen"],
@@ -217,3 +221,63 @@ def _argv_tail(args):
     import sys
 
     return sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
+
+
+FP8_SEQLENS = (4096, 8192, 16384)
+
+
+def run_fp8(console, args):
+    """FP8 rows (paper §4.1 Fig. 7 shapes, non-causal): step 05 kernel alone (its quantize and V-layout
+    times ride along as extra keys), the official FA3 e4m3 forward, and our bf16 default step."""
+    import torch
+
+    import fa3_lab
+
+    from . import api, fp8, results
+
+    headdims = [d for d in _int_list(args.headdims, "headdims", allowed=(64, 128, 256)) if d in (128, 256)] or [128, 256]
+    peer = peers().get("fa3")
+    rows = []
+    for d in headdims:
+        for s in FP8_SEQLENS:
+            b, h = max(1, TOTAL_TOKENS // s), HIDDEN // d
+            rows.append(fp8.time_quantize_vs_kernel(b, s, h, d, False))
+            q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            fl = flops(b, h, s, s, d, False)
+            impls = {"step04_bf16": ("step%02d" % api.default_step(d), "bf16",
+                                     lambda: fa3_lab.flash_attn_func(q, k, v))}
+            if peer is not None:
+                q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
+                impls["fa3_e4m3"] = ("fa3", "e4m3", lambda: peer(q8, k8, v8, False))
+            for _, (impl, dtype, fn) in impls.items():
+                try:
+                    fn()
+                    ms = time_ms(fn)
+                except Exception as e:
+                    console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: {str(e)[:100]}[/dim]")
+                    continue
+                rows.append({"impl": impl, "dtype": dtype, "headdim": d, "causal": False, "batch": b, "seqlen_q": s,
+                             "seqlen_k": s, "nheads": h, "nheads_kv": h, "ms": round(ms, 5),
+                             "tflops": round(fl / ms / 1e9, 2)})
+    meta = results.collect_meta(command="python -m fa3_lab bench --fp8")
+    from rich.table import Table
+
+    t = Table(title=f"{meta['gpu']} — FP8 forward, TFLOPs/s (median of do_bench), {meta['date']}")
+    for col in ("hdim", "seqlen", "step05 e4m3", "+quantize", "FA3 e4m3", "ours bf16", "step05/FA3", "step05/bf16"):
+        t.add_column(col, justify="right")
+    for d in headdims:
+        for s in FP8_SEQLENS:
+            got = {(r["impl"], r["dtype"]): r for r in rows if r["headdim"] == d and r["seqlen_q"] == s}
+            ours = got.get(("step05", "e4m3"))
+            fa3 = got.get(("fa3", "e4m3"))
+            bf = next((r for (i, dt), r in got.items() if dt == "bf16"), None)
+            with_q = (ours["tflops"] * ours["ms"] / (ours["ms"] + ours["quantize_ms"] + ours["v_layout_ms"])) if ours else None
+            t.add_row(str(d), str(s), f"{ours['tflops']:.0f}" if ours else "—", f"{with_q:.0f}" if with_q else "—",
+                      f"{fa3['tflops']:.0f}" if fa3 else "—", f"{bf['tflops']:.0f}" if bf else "—",
+                      f"{ours['tflops'] / fa3['tflops']:.2f}×" if ours and fa3 else "—",
+                      f"{ours['tflops'] / bf['tflops']:.2f}×" if ours and bf else "—")
+    console.print(t)
+    if not args.no_save:
+        console.print(f"saved {results.save(args.name or 'bench_fp8', rows, meta)}")
+    return 0

@@ -489,7 +489,9 @@ def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nhe
     layout_ms = time_ms(lambda: kernel_v_layout(t.v8))
     kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, vt8, t.q_descale, t.k_descale, t.v_descale,
                                             BLOCK_M, BLOCK_N, bool(causal), scale, None))
-    flops = 4 * batch * nheads * seqlen * seqlen * headdim / (2 if causal else 1)
+    from .results import flops as attention_flops
+
+    flops = attention_flops(batch, nheads, seqlen, seqlen, headdim, bool(causal))
     return {"impl": "step05", "dtype": "e4m3", "headdim": headdim, "causal": bool(causal), "batch": batch,
             "seqlen_q": seqlen, "seqlen_k": seqlen, "nheads": nheads, "nheads_kv": nheads_kv,
             "ms": kernel_ms, "tflops": flops / (kernel_ms * 1e-3) / 1e12,
