@@ -87,7 +87,7 @@ def acc_index(t, e):
 
 
 def smem_bytes(d, bm, bn, st, elem_bytes=2):
-    n = 1024 + bm * d * elem_bytes + 2 * st * bn * d * elem_bytes + 8 * (1 + 3 * st)
+    n = 1024 + bm * d * elem_bytes + 2 * st * bn * d * elem_bytes + 8 * (1 + 4 * st)
     return n, n <= 232448
 
 
