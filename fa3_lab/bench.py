@@ -9,7 +9,6 @@ forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs f
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 from .cli import UsageError
@@ -54,7 +53,6 @@ def _int_list(text, name, allowed=None):
 
 def peers():
     """{impl: callable(q, k, v, causal) -> out} for the peers importable here (BSHD inputs)."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -25,7 +25,7 @@ def run(console) -> int:
     import fa3_lab
     from reference.attention import standard_attention
 
-    from . import _build, api, bench, results
+    from . import _build, api, bench
     from .torch_ref import attention_ref
 
     gpu = torch.cuda.get_device_name(0)

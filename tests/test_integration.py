@@ -11,7 +11,6 @@ model's logits within the stated tolerance of the float32 model.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
