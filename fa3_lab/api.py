@@ -32,7 +32,7 @@ _ALL_STEPS = (
          "§3.1 Alg. 1"),
     Step(3, "03_pingpong", "named-barrier pingpong of the two consumer warpgroups", "§3.1, Fig. 1"),
     Step(4, "04_intra_warpgroup_overlap", "softmax of tile j+1 under the PV GEMM of tile j", "§3.2 Alg. 2"),
-    Step(5, "05_fp8", "e4m3 operands, per-block descales, V transposed in smem, incoherent processing",
+    Step(5, "05_fp8", "e4m3 operands, per-block descales, V k-major (keys permuted, no P shuffle), incoherent processing",
          "§3.3", dtypes=("e4m3",)),
 )
 
@@ -79,6 +79,21 @@ def _has_storage(t) -> bool:
     return t.device.type != "meta" and not is_fake(t)
 
 
+def resolve_softmax_scale(softmax_scale, headdim: int) -> float:
+    """``softmax_scale`` as a float, default 1/sqrt(headdim).
+
+    Raises:
+        TypeError: not a number (bools refused).  ValueError: not positive and finite.
+    """
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(headdim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
+    return float(softmax_scale)
+
+
 def _check_inputs(q, k, v, softmax_scale, allowed_dtypes, dtype_names):
     import torch
 
@@ -118,13 +133,7 @@ def _check_inputs(q, k, v, softmax_scale, allowed_dtypes, dtype_names):
             raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
         if any((s * elem) % 16 for s in t.stride()[:3]) or (_has_storage(t) and t.data_ptr() % 16):
             raise ValueError(f"{name}: TMA needs 16-byte aligned base and strides, got strides {t.stride()}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(headdim)
-    else:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-        if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-            raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
+    softmax_scale = resolve_softmax_scale(softmax_scale, headdim)
     from . import _env
 
     reason = _env.why_no_sm90()

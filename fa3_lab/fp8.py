@@ -24,6 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .api import resolve_softmax_scale as _resolve_softmax_scale
+
 HEADDIMS = (64, 128, 256)
 BLOCK_M = 128               # Br: Q rows per tile and per q_descale entry (the kernel's tile)
 BLOCK_N = 128               # Bc: K/V rows per tile and per k/v_descale entry
@@ -193,16 +195,6 @@ def _check_same_device(names, tensors):
             raise TypeError(f"{name}: expected the device of {names[0]} ({dev}), got {t.device}")
 
 
-def _check_softmax_scale(softmax_scale, headdim) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(headdim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale: expected a positive finite number, got {softmax_scale}")
-    return float(softmax_scale)
-
-
 # --------------------------------------------------------------------------------------------
 # Quantization (stages 1–2 of reference.fp8.fp8_attention)
 # --------------------------------------------------------------------------------------------
@@ -355,7 +347,7 @@ def _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale,
         if tuple(t.shape) != want[name]:
             raise ValueError(f"{name}: expected shape {want[name]} (batch, heads, blocks of 128 rows), "
                              f"got {tuple(t.shape)}")
-    scale = _check_softmax_scale(softmax_scale, headdim)
+    scale = _resolve_softmax_scale(softmax_scale, headdim)
     if out is not None:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q8.shape) or out.dtype != torch.bfloat16:
             got = (f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, torch.Tensor)

@@ -35,6 +35,7 @@
 #include "fa3/epilogue.h"
 #include "fa3/host.h"
 #include "fa3/params.h"
+#include "fa3/producer.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
 #include "fa3/wgmma.h"
@@ -97,16 +98,7 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
                                   p.seqlen_q);
     return;
   }
-  if (threadIdx.x == 0) {
-    mbarrier_init(full_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full_k[s], 1);
-      mbarrier_init(&full_v[s], 1);
-      mbarrier_init(&empty_k[s], 4 * Cfg::kNumConsumers);
-      mbarrier_init(&empty_v[s], 4 * Cfg::kNumConsumers);
-    }
-    fence_barrier_init();
-  }
+  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
