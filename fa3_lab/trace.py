@@ -192,17 +192,16 @@ def record(step, batch, seqlen, nheads, headdim, causal=False, ctas=4, capacity=
 def traced_overhead(step, batch, seqlen, nheads, headdim, causal=False, ctas=4):
     """(ms untraced, ms traced) for the same shape, median of do_bench: the cost of tracing."""
     import torch
-    from triton.testing import do_bench
-
     from . import _build
+    from .bench import time_ms
 
     plain, traced = _build.load(), _build.load(traced=True)
     q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     buf = torch.zeros(ctas, len(ROWS), 2 * CAPACITY, device="cuda", dtype=torch.int64)
     s = headdim ** -0.5
-    a = do_bench(lambda: plain.fwd(step, q, k, v, causal, s, None, None, 0), warmup=25, rep=100, return_mode="median")
-    b = do_bench(lambda: traced.fwd(step, q, k, v, causal, s, None, buf, ctas), warmup=25, rep=100, return_mode="median")
+    a = time_ms(lambda: plain.fwd(step, q, k, v, causal, s, None, None, 0))
+    b = time_ms(lambda: traced.fwd(step, q, k, v, causal, s, None, buf, ctas))
     return float(a), float(b)
 
 
