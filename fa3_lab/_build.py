@@ -29,12 +29,15 @@ NVCC_FLAGS = [
 ]
 
 
+@functools.lru_cache(None)
+def _step_files() -> tuple:
+    return tuple((int(path.name[:2]), path) for path in sorted((CUDA_DIR / "steps").glob("[0-9][0-9]_*.cu")))
+
+
 def step_sources() -> dict[int, Path]:
-    """{step number: path} of the step files present in cuda/steps/."""
-    out = {}
-    for path in sorted((CUDA_DIR / "steps").glob("[0-9][0-9]_*.cu")):
-        out[int(path.name[:2])] = path
-    return out
+    """{step number: path} of the step files present in cuda/steps/ (scanned once per process: every
+    flash_attn_func call asks, through fa3_lab.steps())."""
+    return dict(_step_files())
 
 
 def source_hash(extra: str = "") -> str:
