@@ -7,24 +7,29 @@
 //   05_fp8                     + e4m3 operands, per-block descales, V k-major             <- this file
 // ============================================================================================
 //
-// Step 05: the FP8 forward of paper §3.3, on the warp-specialized structure of step 02 (producer
-// warpgroup, K/V ring with separate K and V empty barriers, two consumer warpgroups). It implements
-// reference.fp8.fp8_attention exactly (block_m = block_n = 128):
+// Step 05: the FP8 forward of paper §3.3, built on step 04: producer warpgroup with the K/V ring,
+// pingpong of the two consumer warpgroups (03) and the softmax of tile j under the P·V GEMM of tile
+// j−1 (04), now with e4m3 operands. It implements reference.fp8.fp8_attention exactly
+// (block_m = block_n = 128):
 //   - Q, K, V in e4m3 (incoherent processing and block quantization happen before, fa3_lab.fp8);
 //     descales per block: q_descale[b, h, m_block], k/v_descale[b, h_kv, n_block].
 //   - WGMMA e4m3 takes only K-major smem operands and K = 32 per instruction. Q·Kᵀ: both are K-major
-//     as stored. P·V: V must be K-major, i.e. Vᵀ (headdim × keys): fa3_lab.fp8.kernel_v_layout writes
-//     it once per call, with the keys of every 32-group permuted (PERM) so that each thread's fp32 S
-//     accumulator is already its e4m3 A fragment (see pack_p_e4m3) — no register shuffle of P.
-// Consumer, per tile j (last to first):
-//   1. wait full_k; S = Q8·K8_jᵀ (e4m3 WGMMA SS, fp32); release K_j
-//   2. mask; scale_log2 = α·log2(e)·sq_i·sk_j; online softmax in scaled log2 units, P scaled by 2^8
-//   3. O *= corr · sv_{j_prev}/sv_j (O is kept in units of the current V block's scale)
-//   4. P → e4m3 A fragments; wait full_v; O += P8·V8_j (e4m3 WGMMA RS); release V_j
-//   5. epilogue: O · sv_last / ℓ → bf16; lse = (m − 8)·ln2 + ln ℓ
-// Measured: see cuda/NOTES.md. Known limits: no pingpong or intra-warpgroup overlap yet (steps 03/04's
-// ideas are not applied here); V is re-laid out by a separate torch pass (the paper transposes V in
-// shared memory with ldmatrix/stmatrix, overlapped with the GEMMs).
+//     as stored. P·V: V must be K-major, i.e. Vᵀ (headdim × keys): fa3_lab.fp8 writes it in that
+//     layout once per call, with the keys of every 32-group permuted (PERM) so that each thread's fp32
+//     S accumulator is already its e4m3 A fragment (see pack_p_e4m3) — no register shuffle of P.
+//   - O is kept in units of the current V block's scale: when tile j's P·V is next, O is rescaled by
+//     corr_j · sv_{j−1}/sv_j (one multiply per element, folded into step 04's rescale).
+// Consumer, per tile j (last to first), as step 04:
+//   1. wait full_k[s_j], full_v[s_{j−1}]; wait for the pingpong turn
+//   2. S_next = Q8·K8_jᵀ (e4m3 SS, group 1); O += P8_{j−1}·V8_{j−1} (e4m3 RS, group 2); hand the turn over
+//   3. wgmma.wait_group 1: S_next ready; release K_j
+//   4. mask; online softmax with scale_log2 = α·log2(e)·sq_i·sk_j in scaled log2 units, P·2^8
+//   5. wgmma.wait_group 0: release V_{j−1}; O *= corr_j · sv_{j−1}/sv_j
+//   6. P_j → e4m3 A fragments for the next turn
+//   7. epilogue: O · sv_last / ℓ → bf16; lse = (m − 8)·ln2 + ln ℓ
+// Measured: see cuda/NOTES.md ("Step 05"). Known limit: V is laid out by a separate pass (fused into
+// the quantize kernel on flash_attn_fp8_func's path), not transposed in shared memory with
+// ldmatrix/stmatrix as the paper does.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -54,6 +59,7 @@ struct Config {
   static constexpr int kStages = 2;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  static constexpr int kTurnBarrier = 1;  // named barriers 1, 2 (0 is __syncthreads)
   static constexpr int kSw = kHeadDim == 64 ? 64 : 128;  // swizzle width of Q/K rows (bytes)
   static constexpr int kAtoms = kHeadDim / kSw;           // Q/K atoms per row
   static constexpr int kQBytes = kBlockM * kHeadDim;       // e4m3: one byte per element
@@ -128,12 +134,14 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    const int row0 = m_block * kBlockM + (wg - 1) * 64;
+    const int c = wg - 1;
+    const int row0 = m_block * kBlockM + c * 64;  // this warpgroup's first query row
     const int n_mblocks = (p.seqlen_q + p.descale_block_m - 1) / p.descale_block_m;
     const int n_nblocks = (p.seqlen_k + p.descale_block_n - 1) / p.descale_block_n;
     const float sq = p.q_descale[(static_cast<int64_t>(b) * p.nheads + h) * n_mblocks + m_block];
     const float* sk_row = p.k_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
     const float* sv_row = p.v_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
+    const float qk_scale_log2 = p.scale_log2 * sq;  // × sk_j per tile
     OnlineSoftmaxScaled softmax;
     softmax.init();
     float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, in units of sv_prev
@@ -143,48 +151,91 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
     const uint32_t sQ_addr = smem_u32(sQ);
     mbarrier_wait(full_q, 0);
 
+    // Pingpong turn keeping as step 03/04: warpgroup c waits on turn[c] and hands over to turn[1 − c].
+    auto wait_turn = [&]() { named_barrier_sync(Cfg::kTurnBarrier + c, 2 * 128); };
+    auto pass_turn = [&]() { named_barrier_arrive(Cfg::kTurnBarrier + (1 - c), 2 * 128); };
+    if (c == 1) named_barrier_arrive(Cfg::kTurnBarrier + 0, 2 * 128);
+
+    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P·2^8, registers
+    uint32_t pa[kBlockN / 32][4];   // P_{j−1} as e4m3 A fragments (m64k32), registers
+    // prologue, tile 0: S = Q8·K8_0ᵀ
+    {
+      const int n_block = n_block_max - 1;
+      const float sk = sk_row[n_block];
+      mbarrier_wait(&full_k[0], 0);
+      wait_turn();
+      wgmma_fence();
+      gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK));
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      fence_regs(s);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);
+      if (blocks.needs_mask(n_block))
+        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+      float corr[2];
+      softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);  // O is still 0
+      pack_p_e4m3<kBlockN>(s, pa);
+    }
+    // One tile of the main loop; kMask as in step 04 (masked tiles first, their own loop).
     auto tile = [&](int i, auto mask_tag) {
       constexpr bool kMask = decltype(mask_tag)::value;
       const int n_block = n_block_max - 1 - i;
-      const int stage = i % kStages;
-      const uint32_t phase = (i / kStages) & 1;
-      // 1. S = Q8·K8_jᵀ
-      float s[kBlockN / 2];
-      mbarrier_wait(&full_k[stage], phase);
+      const int stage = i % kStages, prev = (i - 1) % kStages;
+      const float sk = sk_row[n_block], sv = sv_row[n_block];  // issued early, used after the GEMMs
+      // 1. operands ready; my turn
+      mbarrier_wait(&full_k[stage], (i / kStages) & 1);
+      mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
+      wait_turn();
+      // 2. S_next = Q8·K8_jᵀ (group 1);  O += P8_{j−1}·V8_{j−1} (group 2);  hand over
       wgmma_fence();
-      gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, (wg - 1) * 64,
-                                                             smem_u32(sK + stage * Cfg::kKBytes));
+      gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK + stage * Cfg::kKBytes));
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_fence();
+      gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + prev * Cfg::kVBytes));
+      wgmma_commit();
+      pass_turn();
+      // 3. S_next ready; P·V still in flight
+      wgmma_wait<1>();
       fence_regs(s);
       if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);
-      // 2. mask; softmax with this tile's descale folded into the base-2 scale
+      // 4. mask, softmax of S_next (under the P·V GEMM)
       if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      const float sv = sv_row[n_block];
       float corr[2];
-      softmax.update<kBlockN>(s, p.scale_log2 * sq * sk_row[n_block], kPLog2Scale, corr);
-      // 3. O in units of this V block's scale
-      const float ratio = sv_prev / sv;
+      softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);
+      fence_regs(s);
+      fence_regs(corr);
+      // 5. P·V done: release V_{j−1}; O into units of sv_j
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs_u32(pa);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);
+      const float ratio = __fdividef(sv_prev, sv);  // MUFU.RCP + FMUL: no slow-path branch (it would end the
+                                                    // overlapped block and pull wait_group 0 above the EX2s)
       corr[0] *= ratio;
       corr[1] *= ratio;
       rescale_rows<kHeadDim>(o, corr);
       sv_prev = sv;
-      // 4. O += P8·V8_j
-      uint32_t pa[kBlockN / 32][4];
+      // 6. P_j → e4m3
       pack_p_e4m3<kBlockN>(s, pa);
-      mbarrier_wait(&full_v[stage], phase);
-      wgmma_fence();
-      gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + stage * Cfg::kVBytes));
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[stage]);
     };
-    int i = 0;
+    int i = 1;
     for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
     for (; i < n_block_max; ++i) tile(i, std::false_type{});
-
-    // 5. epilogue: O·sv_last/ℓ
+    // epilogue turn: O += P8_last·V8_last
+    {
+      const int last = (n_block_max - 1) % kStages;
+      mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
+      wait_turn();
+      wgmma_fence();
+      gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + last * Cfg::kVBytes));
+      wgmma_commit();
+      if (c == 0) pass_turn();
+      wgmma_wait<0>();
+      fence_regs(o);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+    }
+    // 7. epilogue: O·sv_last/ℓ
     float inv_sum[2], lse[2];
     softmax.finalize(kPLog2Scale, inv_sum, lse);
     inv_sum[0] *= sv_prev;
