@@ -30,6 +30,11 @@ for what in "$@"; do
     notebooks) python3 cuda/run_notebooks.py 2>&1 | tee "$OUT/notebooks.log"
       python3 -m pytest -p no:cacheprovider --nbval notebooks -q 2>&1 | tail -15 | tee "$OUT/nbval.log"
       mkdir -p "$OUT/pack/notebooks" && cp notebooks/0*.ipynb "$OUT/pack/notebooks/" ;;
+    fp8test) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_fp8_kernel.py tests/test_fp8_quantize.py -q -m gpu -rs 2>&1 | tail -25 | tee "$OUT/fp8test.log" ;;
+    fp8sanitize) for tool in memcheck racecheck synccheck; do echo "== $tool"
+      compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py --fp8 2>&1 | tail -4; done 2>&1 | tee "$OUT/fp8sanitize.log" ;;
+    fp8bench) python3 -m fa3_lab bench --fp8 2>&1 | tail -30 ;;
+    results) mkdir -p "$OUT/results" && for d in fa3_lab/results/nvidia-*; do cp -r "$d"/*.json "$OUT/results/" 2>/dev/null; done; ls "$OUT/results" ;;
     info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;
     tour) python3 -m fa3_lab tour 2>&1 | tee "$OUT/tour.log" ;;
     bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
