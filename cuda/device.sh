@@ -34,7 +34,7 @@ for what in "$@"; do
     fp8sanitize) for tool in memcheck racecheck synccheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py --fp8 2>&1 | tail -4; done 2>&1 | tee "$OUT/fp8sanitize.log" ;;
     fp8bench) python3 -m fa3_lab bench --fp8 2>&1 | tail -30 ;;
-    results) mkdir -p "$OUT/results" && for d in fa3_lab/results/nvidia-*; do cp -r "$d"/*.json "$OUT/results/" 2>/dev/null; done; ls "$OUT/results" ;;
+    results) find fa3_lab/results -name '*.json' -mmin -30 | while read f; do d="$OUT/results/$(basename "$(dirname "$f")")"; mkdir -p "$d"; cp "$f" "$d/"; done; ls -R "$OUT/results" ;;
     info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;
     tour) python3 -m fa3_lab tour 2>&1 | tee "$OUT/tour.log" ;;
     bench) python3 -m fa3_lab bench 2>&1 | tail -80 ;;
