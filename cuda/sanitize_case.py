@@ -23,6 +23,14 @@ for step in steps:
         out = fa3_lab.flash_attn_func(q, k, v, causal=True, step=step)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
+if 4 in steps:  # step 04's persistent grid: more tiles than SMs, and causal tiles with no key
+    q = torch.randn(2, 1200, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, 600, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(2, 600, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    for causal in (False, True):
+        out = fa3_lab.flash_attn_func(q, k, v, causal=causal, step=4)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
 if fp8:
     for d in (64, 128, 256):
         q = torch.randn(1, 203, 4, d, device="cuda", dtype=torch.bfloat16, generator=g)

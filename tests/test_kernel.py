@@ -87,6 +87,20 @@ def test_forward_table2_length(step, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_grid_more_tiles_than_sms(headdim, causal):
+    """Step 04 launches min(tiles, SMs) CTAs that stride over the work tiles: the K/V ring, Q's empty
+    barrier and the pingpong turns carry over from one tile to the next. 3 × 8 heads × 12 row blocks
+    = 288 tiles (over 2 per SM); seqlen_q > seqlen_k makes causal tiles whose rows see no key sit
+    between tiles that do (O = 0, lse = +inf there)."""
+    batch, seqlen_q, seqlen_k, nheads = 3, 1500, 700, 8
+    tiles = batch * nheads * -(-seqlen_q // 128)
+    assert tiles > 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    run_case(4, "bf16", headdim, causal, batch, seqlen_q, seqlen_k, nheads, 2, seed=headdim + causal)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("step", STEPS16)
 def test_deterministic(step):
     """Bitwise identical output run to run (no atomics, fixed reduction order)."""

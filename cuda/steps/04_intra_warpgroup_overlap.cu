@@ -42,6 +42,16 @@
 #include "fa3/trace.h"
 #include "fa3/wgmma.h"
 
+// Persistent grid (see the header): on by default; off in FA3_TRACE builds, whose timelines record one
+// tile per CTA, and overridable (-DFA3_STEP04_PERSISTENT=0) for A/B runs.
+#ifndef FA3_STEP04_PERSISTENT
+#ifdef FA3_TRACE
+#define FA3_STEP04_PERSISTENT 0
+#else
+#define FA3_STEP04_PERSISTENT 1
+#endif
+#endif
+
 namespace fa3 {
 namespace step04 {
 
@@ -58,7 +68,8 @@ struct Config {
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
-  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
+  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT;  // min(tiles, SMs) CTAs striding over the tiles
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
@@ -78,148 +89,191 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
-  uint64_t* full_k = full_q + 1;       // (kStages)
+  uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)
+  uint64_t* full_k = empty_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
   uint64_t* empty_k = full_v + kStages;  // (kStages)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (p.nheads / p.nheads_kv);
+  // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
+  // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_tiles = num_m * p.nheads * p.batch;
+  const int t_first = Cfg::kPersistent ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.nheads * blockIdx.z);
+  const int t_stride = Cfg::kPersistent ? gridDim.x : num_tiles;
   const int wg = warpgroup_id();
-  const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
-  const int n_block_max = blocks.n_block_max;
 
-  T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
-  if (n_block_max <= 0) {
-    store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
-                                  p.seqlen_q);
-    return;
+  if (threadIdx.x == 0) {
+    init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
+    mbarrier_init(empty_q, 4 * Cfg::kNumConsumers);
+    fence_barrier_init();
   }
-
-  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v, m_block, h,
-                         h_kv, b, n_block_max, p);
+    if constexpr (!Cfg::kPersistent) {  // one tile: step 02's producer (and its trace observer)
+      const int m_block = num_m - 1 - t_first % num_m, h = (t_first / num_m) % p.nheads;
+      const int b = t_first / (num_m * p.nheads);
+      const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+      if (blocks.n_block_max > 0)
+        produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v,
+                             m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, p);
+    } else if (threadIdx.x / 32 == 0 && elect_one()) {
+      tma_prefetch_descriptor(&tmap_k);
+      tma_prefetch_descriptor(&tmap_v);
+      int kv = 0, q_iter = 0;
+      for (int t = t_first; t < num_tiles; t += t_stride) {
+        const int m_block = num_m - 1 - t % num_m, h = (t / num_m) % p.nheads, b = t / (num_m * p.nheads);
+        const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+        if (blocks.n_block_max <= 0) continue;
+        produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
+                             empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter);
+        kv += blocks.n_block_max;
+        ++q_iter;
+      }
+    }
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    const int row0 = m_block * kBlockM + (wg - 1) * 64;  // this warpgroup's first query row
     FA3_TRACE_DECL(tr);
     FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % 128 == 0);
-    OnlineSoftmax softmax;
-    softmax.init();
-    float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
-#pragma unroll
-    for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-    const uint32_t sQ_addr = smem_u32(sQ);
-    mbarrier_wait(full_q, 0);
-
-    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0
-    // goes first; consumer 1 skips its final hand-over so every arrival is matched by a wait.
     const int c = wg - 1;
+    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0
+    // goes first. Every turn of warpgroup 0 is preceded by a hand-over from warpgroup 1 (the first by
+    // the arrival here, the next tile's first by warpgroup 1's epilogue turn) and consumer 0 takes one
+    // last turn at the end, so every arrival is matched by a wait.
     auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * 128); };
     auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * 128); };
     if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
+    const uint32_t sQ_addr = smem_u32(sQ);
+    int kv = 0, q_iter = 0;  // as the producer's
 
-    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
-    uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
-    // prologue, tile 0: S = Q·K_0ᵀ
-    mbarrier_wait(&full_k[0], 0);
-    wait_turn();
-    FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
-    wgmma_fence();
-    gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK), false);
-    wgmma_commit();
-    pass_turn();
-    wgmma_wait<0>();
-    fence_regs(s);
-    FA3_TRACE_STAMP(tr, kGemm0Done, 0);
-    FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);  // K_0 read: release its slot
-    {
-      const int n_block = n_block_max - 1;
-      if (blocks.needs_mask(n_block))
-        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      float corr[2];
-      softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
-      pack_p<Traits, kBlockN>(s, pa);
-    }
-    FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
-    // One tile of the main loop. kMask is a compile-time flag: the tiles that cross seqlen_k or the
-    // diagonal come first (we walk the tiles backwards) and get their own loop, so the overlapped region
-    // of the unmasked loop has no branch — ptxas otherwise places wgmma.wait_group 0 at the branch's
-    // join point, ahead of the exponentials, and the overlap is lost (SASS, NOTES.md).
-    auto tile = [&](int i, auto mask_tag) {
-      constexpr bool kMask = decltype(mask_tag)::value;
-      const int n_block = n_block_max - 1 - i;
-      const int stage = i % kStages, prev = (i - 1) % kStages;
-      // 1. operands ready; my turn
-      mbarrier_wait(&full_k[stage], (i / kStages) & 1);
-      mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
+    for (int t = t_first; t < num_tiles; t += t_stride) {
+      const int m_block = num_m - 1 - t % num_m, h = (t / num_m) % p.nheads, b = t / (num_m * p.nheads);
+      const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+      const int n_block_max = blocks.n_block_max;
+      const int row0 = m_block * kBlockM + c * 64;  // this warpgroup's first query row
+      T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+      float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+      if (n_block_max <= 0) {  // causal, seqlen_q > seqlen_k: these rows see no key
+        store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, row0, row0 + 64, p.seqlen_q,
+                                      threadIdx.x % 128, 128);
+        continue;
+      }
+      OnlineSoftmax softmax;
+      softmax.init();
+      float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+      mbarrier_wait(full_q, q_iter & 1);
+      const int kv0 = kv;
+      auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
+      auto phase_of = [&](int i) { return static_cast<uint32_t>(((kv0 + i) / kStages) & 1); };
+      auto release_q_after = [&](int i) {  // the tile's last Q·Kᵀ is done: Q's slot may be refilled
+        if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
+      };
+
+      float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
+      uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+      // prologue, tile 0: S = Q·K_0ᵀ
+      mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
       wait_turn();
-      // 2. S_next = Q·K_jᵀ (group 1);  O += P_{j−1}·V_{j−1} (group 2);  hand over
-      FA3_TRACE_STAMP(tr, kGemm0Issue, i);
+      FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
       wgmma_fence();
-      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
-      wgmma_commit();
-      FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
-      wgmma_fence();  // each GEMM its own fence: ptxas then tracks the two groups separately
-      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage_of(0) * kTileElems), false);
       wgmma_commit();
       pass_turn();
-      // 3. S_next ready; P·V still in flight
-      wgmma_wait<1>();
-      fence_regs(s);
-      FA3_TRACE_STAMP(tr, kGemm0Done, i);
-      FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);  // K_j read: release its slot
-      // 4. mask, softmax of S_next (under the P·V GEMM)
-      if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      float corr[2];
-      softmax.update<kBlockN>(s, p.scale_log2, corr);
-      // Pin P and corr before the wait, so the exponentials cannot sink below it.
-      fence_regs(s);
-      fence_regs(corr);
-      FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
-      // 5. P·V done: release V_{j−1}'s slot, rescale O
       wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs_u32(pa);
-      FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
-      rescale_rows<kHeadDim>(o, corr);
-      // 6. P_j → 16-bit
-      pack_p<Traits, kBlockN>(s, pa);
-    };
-    int i = 1;
-    for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
-    for (; i < n_block_max; ++i) tile(i, std::false_type{});
-    // epilogue turn: O += P_last·V_last
-    {
-      const int last = (n_block_max - 1) % kStages;
-      mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
-      wait_turn();
-      FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
-      wgmma_fence();
-      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
-      wgmma_commit();
-      if (c == 0) pass_turn();
-      wgmma_wait<0>();
-      fence_regs(o);
-      FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+      fence_regs(s);
+      FA3_TRACE_STAMP(tr, kGemm0Done, 0);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);  // K_0 read: release its slot
+      release_q_after(0);
+      {
+        const int n_block = n_block_max - 1;
+        if (blocks.needs_mask(n_block))
+          apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        float corr[2];
+        softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
+        pack_p<Traits, kBlockN>(s, pa);
+      }
+      FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
+      // One tile of the main loop. kMask is a compile-time flag: the tiles that cross seqlen_k or the
+      // diagonal come first (we walk the tiles backwards) and get their own loop, so the overlapped region
+      // of the unmasked loop has no branch — ptxas otherwise places wgmma.wait_group 0 at the branch's
+      // join point, ahead of the exponentials, and the overlap is lost (SASS, NOTES.md).
+      auto tile = [&](int i, auto mask_tag) {
+        constexpr bool kMask = decltype(mask_tag)::value;
+        const int n_block = n_block_max - 1 - i;
+        const int stage = stage_of(i), prev = stage_of(i - 1);
+        // 1. operands ready; my turn
+        mbarrier_wait(&full_k[stage], phase_of(i));
+        mbarrier_wait(&full_v[prev], phase_of(i - 1));
+        wait_turn();
+        // 2. S_next = Q·K_jᵀ (group 1);  O += P_{j−1}·V_{j−1} (group 2);  hand over
+        FA3_TRACE_STAMP(tr, kGemm0Issue, i);
+        wgmma_fence();
+        gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
+        wgmma_commit();
+        FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
+        wgmma_fence();  // each GEMM its own fence: ptxas then tracks the two groups separately
+        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
+        wgmma_commit();
+        pass_turn();
+        // 3. S_next ready; P·V still in flight
+        wgmma_wait<1>();
+        fence_regs(s);
+        FA3_TRACE_STAMP(tr, kGemm0Done, i);
+        FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);  // K_j read: release its slot
+        release_q_after(i);
+        // 4. mask, softmax of S_next (under the P·V GEMM)
+        if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        float corr[2];
+        softmax.update<kBlockN>(s, p.scale_log2, corr);
+        // Pin P and corr before the wait, so the exponentials cannot sink below it.
+        fence_regs(s);
+        fence_regs(corr);
+        FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
+        // 5. P·V done: release V_{j−1}'s slot, rescale O
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs_u32(pa);
+        FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
+        rescale_rows<kHeadDim>(o, corr);
+        // 6. P_j → 16-bit
+        pack_p<Traits, kBlockN>(s, pa);
+      };
+      int i = 1;
+      for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
+      for (; i < n_block_max; ++i) tile(i, std::false_type{});
+      // epilogue turn: O += P_last·V_last
+      {
+        const int last = stage_of(n_block_max - 1);
+        mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
+        wait_turn();
+        FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
+        wgmma_fence();
+        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_regs(o);
+        FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+      }
+      kv += n_block_max;
+      ++q_iter;
+      // 7. epilogue
+      float inv_sum[2], lse[2];
+      softmax.finalize(p.scale_log2, inv_sum, lse);
+      store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
     }
+    if (c == 0) wait_turn();  // matches consumer 1's last hand-over
     FA3_TRACE_FINISH(tr);
-    // 7. epilogue
-    float inv_sum[2], lse[2];
-    softmax.finalize(p.scale_log2, inv_sum, lse);
-    store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
   }
 }
 

@@ -29,15 +29,17 @@ __device__ __forceinline__ void store_o_lse(const float (&o)[kHeadDim / 2], cons
 }
 
 // A CTA whose query rows see no key at all (causal, seqlen_q > seqlen_k): O = 0, lse = +inf.
+// By default the whole CTA writes rows [row_begin, row_end); tid/nthreads let one warpgroup do its own.
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void store_empty_rows(T* o_base, int64_t o_row_stride, float* lse_base, int row_begin,
-                                                 int row_end, int seqlen_q) {
+                                                 int row_end, int seqlen_q, int tid = threadIdx.x,
+                                                 int nthreads = blockDim.x) {
   row_end = min(row_end, seqlen_q);
-  for (int idx = threadIdx.x; idx < (row_end - row_begin) * (kHeadDim / 2); idx += blockDim.x) {
+  for (int idx = tid; idx < (row_end - row_begin) * (kHeadDim / 2); idx += nthreads) {
     const int row = row_begin + idx / (kHeadDim / 2), col = 2 * (idx % (kHeadDim / 2));
     *reinterpret_cast<uint32_t*>(o_base + row * o_row_stride + col) = 0u;
   }
-  for (int row = row_begin + threadIdx.x; row < row_end; row += blockDim.x) lse_base[row] = INFINITY;
+  for (int row = row_begin + tid; row < row_end; row += nthreads) lse_base[row] = INFINITY;
 }
 
 }  // namespace fa3

@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "host.h"
 #include "params.h"
@@ -13,7 +14,24 @@
 
 namespace fa3 {
 
-// Grid (ceil(seqlen_q / kBlockM), nheads, batch), Cfg::kThreads threads, Cfg::kSmemBytes of smem.
+// Cfg::kPersistent if the config has it, else false (steps 01–03 launch one CTA per tile).
+template <typename Cfg, typename = void> struct IsPersistent : std::false_type {};
+template <typename Cfg> struct IsPersistent<Cfg, std::void_t<decltype(Cfg::kPersistent)>>
+    : std::integral_constant<bool, Cfg::kPersistent> {};
+
+// SMs of the current device (queried once per device).
+inline int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  int& n = cached[dev & 63];
+  if (n == 0) check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SMs)");
+  return n;
+}
+
+// Grid (ceil(seqlen_q / kBlockM), nheads, batch) — one CTA per work tile — or, for a persistent
+// config (Cfg::kPersistent), min(work tiles, SMs) CTAs that stride over the tiles.
+// Cfg::kThreads threads, Cfg::kSmemBytes of smem.
 template <typename Cfg, typename Kernel>
 void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const char* name) {
   const CUtensorMap tq = make_tmap_bshd(p.q, p.dtype, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
@@ -24,7 +42,11 @@ void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const ch
                                         p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              (std::string("cudaFuncSetAttribute(") + name + ")").c_str());
-  const dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  if constexpr (IsPersistent<Cfg>::value) {
+    const long long tiles = static_cast<long long>(grid.x) * grid.y * grid.z;
+    grid = dim3(static_cast<unsigned>(tiles < sm_count() ? tiles : sm_count()), 1, 1);
+  }
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
   check_cuda(cudaGetLastError(), (std::string(name) + " launch").c_str());
 }

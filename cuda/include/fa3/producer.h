@@ -89,4 +89,41 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
   }
 }
 
+// Persistent variant (step 04): one elected thread of warp 0 loads the Q tile and every K/V tile of one
+// work tile, continuing the ring where the previous work tile left it. `kv` counts the K/V tiles put
+// through the ring so far in this CTA (slot kv % kStages, pass kv / kStages); `q_iter` counts the work
+// tiles so far. Q has its own empty barrier: the consumers release it after their last Q·Kᵀ of a
+// tile, so the next tile's Q lands while they still run the last P·V and the epilogue.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
+                                             const CUtensorMap* tmap_v, T* sQ, T* sK, T* sV, uint64_t* full_q,
+                                             uint64_t* empty_q, uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k,
+                                             uint64_t* empty_v, int m_block, int h, int h_kv, int b, int n_block_max,
+                                             int kv, int q_iter) {
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+  mbarrier_wait(empty_q, (q_iter & 1) ^ 1);  // a fresh barrier reads as released
+  mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
+#pragma unroll
+  for (int a = 0; a < Cfg::kAtoms; ++a)
+    tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
+  for (int i = 0; i < n_block_max; ++i, ++kv) {
+    const int n_block = n_block_max - 1 - i;
+    const int stage = kv % kStages;
+    const uint32_t parity = ((kv / kStages) & 1) ^ 1;
+    mbarrier_wait(&empty_k[stage], parity);
+    mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
+#pragma unroll
+    for (int a = 0; a < Cfg::kAtoms; ++a)
+      tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
+                  n_block * kBlockN, h_kv, b);
+    mbarrier_wait(&empty_v[stage], parity);
+    mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
+#pragma unroll
+    for (int a = 0; a < Cfg::kAtoms; ++a)
+      tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_v, &full_v[stage], a * kAtomCols16,
+                  n_block * kBlockN, h_kv, b);
+  }
+}
+
 }  // namespace fa3
