@@ -283,3 +283,193 @@ def plot_ablation(rows, paper=PAPER_ABLATION, dtype="bf16", ax=None):
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------ FP8
+
+#: Optional timing keys of a ``bench --fp8`` step 05 row (fa3_lab.fp8.time_quantize_vs_kernel), in ms.
+#: Their meaning changed when the fused quantize kernel (cuda/fp8_quantize.cu) came:
+#:
+#: * rows WITH ``quantize_torch_ms``: ``quantize_ms`` is the fused kernel, which also writes V in the
+#:   kernel's layout; ``quantize_torch_ms`` + ``v_layout_ms`` is the torch path it replaces;
+#: * rows WITHOUT it (runs before the fused kernel): ``quantize_ms`` is the torch path
+#:   (fa3_lab.fp8.quantize) and ``v_layout_ms`` the separate V layout copy.
+#:
+#: :func:`fp8_table` reads them into ``quantize_fused_ms``, ``quantize_torch_ms``, ``v_layout_ms``.
+FP8_EXTRA_MS = ("quantize_ms", "quantize_torch_ms", "v_layout_ms")
+
+
+def _opt_ms(row, key):
+    """row[key] if it is a finite number > 0, else None ("not recorded")."""
+    x = row.get(key)
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and 0 < x < float("inf"):
+        return float(x)
+    return None
+
+
+def _fp8_quantize_times(row):
+    """(fused ms incl. V layout, torch quantize ms, torch V layout ms) of a step05 row, None where not
+    recorded (see :data:`FP8_EXTRA_MS` for the two generations of keys)."""
+    layout = _opt_ms(row, "v_layout_ms")
+    if "quantize_torch_ms" in row:
+        return _opt_ms(row, "quantize_ms"), _opt_ms(row, "quantize_torch_ms"), layout
+    return None, _opt_ms(row, "quantize_ms"), layout
+
+
+def fp8_table(runs_or_rows, causal=False):
+    """The points of a ``bench --fp8`` run: one dict per (headdim, seqlen), sorted.
+
+    Each dict: ``headdim``, ``seqlen``; TFLOPs/s of ``step05`` (the FP8 kernel alone, e4m3), ``fa3``
+    (FA3's e4m3 forward) and ``bf16`` (our 16-bit step, ``bf16_impl`` says which, e.g. "step04"),
+    None where the run has no such row; from the step 05 row, in ms: ``ms`` (the kernel),
+    ``quantize_fused_ms`` (the fused quantize kernel, V layout included), ``quantize_torch_ms`` and
+    ``v_layout_ms`` (the torch path: quantize, then the V layout copy) — each None when the run did
+    not record it (:data:`FP8_EXTRA_MS` says how the keys are read); and end to end, the kernel's
+    FLOPs over kernel + quantization time, in TFLOPs/s: ``end_to_end_fused`` (ms +
+    quantize_fused_ms) and ``end_to_end_torch`` (ms + quantize_torch_ms + v_layout_ms), None unless
+    their times are recorded.
+
+    Args:
+        runs_or_rows: one :class:`fa3_lab.results.Run` (``bench_fp8.json``), a results document or a
+            list of row dicts.
+        causal: which rows (``bench --fp8`` records non-causal ones).
+
+    Raises:
+        TypeError: wrong input types, ``causal`` not a bool. ValueError: empty input, several runs, no
+        step05 e4m3 rows for that mask, two rows for the same (impl, dtype, headdim, seqlen), or two
+        different bf16 steps at one point.
+    """
+    from .results import flops
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    rows, _ = _rows_and_meta(runs_or_rows, "fp8_table")
+    rows = [r for r in rows if r["causal"] == causal]
+    if not any(r["impl"] == "step05" and r["dtype"] == "e4m3" for r in rows):
+        raise ValueError(f"rows: no step05 e4m3 rows with causal={causal} (expected a `python -m fa3_lab bench --fp8` run)")
+    seen, points = set(), {}
+    for r in rows:
+        key = (r["impl"], r["dtype"], r["headdim"], r["seqlen_q"])
+        if key in seen:
+            raise ValueError(f"rows: two rows for {r['impl']} {r['dtype']} headdim {key[2]} seqlen {key[3]}; "
+                             f"pass the rows of one run")
+        seen.add(key)
+    for r in rows:
+        if r["impl"] != "step05" or r["dtype"] != "e4m3":
+            continue
+        fused, torch_q, layout = _fp8_quantize_times(r)
+        f = flops(r["batch"], r["nheads"], r["seqlen_q"], r["seqlen_k"], r["headdim"], r["causal"])
+        points[(r["headdim"], r["seqlen_q"])] = {
+            "headdim": r["headdim"], "seqlen": r["seqlen_q"], "step05": r["tflops"], "fa3": None, "bf16": None,
+            "bf16_impl": None, "ms": r["ms"], "quantize_fused_ms": fused, "quantize_torch_ms": torch_q,
+            "v_layout_ms": layout,
+            "end_to_end_fused": None if fused is None else f / ((r["ms"] + fused) * 1e-3) / 1e12,
+            "end_to_end_torch": (None if torch_q is None or layout is None
+                                 else f / ((r["ms"] + torch_q + layout) * 1e-3) / 1e12)}
+    for r in rows:
+        p = points.get((r["headdim"], r["seqlen_q"]))
+        if p is None:
+            continue
+        if r["impl"] == "fa3" and r["dtype"] == "e4m3":
+            p["fa3"] = r["tflops"]
+        elif r["impl"] in STEP_IMPLS and r["dtype"] == "bf16":
+            if p["bf16_impl"] is not None:
+                raise ValueError(f"rows: two bf16 steps ({p['bf16_impl']}, {r['impl']}) at headdim {r['headdim']} "
+                                 f"seqlen {r['seqlen_q']}; expected our one default step")
+            p["bf16"], p["bf16_impl"] = r["tflops"], r["impl"]
+    return [points[k] for k in sorted(points)]
+
+
+def _seqlen_label(s):
+    return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
+
+
+def plot_fp8(runs_or_rows, headdims=None, causal=False, ax=None):
+    """FP8 forward speed: TFLOPs/s vs seqlen of step 05 (e4m3), FA3's e4m3 forward and our bf16 step.
+
+    One panel per headdim (default: every headdim of the run's step05 rows, e.g. 128 and 256). Lines:
+    step 05 (kernel alone — FA3's e4m3 forward also takes pre-quantized inputs), FA3 e4m3, our bf16
+    step (one run, same inputs); and step 05 end to end, where the run recorded the times (see
+    :func:`fp8_table`): dashed, kernel + the fused quantize kernel; dotted, kernel + the torch
+    quantize + the V layout copy. A panel without either says "quantize time not recorded". The
+    title line names the GPU, date and commit of the run.
+
+    Args:
+        runs_or_rows: one :class:`fa3_lab.results.Run` (``bench_fp8.json`` from
+            ``latest_run("bench_fp8")``), a results document, or a list of row dicts.
+        headdims: None or a sequence of ints present in the step05 rows.
+        causal: the rows' mask (``bench --fp8`` records non-causal).
+        ax: None (a new figure) or one Matplotlib Axes per headdim (a flat sequence or array).
+
+    Returns:
+        matplotlib.figure.Figure.
+
+    Raises:
+        TypeError: wrong input types. ValueError: as :func:`fp8_table`, a headdim without step05
+        rows, or the wrong number of Axes.
+
+    Source: paper §4.1, Figure 7 (FP8 forward speed, head dim 64/128/256; we record 128 and 256).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = fp8_table(runs_or_rows, causal)
+    _, meta = _rows_and_meta(runs_or_rows, "plot_fp8")
+    present = sorted({p["headdim"] for p in table})
+    if headdims is None:
+        headdims = present
+    else:
+        if isinstance(headdims, (str, bytes)) or not hasattr(headdims, "__iter__"):
+            raise TypeError(f"headdims: expected a sequence of ints, got {type(headdims).__name__}")
+        headdims = list(headdims)
+        bad = [d for d in headdims if d not in present]
+        if not headdims or bad:
+            raise ValueError(f"headdims: expected a non-empty subset of the run's step05 headdims {present}, "
+                             f"got {headdims}")
+    if ax is None:
+        fig, axes = plt.subplots(1, len(headdims), figsize=(5.2 * len(headdims), 3.8), squeeze=False)
+        axes = axes[0]
+    else:
+        axes = np.asarray(ax, dtype=object).reshape(-1)
+        if axes.size != len(headdims):
+            raise ValueError(f"ax: expected {len(headdims)} Axes (one per headdim {headdims}), got {axes.size}")
+        fig = axes[0].figure
+    bf16_impls = sorted({p["bf16_impl"] for p in table if p["bf16_impl"]})
+    bf16_label = f"ours bf16 ({', '.join(bf16_impls)})" if bf16_impls else "ours bf16"
+    for a, d in zip(axes, headdims):
+        pts = [p for p in table if p["headdim"] == d]
+        xs = [p["seqlen"] for p in pts]
+        nan = float("nan")
+        a.plot(xs, [p["step05"] for p in pts], "o-", color=COLORS["step05"], label="step 05 e4m3 (kernel)")
+        if any(p["fa3"] is not None for p in pts):
+            a.plot(xs, [nan if p["fa3"] is None else p["fa3"] for p in pts], "s-", color=COLORS["fa3"],
+                   label="FA3 e4m3 (fa3-fwd)")
+        if any(p["bf16"] is not None for p in pts):
+            a.plot(xs, [nan if p["bf16"] is None else p["bf16"] for p in pts], "^-", color=COLORS["step04"],
+                   label=bf16_label)
+        drawn = False
+        for key, style, label in (("end_to_end_fused", "o--", "step 05 + fused quantize (V layout incl.)"),
+                                  ("end_to_end_torch", "o:", "step 05 + torch quantize + V layout")):
+            if any(p[key] is not None for p in pts):
+                a.plot(xs, [nan if p[key] is None else p[key] for p in pts], style, color=COLORS["step05"],
+                       alpha=0.6, label=label)
+                drawn = True
+        if not drawn:
+            a.text(0.02, 0.03, "quantize time not recorded", transform=a.transAxes, fontsize=8, color="gray")
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs, [_seqlen_label(s) for s in xs])
+        a.minorticks_off()
+        a.set_ylim(0, None)
+        a.set_title(f"headdim {d}, {'causal' if causal else 'no mask'}", fontsize=9)
+        a.set_xlabel("seqlen (batch = 16k / seqlen, nheads = 2048 / headdim)")
+        a.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOPs/s")
+    handles = {}
+    for a in axes:
+        for h, label in zip(*a.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4) if
+               len(headdims) > 1 else 2, fontsize=8, frameon=False)
+    fig.suptitle(f"Forward, FP8 e4m3\n{title_line(meta)}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.1 if len(headdims) > 1 else 0.16, 1, 1))
+    return fig

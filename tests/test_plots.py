@@ -148,3 +148,129 @@ def test_bad_dtype_and_duplicates(bench_run, ablation_run):
         plots.plot_ablation(bench_run)
     with pytest.raises(TypeError, match="paper"):
         plots.plot_ablation(ablation_run, paper=[570])
+
+
+# ------------------------------------------------------------------------------------------ FP8
+
+@pytest.fixture(scope="module")
+def fp8_run():
+    return _run("bench_fp8.json")
+
+
+def _fp8_rows(quantize=True, **extra):
+    """A synthetic bench --fp8 run: headdim 128, seqlens 4k and 16k, step05 / fa3 e4m3 / step04 bf16;
+    step05 rows with the keys of runs before the fused quantize kernel (torch path in quantize_ms)."""
+    rows = []
+    for s in (4096, 16384):
+        b, h = 16384 // s, 16
+        fl = results.flops(b, h, s, s, 128, False)
+        for impl, dtype, ms in (("step05", "e4m3", 1.0), ("fa3", "e4m3", 0.8), ("step04", "bf16", 1.3)):
+            r = {"impl": impl, "dtype": dtype, "headdim": 128, "causal": False, "batch": b, "seqlen_q": s,
+                 "seqlen_k": s, "nheads": h, "nheads_kv": h, "ms": ms, "tflops": fl / (ms * 1e-3) / 1e12}
+            if impl == "step05":
+                if quantize:
+                    r.update(quantize_ms=0.5, v_layout_ms=0.25)
+                r.update(extra)
+            rows.append(r)
+    return rows
+
+
+def _lines(ax):
+    return {ln.get_label(): ln for ln in ax.get_lines()}
+
+
+FUSED, TORCH = "step 05 + fused quantize (V layout incl.)", "step 05 + torch quantize + V layout"
+
+
+def test_plot_fp8_lines_are_the_recorded_rows(fp8_run):
+    fig = plots.plot_fp8(fp8_run)
+    step05 = [r for r in fp8_run.rows if r["impl"] == "step05" and r["dtype"] == "e4m3"]
+    headdims = sorted({r["headdim"] for r in step05})
+    assert len(fig.axes) == len(headdims)
+    for ax, d in zip(fig.axes, headdims):
+        assert ax.get_title().startswith(f"headdim {d},")
+        lines = _lines(ax)
+        for label, impl, dtype in (("step 05 e4m3 (kernel)", "step05", "e4m3"), ("FA3 e4m3 (fa3-fwd)", "fa3", "e4m3")):
+            rows = sorted((r for r in fp8_run.rows if r["impl"] == impl and r["dtype"] == dtype
+                           and r["headdim"] == d), key=lambda r: r["seqlen_q"])
+            assert list(lines[label].get_xdata()) == [r["seqlen_q"] for r in rows]
+            assert list(lines[label].get_ydata()) == pytest.approx([r["tflops"] for r in rows])
+        bf16 = sorted((r for r in fp8_run.rows if r["dtype"] == "bf16" and r["headdim"] == d), key=lambda r: r["seqlen_q"])
+        (bf16_label,) = [k for k in lines if k.startswith("ours bf16")]
+        assert list(lines[bf16_label].get_ydata()) == pytest.approx([r["tflops"] for r in bf16])
+        rows = sorted((r for r in step05 if r["headdim"] == d), key=lambda r: r["seqlen_q"])
+        fused = "quantize_torch_ms" in rows[0]          # the run's generation of keys (plots.FP8_EXTRA_MS)
+        torch_q = [r["quantize_torch_ms" if fused else "quantize_ms"] + r["v_layout_ms"] for r in rows]
+        assert list(lines[TORCH].get_ydata()) == pytest.approx(
+            [r["tflops"] * r["ms"] / (r["ms"] + t) for r, t in zip(rows, torch_q)], rel=1e-9)
+        if fused:
+            assert list(lines[FUSED].get_ydata()) == pytest.approx(
+                [r["tflops"] * r["ms"] / (r["ms"] + r["quantize_ms"]) for r in rows], rel=1e-9)
+        else:
+            assert FUSED not in lines
+    title = fig._suptitle.get_text()
+    assert fp8_run.meta["gpu"] in title and fp8_run.meta["commit"] in title and fp8_run.meta["date"][:10] in title
+
+
+def test_fp8_table_reads_both_generations_of_quantize_keys():
+    # before the fused kernel: quantize_ms is the torch path, V layout separate
+    p = plots.fp8_table(_fp8_rows())[0]
+    assert (p["quantize_fused_ms"], p["quantize_torch_ms"], p["v_layout_ms"]) == (None, 0.5, 0.25)
+    assert p["end_to_end_fused"] is None
+    assert p["end_to_end_torch"] == pytest.approx(p["step05"] * 1.0 / (1.0 + 0.5 + 0.25))
+    assert p["bf16_impl"] == "step04" and p["fa3"] == pytest.approx(p["step05"] / 0.8)
+    assert [(q["headdim"], q["seqlen"]) for q in plots.fp8_table(_fp8_rows())] == [(128, 4096), (128, 16384)]
+    # with the fused kernel: quantize_ms is fused (V layout included), the torch path rides along
+    p = plots.fp8_table(_fp8_rows(quantize_ms=0.2, quantize_torch_ms=3.0, v_layout_ms=0.1, quantize_gbps=900.0))[1]
+    assert (p["quantize_fused_ms"], p["quantize_torch_ms"], p["v_layout_ms"]) == (0.2, 3.0, 0.1)
+    assert p["end_to_end_fused"] == pytest.approx(p["step05"] / 1.2)
+    assert p["end_to_end_torch"] == pytest.approx(p["step05"] / 4.1)
+    (ax,) = plots.plot_fp8(_fp8_rows(quantize_ms=0.2, quantize_torch_ms=3.0, v_layout_ms=0.1)).axes
+    assert FUSED in _lines(ax) and TORCH in _lines(ax)
+    # fused recorded, torch path not: only the fused line
+    (ax,) = plots.plot_fp8(_fp8_rows(quantize=False, quantize_ms=0.2, quantize_torch_ms=None)).axes
+    assert FUSED in _lines(ax) and TORCH not in _lines(ax)
+
+
+def test_fp8_not_recorded_is_said():
+    for rows in (_fp8_rows(quantize=False), _fp8_rows(quantize=False, quantize_ms=0.5),
+                 _fp8_rows(quantize=True, v_layout_ms=None)):
+        assert all(p["end_to_end_torch"] is None and p["end_to_end_fused"] is None for p in plots.fp8_table(rows))
+        (ax,) = plots.plot_fp8(rows).axes
+        assert FUSED not in _lines(ax) and TORCH not in _lines(ax)
+        assert "quantize time not recorded" in [t.get_text() for t in ax.texts]
+    # FA3 not importable in that run: no FA3 line, the rest drawn
+    rows = [r for r in _fp8_rows() if r["impl"] != "fa3"]
+    assert plots.fp8_table(rows)[0]["fa3"] is None
+    assert "FA3 e4m3 (fa3-fwd)" not in _lines(plots.plot_fp8(rows).axes[0])
+    assert "without run metadata" in plots.plot_fp8(rows)._suptitle.get_text()
+
+
+def test_plot_fp8_validation(fp8_run, bench_run):
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_fp8([])
+    with pytest.raises(TypeError, match="Run, a results document or a list"):
+        plots.plot_fp8("bench_fp8.json")
+    with pytest.raises(ValueError, match="no step05 e4m3 rows"):
+        plots.plot_fp8(bench_run)
+    with pytest.raises(ValueError, match="no step05 e4m3 rows with causal=True"):
+        plots.plot_fp8(fp8_run, causal=True)
+    with pytest.raises(TypeError, match="causal"):
+        plots.fp8_table(fp8_run, causal="no")
+    with pytest.raises(ValueError, match="expected one run, got 2"):
+        plots.plot_fp8([fp8_run, bench_run])
+    with pytest.raises(ValueError, match="two rows for step05"):
+        plots.plot_fp8(_fp8_rows() + [_fp8_rows()[0]])
+    twice = _fp8_rows() + [dict(_fp8_rows()[2], impl="step03")]
+    with pytest.raises(ValueError, match="two bf16 steps"):
+        plots.fp8_table(twice)
+    with pytest.raises(ValueError, match=r"headdims: expected a non-empty subset"):
+        plots.plot_fp8(fp8_run, headdims=[64])
+    with pytest.raises(ValueError, match="headdims"):
+        plots.plot_fp8(fp8_run, headdims=[])
+    with pytest.raises(TypeError, match="headdims"):
+        plots.plot_fp8(fp8_run, headdims=128)
+    fig, axes = plt.subplots(1, 2)
+    with pytest.raises(ValueError, match="ax: expected 1 Axes"):
+        plots.plot_fp8(fp8_run, headdims=[128], ax=axes)
+    assert plots.plot_fp8(_fp8_rows(), ax=axes[:1]) is fig
