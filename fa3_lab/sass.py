@@ -224,8 +224,10 @@ def find_loops(instrs: list[dict]) -> list[dict]:
 
 
 def main_loop(instrs: list[dict]) -> dict:
-    """The consumer main loop: the natural loop with the most HGMMA/QGMMA; ties go to the shortest body
-    (the unmasked steady-state loop rather than the masked one), then the later header.
+    """The consumer main loop: among the innermost loops that issue GEMMs (a persistent kernel wraps
+    the K/V loop in a loop over work tiles, which is left out), the one with the most HGMMA/QGMMA; ties
+    go to the shortest body (the unmasked steady-state loop rather than the masked one), then the
+    later header.
 
     Raises:
         ValueError: the listing has no loop containing a GEMM.
@@ -233,7 +235,13 @@ def main_loop(instrs: list[dict]) -> dict:
     loops = [lp for lp in find_loops(instrs) if lp["gemm"] > 0]
     if not loops:
         raise ValueError("SASS listing: no loop contains an HGMMA/QGMMA (expected the consumer main loop)")
-    return min(loops, key=lambda lp: (-lp["gemm"], len(lp["instructions"]), -lp["header"]))
+
+    def encloses(outer, inner):
+        return (outer is not inner and outer["header"] <= inner["header"] and inner["latch"] <= outer["latch"]
+                and (outer["header"], outer["latch"]) != (inner["header"], inner["latch"]))
+
+    innermost = [lp for lp in loops if not any(encloses(lp, other) for other in loops)]
+    return min(innermost, key=lambda lp: (-lp["gemm"], len(lp["instructions"]), -lp["header"]))
 
 
 # ----------------------------------------------------------------------------- overlap

@@ -68,7 +68,9 @@ struct Config {
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
-  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT;  // min(tiles, SMs) CTAs striding over the tiles
+  // min(tiles, SMs) CTAs striding over the tiles, at headdim 64/128 (measured: +2–17 % non-causal on the
+  // H100; at 256 it lost 5–7 % to one CTA per tile, whose hardware scheduling balances better). NOTES.md.
+  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && kHeadDim <= 128;
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
@@ -96,11 +98,25 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
   // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
-  // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
+  // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …;
+  // causal then orders the tiles by m_block first (longest first over all heads), so every CTA's share
+  // is about equal — with m_block fastest, CTA i would get rows 127 − i − 4k only (3× imbalance).
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_tiles = num_m * p.nheads * p.batch;
+  const int num_hb = p.nheads * p.batch;
+  const int num_tiles = num_m * num_hb;
+  auto decode = [&](int t, int& m_block, int& h, int& b) {
+    if constexpr (!Cfg::kPersistent) {  // straight from blockIdx (cheap to re-read: fewer live registers)
+      m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+      return;
+    }
+    const bool m_major = kCausal;
+    m_block = num_m - 1 - (m_major ? t / num_hb : t % num_m);
+    const int hb = m_major ? t % num_hb : t / num_m;
+    h = hb % p.nheads;
+    b = hb / p.nheads;
+  };
   const int t_first = Cfg::kPersistent ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.nheads * blockIdx.z);
-  const int t_stride = Cfg::kPersistent ? gridDim.x : num_tiles;
+  const int t_stride = gridDim.x;  // persistent only
   const int wg = warpgroup_id();
 
   if (threadIdx.x == 0) {
@@ -114,8 +130,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if constexpr (!Cfg::kPersistent) {  // one tile: step 02's producer (and its trace observer)
-      const int m_block = num_m - 1 - t_first % num_m, h = (t_first / num_m) % p.nheads;
-      const int b = t_first / (num_m * p.nheads);
+      int m_block, h, b;
+      decode(t_first, m_block, h, b);
       const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
       if (blocks.n_block_max > 0)
         produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v,
@@ -125,7 +141,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       tma_prefetch_descriptor(&tmap_v);
       int kv = 0, q_iter = 0;
       for (int t = t_first; t < num_tiles; t += t_stride) {
-        const int m_block = num_m - 1 - t % num_m, h = (t / num_m) % p.nheads, b = t / (num_m * p.nheads);
+        int m_block, h, b;
+        decode(t, m_block, h, b);
         const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
         if (blocks.n_block_max <= 0) continue;
         produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
@@ -150,17 +167,27 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     const uint32_t sQ_addr = smem_u32(sQ);
     int kv = 0, q_iter = 0;  // as the producer's
 
-    for (int t = t_first; t < num_tiles; t += t_stride) {
-      const int m_block = num_m - 1 - t % num_m, h = (t / num_m) % p.nheads, b = t / (num_m * p.nheads);
+    auto consume_tile = [&](int t) {
+      int m_block, h, b;
+      decode(t, m_block, h, b);
       const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
       const int n_block_max = blocks.n_block_max;
       const int row0 = m_block * kBlockM + c * 64;  // this warpgroup's first query row
-      T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-      float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+      // Output pointers, computed where they are used (re-deriving h, b from t there keeps 4 registers
+      // free during the main loop: at headdim 256 they are the difference between 0 and 16 bytes of spill).
+      auto out_ptrs = [&](T*& o_base, float*& lse_base) {
+        int m_, h_, b_;
+        decode(t, m_, h_, b_);
+        o_base = reinterpret_cast<T*>(p.o) + b_ * p.o_batch_stride + h_ * p.o_head_stride;
+        lse_base = p.lse + (static_cast<int64_t>(b_) * p.nheads + h_) * p.seqlen_q;
+      };
       if (n_block_max <= 0) {  // causal, seqlen_q > seqlen_k: these rows see no key
+        T* o_base;
+        float* lse_base;
+        out_ptrs(o_base, lse_base);
         store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, row0, row0 + 64, p.seqlen_q,
                                       threadIdx.x % 128, 128);
-        continue;
+        return;
       }
       OnlineSoftmax softmax;
       softmax.init();
@@ -172,7 +199,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
       auto phase_of = [&](int i) { return static_cast<uint32_t>(((kv0 + i) / kStages) & 1); };
       auto release_q_after = [&](int i) {  // the tile's last Q·Kᵀ is done: Q's slot may be refilled
-        if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
+        if constexpr (Cfg::kPersistent)  // one tile per CTA: nobody refills Q
+          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
       };
 
       float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
@@ -270,7 +298,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       // 7. epilogue
       float inv_sum[2], lse[2];
       softmax.finalize(p.scale_log2, inv_sum, lse);
+      T* o_base;
+      float* lse_base;
+      out_ptrs(o_base, lse_base);
       store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+    };
+    if constexpr (Cfg::kPersistent) {
+      for (int t = t_first; t < num_tiles; t += t_stride) consume_tile(t);
+    } else {
+      consume_tile(t_first);
     }
     if (c == 0) wait_turn();  // matches consumer 1's last hand-over
     FA3_TRACE_FINISH(tr);
