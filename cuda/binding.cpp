@@ -1,4 +1,5 @@
-// binding.cpp — torch extension entry: one forward launcher per step, all taking fa3::FwdParams.
+// binding.cpp — torch extension entry: one forward launcher per step, all taking fa3::FwdParams, and
+// quantize_fp8 (cuda/fp8_quantize.cu), the fused preparation of step 05's e4m3 inputs.
 // Python validates the inputs first (fa3_lab/api.py); the checks here are the last line of defence.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,6 +23,11 @@ void run_fwd_step04(const FwdParams&, cudaStream_t);
 #ifdef FA3_HAS_STEP05
 void run_fwd_step05(const FwdParams&, cudaStream_t);
 #endif
+// cuda/fp8_quantize.cu (always built: it prepares step 05's inputs but needs none of the steps)
+cudaError_t run_quantize_fp8(const void* const src[3], const int64_t strides[3][3], const int sizes[3][2],
+                             uint8_t* const dst[3], float* const descale[3], int batch, int headdim, bool bf16,
+                             bool block_quant, bool incoherent, const uint32_t sign_bits[8], uint32_t* status,
+                             cudaStream_t stream);
 }  // namespace fa3
 
 namespace {
@@ -114,10 +120,75 @@ std::vector<at::Tensor> fwd_fp8(const at::Tensor& q, const at::Tensor& k, const 
 }
 #endif
 
+// quantize_fp8: 16-bit q, k, v (BSHD, last dim contiguous, any other strides) → e4m3 inputs of step 05 in
+// one pass (cuda/fp8_quantize.cu): [q8 (b, sq, h, d), k8 (b, sk, hkv, d), vt8 (b, hkv, d, sk padded to 128, keys
+// permuted), q_descale (b, h, ceil(sq/128)), k_descale, v_descale (b, hkv, ceil(sk/128)), status (4 int32:
+// [3] has bit i set where input i held inf/NaN)]. signs: CPU (d,) ±1 of the incoherent rotation, or None for
+// no rotation. Python (fa3_lab.fp8.quantize_for_kernel) validates first.
+std::vector<at::Tensor> quantize_fp8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     c10::optional<at::Tensor> signs_, bool block_quant) {
+  const at::Tensor* in[3] = {&q, &k, &v};
+  for (const auto* t : in) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device(), "q, k, v must be CUDA tensors on one device");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() &&
+                (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16), "q, k, v must all be fp16 or all bf16");
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "q, k, v must be 4-D (batch, seqlen, heads, headdim), last dim contiguous");
+    for (int d = 0; d < 4; ++d) TORCH_CHECK(t->size(d) >= 1 && t->size(d) < (int64_t{1} << 30), "dimension out of range");
+  }
+  const int64_t batch = q.size(0), headdim = q.size(3);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == batch && k.size(3) == headdim, "k, v must be (batch, seqlen_k, nheads_kv, headdim)");
+  TORCH_CHECK(headdim == 64 || headdim == 128 || headdim == 256, "headdim must be 64, 128 or 256");
+  TORCH_CHECK(q.size(2) % k.size(2) == 0, "nheads must be a multiple of nheads_kv");
+  int64_t tiles = 0;
+  for (const auto* t : in) tiles += batch * ((t->size(1) + 127) / 128) * t->size(2);
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "too many 128-row tiles for one grid");
+  uint32_t sign_bits[8] = {};
+  if (signs_.has_value()) {
+    const at::Tensor signs = signs_.value().to(at::kDouble).contiguous();
+    TORCH_CHECK(signs.device().is_cpu() && signs.dim() == 1 && signs.size(0) == headdim, "signs must be a CPU (headdim,) tensor");
+    const double* sv = signs.data_ptr<double>();
+    for (int64_t e = 0; e < headdim; ++e) {
+      TORCH_CHECK(sv[e] == 1.0 || sv[e] == -1.0, "signs must be +1 or -1");
+      if (sv[e] < 0) sign_bits[e / 32] |= 1u << (e % 32);
+    }
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto e4m3 = q.options().dtype(at::kFloat8_e4m3fn);
+  const auto fp32 = q.options().dtype(at::kFloat);
+  const int64_t sq = q.size(1), sk = k.size(1), h = q.size(2), hkv = k.size(2);
+  const int64_t nq = (sq + 127) / 128, nk = (sk + 127) / 128;
+  at::Tensor q8 = at::empty({batch, sq, h, headdim}, e4m3);  // every byte and descale is written by the kernel
+  at::Tensor k8 = at::empty({batch, sk, hkv, headdim}, e4m3);
+  at::Tensor vt8 = at::empty({batch, hkv, headdim, nk * 128}, e4m3);
+  at::Tensor q_descale = at::empty({batch, h, nq}, fp32);
+  at::Tensor k_descale = at::empty({batch, hkv, nk}, fp32);
+  at::Tensor v_descale = at::empty({batch, hkv, nk}, fp32);
+  at::Tensor status = at::zeros({4}, q.options().dtype(at::kInt));
+  const void* src[3];
+  int64_t strides[3][3];
+  int sizes[3][2];
+  for (int i = 0; i < 3; ++i) {
+    src[i] = in[i]->data_ptr();
+    for (int d = 0; d < 3; ++d)  // the stride of a size-1 dim is never used: 0 keeps the vector loads
+      strides[i][d] = in[i]->size(d) == 1 ? 0 : in[i]->stride(d);
+    sizes[i][0] = static_cast<int>(in[i]->size(1)), sizes[i][1] = static_cast<int>(in[i]->size(2));
+  }
+  uint8_t* dst[3] = {static_cast<uint8_t*>(q8.data_ptr()), static_cast<uint8_t*>(k8.data_ptr()),
+                     static_cast<uint8_t*>(vt8.data_ptr())};
+  float* descale[3] = {q_descale.data_ptr<float>(), k_descale.data_ptr<float>(), v_descale.data_ptr<float>()};
+  const cudaError_t err = fa3::run_quantize_fp8(
+      src, strides, sizes, dst, descale, static_cast<int>(batch), static_cast<int>(headdim),
+      q.scalar_type() == at::kBFloat16, block_quant, signs_.has_value(), sign_bits,
+      reinterpret_cast<uint32_t*>(status.data_ptr<int>()), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "quantize_fp8 launch failed: ", cudaGetErrorString(err));
+  return {q8, k8, vt8, q_descale, k_descale, v_descale, status};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "FlashAttention-3 forward, one of the lab's steps");
+  m.def("quantize_fp8", &quantize_fp8, "16-bit Q, K, V -> step 05's e4m3 inputs and descales, one fused pass");
 #ifdef FA3_HAS_STEP05
   m.def("fwd_fp8", &fwd_fp8, "FP8 e4m3 forward (step 05)");
 #endif

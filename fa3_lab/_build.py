@@ -1,6 +1,7 @@
 """Build and load the CUDA kernels with torch's cpp_extension (JIT on first use, cached by source hash).
 
-The extension holds every step in ``cuda/steps/NN_*.cu`` plus ``cuda/binding.cpp``. The build
+The extension holds every step in ``cuda/steps/NN_*.cu`` plus ``cuda/binding.cpp`` and
+``cuda/fp8_quantize.cu`` (the fused quantization of step 05's inputs, built whatever steps exist). The build
 directory is ``$FA3_LAB_CACHE`` (default ``~/.cache/fa3_lab``) / ``<name>-<hash of all sources>``, so
 editing any kernel source rebuilds, and an unchanged tree loads in a second.
 
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 from ._env import CUDA_DIR
+
+QUANTIZE_SOURCE = CUDA_DIR / "fp8_quantize.cu"  # not a step: fa3_lab.fp8.quantize_for_kernel's kernel
 
 NVCC_FLAGS = [
     "-std=c++17",
@@ -55,7 +58,8 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(None)
 def load(traced: bool = False):
-    """Compile (first use) and import the extension; returns the module with ``fwd`` (and ``fwd_fp8``).
+    """Compile (first use) and import the extension; returns the module with ``fwd``, ``quantize_fp8``
+    (and ``fwd_fp8`` when step 05 is present).
 
     Raises:
         RuntimeError: no sm_90 GPU, or the compiler failed (its log is in the exception).
@@ -83,7 +87,7 @@ def load(traced: bool = False):
     os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     return cpp_ext.load(
         name=f"{name}_{digest}",
-        sources=[str(CUDA_DIR / "binding.cpp")] + [str(p) for p in steps.values()],
+        sources=[str(CUDA_DIR / "binding.cpp")] + [str(p) for p in steps.values()] + [str(QUANTIZE_SOURCE)],
         extra_include_paths=[str(CUDA_DIR / "include")],
         extra_cflags=["-O3", "-std=c++17"] + defines,
         extra_cuda_cflags=NVCC_FLAGS + defines,

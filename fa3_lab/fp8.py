@@ -1,16 +1,18 @@
 """Step 05 on the GPU: quantize Q, K, V to e4m3 (paper §3.3), lay V out for the kernel, run it.
 
-Three levels, highest first:
+Two paths to the kernel, highest level first:
 
-* :func:`flash_attn_fp8_func` — 16-bit CUDA Q, K, V in, bf16 out: :func:`quantize` then
-  :func:`fwd_quantized`.
-* :func:`quantize` — incoherent processing (random signs + Walsh–Hadamard on Q and K) and block
-  (or per-tensor) quantization, in torch on any device. It reproduces
+* :func:`flash_attn_fp8_func` — 16-bit CUDA Q, K, V in, bf16 out: :func:`quantize_for_kernel`
+  then :func:`fwd_kernel_layout`. What users call.
+* :func:`quantize_for_kernel` — the fused CUDA kernel (``cuda/fp8_quantize.cu``): incoherent
+  processing, block (or per-tensor) quantization and V's kernel layout in one pass over memory;
+  bit for bit the torch path below. :func:`fwd_kernel_layout` runs the kernel on its output.
+* :func:`quantize` — the same stages in torch on any device, readable op by op. It reproduces
   ``reference.fp8.fp8_attention_inputs`` (the kernel contract): the same sign vector (drawn from
   ``np.random.default_rng(seed)`` by ``reference.fp8.random_signs``), the same butterflies, the
   same amax/448 scales and the same saturation at ±448 before the cast.
-* :func:`fwd_quantized` — e4m3 tensors plus float32 descales in, the kernel ``ext.fwd_fp8`` out;
-  it transposes and key-permutes V with :func:`kernel_v_layout` first.
+  :func:`fwd_quantized` takes its BSHD e4m3 tensors and transposes and key-permutes V with
+  :func:`kernel_v_layout` before calling the kernel.
 
 The kernel implements ``reference.fp8.fp8_attention`` with block_m = block_n = 128: K/V tiles
 visited last first, P scaled by 2^8 before its e4m3 rounding, O kept in units of the current V
@@ -18,6 +20,7 @@ block's scale, out bf16, lse in natural log.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -55,6 +58,25 @@ class Fp8Tensors(NamedTuple):
     q_descale: torch.Tensor
     k_descale: torch.Tensor
     v_descale: torch.Tensor
+
+
+class Fp8KernelInputs(NamedTuple):
+    """What :func:`quantize_for_kernel` returns and :func:`fwd_kernel_layout` reads (``*t[:6]``).
+
+    ``q8`` (batch, seqlen_q, nheads, headdim) and ``k8`` (batch, seqlen_k, nheads_kv, headdim)
+    ``torch.float8_e4m3fn`` BSHD; ``vt8`` (batch, nheads_kv, headdim, seqlen_k_pad) the kernel's V
+    layout (:func:`kernel_v_layout`: keys contiguous, permuted by :data:`PERM` within groups of 32,
+    ``seqlen_k_pad = ceil(seqlen_k/128)·128``, padding +0); the descales as in :class:`Fp8Tensors`;
+    ``seqlen_k`` the true key count (``kernel_v_layout_inverse(vt8, seqlen_k)`` gives V8 back).
+    """
+
+    q8: torch.Tensor
+    k8: torch.Tensor
+    vt8: torch.Tensor
+    q_descale: torch.Tensor
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
+    seqlen_k: int
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,11 +341,155 @@ def quantize(q, k, v, *, block_quant=True, incoherent=True, seed=0, block_m=BLOC
 
 
 # --------------------------------------------------------------------------------------------
+# Fused quantization on the GPU (cuda/fp8_quantize.cu)
+# --------------------------------------------------------------------------------------------
+
+_INT32_LIMIT = 1 << 30          # sizes the kernel indexes with 32-bit ints (tiles, rows, heads)
+
+
+@functools.lru_cache(None)
+def _signs_cpu(headdim: int, seed: int) -> torch.Tensor:
+    """The sign vector s of :func:`quantize` (``reference.fp8.random_signs``) as a CPU float32 tensor."""
+    from reference.fp8 import random_signs
+
+    return torch.from_numpy(random_signs(headdim, seed)).float()
+
+
+def _check_qkv_16bit(q, k, v, softmax_scale=None, caller="quantize_for_kernel"):
+    """Validation shared by :func:`quantize_for_kernel` and :func:`flash_attn_fp8_func`: 16-bit CUDA
+    BSHD tensors, last dim contiguous, any other strides. Returns softmax_scale resolved."""
+    names = ("q", "k", "v")
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in zip(names, (q, k, v)):
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}: expected dtype float16 or bfloat16, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = _check_shapes(q, k, v)
+    if headdim not in HEADDIMS:
+        raise ValueError(f"q: expected headdim in {HEADDIMS}, got {headdim}")
+    for name, t in zip(names, (q, k, v)):
+        if t.stride(3) != 1:
+            raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
+    for name, t in zip(names, (q, k, v)):
+        if max(t.shape) >= _INT32_LIMIT:
+            raise ValueError(f"{name}: expected every dimension < 2**30, got shape {tuple(t.shape)}")
+    tiles = batch * (-(-seqlen_q // BLOCK_M) * nheads + 2 * -(-seqlen_k // BLOCK_N) * nheads_kv)
+    if tiles >= 2 * _INT32_LIMIT:
+        raise ValueError(f"q, k: {tiles} tiles of 128 rows exceed the kernel's grid (< 2**31)")
+    scale = _resolve_softmax_scale(softmax_scale, headdim)
+    for name, t in zip(names, (q, k, v)):
+        if t.device.type != "cuda":
+            raise TypeError(f"{name}: expected a CUDA tensor (on an sm_90 GPU), got device {t.device}")
+    _check_same_device(names, (q, k, v))
+    from . import _env
+
+    reason = _env.why_no_sm90()
+    if reason:
+        raise RuntimeError(f"{caller} needs an sm_90 GPU (H100/H200): {reason}")
+    return float(scale)
+
+
+def _load_ext(caller: str, need_fwd: bool):
+    from . import _build
+
+    ext = _build.load()
+    if need_fwd and not hasattr(ext, "fwd_fp8"):
+        raise RuntimeError(f"{caller}: the FP8 kernel (cuda/steps/05_fp8.cu) is not in this build")
+    return ext
+
+
+def _quantize_fused(ext, q, k, v, block_quant: bool, incoherent: bool, seed: int, check_finite: bool):
+    """One call of ``ext.quantize_fp8`` (one launch, two for per-tensor scales) on validated input."""
+    signs = _signs_cpu(q.shape[3], seed) if incoherent else None
+    q8, k8, vt8, sq, sk, sv, status = ext.quantize_fp8(q, k, v, signs, block_quant)
+    if check_finite:
+        flags = int(status[3].item())        # bit i: input i held inf/NaN (the kernel's own check)
+        for bit, name in enumerate(("q", "k", "v")):
+            if flags >> bit & 1:
+                raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    return Fp8KernelInputs(q8, k8, vt8, sq, sk, sv, int(k.shape[1]))
+
+
+def quantize_for_kernel(q, k, v, *, block_quant=True, incoherent=True, seed=0, check_finite=True):
+    """Stages 1–2 of FA3's FP8 forward fused into one CUDA kernel, V written in the kernel's layout.
+
+    Per (tensor, batch, head, block of 128 rows), in one read of the 16-bit inputs and one write of
+    the e4m3 outputs (``cuda/fp8_quantize.cu``): rotate Q and K by diag(s)·H/√d (``incoherent``;
+    s = ``reference.fp8.random_signs(headdim, seed)``, the butterflies in :func:`quantize`'s order),
+    take the block amax, scale = amax/448 (1 for an all-zero block), x8 = e4m3(clamp(x/scale, ±448))
+    rounded to nearest even; V goes straight to :func:`kernel_v_layout`'s layout (transposed, keys
+    permuted by :data:`PERM` within groups of 32, zero padding). ``block_quant=False``: one scale
+    per tensor (a first launch reduces the amax, the second quantizes), broadcast into the descales.
+
+    It is built to reproduce :func:`quantize` on CUDA (its float32 path) followed by
+    :func:`kernel_v_layout` bit for bit: the same float32 operations in the same order, including
+    torch's ``x / python_float`` = ``x · fl32(1/b)`` and ``amax.double() / 448`` =
+    ``amax · fl64(1/448)`` on CUDA. tests/test_fp8_quantize.py asserts at most one ulp (e4m3 and
+    float32) with ≥ 99.9 % identical bytes on every shape, and identity on a separate case.
+
+    Non-finite input is detected by the kernel itself (a flag per input, read back with one 4-byte
+    copy, which synchronizes) and raises before anything is returned; the quantization has run by
+    then, the attention has not. With ``check_finite=False`` nothing is read back and a block that
+    holds inf/NaN gets a NaN descale.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim) float16/bfloat16 CUDA tensor, last dim contiguous (any
+            other strides, e.g. a slice of a packed qkv tensor); headdim in (64, 128, 256).
+        k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype and device; nheads % nheads_kv == 0.
+        block_quant: one scale per 128-row block (True) or per tensor (False).
+        incoherent: rotate Q and K first (paper's incoherent processing).
+        seed: non-negative int, seed of the random signs (:func:`flash_attn_fp8_func` uses 0).
+        check_finite: raise on inf/NaN input (one device-to-host sync).
+
+    Returns:
+        :class:`Fp8KernelInputs`: q8 (batch, seqlen_q, nheads, headdim) and k8 (batch, seqlen_k,
+        nheads_kv, headdim) float8_e4m3fn contiguous; vt8 (batch, nheads_kv, headdim,
+        ceil(seqlen_k/128)·128) float8_e4m3fn contiguous; q_descale (batch, nheads,
+        ceil(seqlen_q/128)), k_descale, v_descale (batch, nheads_kv, ceil(seqlen_k/128)) float32
+        contiguous; seqlen_k. Feed it to :func:`fwd_kernel_layout`.
+
+    Raises:
+        TypeError: not tensors, dtype not float16/bfloat16 or mixed, not CUDA, mixed devices,
+            non-bool flags, non-int seed.
+        ValueError: shapes, headdim, nheads % nheads_kv, last dim not contiguous, seed < 0, sizes
+            beyond 32-bit indexing; inf/NaN in an input (``check_finite``).
+        RuntimeError: no sm_90 GPU (nothing computed, no fallback).
+
+    Source: paper §3.3 "Block quantization" and "Incoherent processing"; contract
+    ``reference.fp8.fp8_attention_inputs`` (as computed by :func:`quantize` in float32).
+    """
+    block_quant = _check_flag("block_quant", block_quant)
+    incoherent = _check_flag("incoherent", incoherent)
+    check_finite = _check_flag("check_finite", check_finite)
+    seed = _check_positive_int("seed", seed, minimum=0)
+    _check_qkv_16bit(q, k, v, caller="quantize_for_kernel")
+    ext = _load_ext("quantize_for_kernel", need_fwd=False)
+    return _quantize_fused(ext, q, k, v, block_quant, incoherent, seed, check_finite)
+
+
+# --------------------------------------------------------------------------------------------
 # The kernel call
 # --------------------------------------------------------------------------------------------
 
-def _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, out):
-    names = ("q8", "k8", "v8")
+def _check_vt8(vt8, batch, nheads_kv, headdim, seqlen_k):
+    if vt8.dim() != 4:
+        raise ValueError(f"vt8: expected 4 dims (batch, nheads_kv, headdim, seqlen_k_pad), got shape {tuple(vt8.shape)}")
+    want = (batch, nheads_kv, headdim, -(-seqlen_k // BLOCK_N) * BLOCK_N)
+    if tuple(vt8.shape) != want:
+        raise ValueError(f"vt8: expected shape {want} (batch, nheads_kv, headdim, seqlen_k of k8 padded to "
+                         f"{BLOCK_N}), got {tuple(vt8.shape)}")
+    if not vt8.is_contiguous():
+        raise ValueError(f"vt8: expected a contiguous tensor (as kernel_v_layout / quantize_for_kernel make it), "
+                         f"got strides {vt8.stride()}")
+
+
+def _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, out, *, vt=False,
+                     caller="fwd_quantized"):
+    """Validation of the kernel's e4m3 inputs; ``vt``: the third tensor is vt8 (kernel layout)."""
+    names = ("q8", "k8", "vt8" if vt else "v8")
     for name, t in zip(names, (q8, k8, v8)):
         _check_fp8_tensor(name, t)
     dnames = ("q_descale", "k_descale", "v_descale")
@@ -332,10 +498,14 @@ def _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale,
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.float32:
             raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
-    batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = _check_shapes(q8, k8, v8, names)
+    if vt:
+        batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = _check_shapes(q8, k8, k8, ("q8", "k8", "k8"))
+        _check_vt8(v8, batch, nheads_kv, headdim, seqlen_k)
+    else:
+        batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = _check_shapes(q8, k8, v8, names)
     if headdim not in HEADDIMS:
         raise ValueError(f"q8: expected headdim in {HEADDIMS}, got {headdim}")
-    for name, t in zip(names, (q8, k8, v8)):
+    for name, t in zip(names[:2] if vt else names, (q8, k8, v8)):
         if t.stride(3) != 1:
             raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
         if any(s % 16 for s in t.stride()[:3]):          # 1 byte per element: strides in bytes
@@ -366,8 +536,14 @@ def _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale,
 
     reason = _env.why_no_sm90()
     if reason:
-        raise RuntimeError(f"fwd_quantized needs an sm_90 GPU (H100/H200): {reason}")
+        raise RuntimeError(f"{caller} needs an sm_90 GPU (H100/H200): {reason}")
     return scale
+
+
+def _run_fwd_fp8(ext, q8, k8, vt8, q_descale, k_descale, v_descale, causal, scale, out):
+    # the descales are tiny (one float per 128 rows): any strides are accepted and copied contiguous
+    q_descale, k_descale, v_descale = (t.contiguous() for t in (q_descale, k_descale, v_descale))
+    return ext.fwd_fp8(q8, k8, vt8, q_descale, k_descale, v_descale, BLOCK_M, BLOCK_N, causal, scale, out)
 
 
 def fwd_quantized(q8, k8, v8, q_descale, k_descale, v_descale, causal=False, softmax_scale=None, *,
@@ -377,7 +553,8 @@ def fwd_quantized(q8, k8, v8, q_descale, k_descale, v_descale, causal=False, sof
     Stages 3–6 of the contract, with block_m = block_n = 128: S = Q8_i K8_jᵀ in fp32 with
     ``α·log2(e)·q_descale·k_descale`` folded into one FFMA, online softmax in base 2, P·2^8 rounded
     to e4m3, O accumulated in units of the current V block's descale, out = O·v_descale/ℓ in bf16.
-    V is first transposed and key-permuted by :func:`kernel_v_layout` (one extra copy of V).
+    V is first transposed and key-permuted by :func:`kernel_v_layout` (one extra copy of V);
+    :func:`fwd_kernel_layout` takes V already in that layout (from :func:`quantize_for_kernel`).
 
     Args:
         q8: (batch, seqlen_q, nheads, headdim) torch.float8_e4m3fn CUDA tensor, last dim contiguous,
@@ -403,21 +580,58 @@ def fwd_quantized(q8, k8, v8, q_descale, k_descale, v_descale, causal=False, sof
     """
     causal = _check_flag("causal", causal)
     scale = _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, out)
-    from . import _build
-
-    ext = _build.load()
-    if not hasattr(ext, "fwd_fp8"):
-        raise RuntimeError("fwd_quantized: the FP8 kernel (cuda/steps/05_fp8.cu) is not in this build")
+    ext = _load_ext("fwd_quantized", need_fwd=True)
     vt8 = kernel_v_layout(v8)
-    # the descales are tiny (one float per 128 rows): any strides are accepted and copied contiguous
-    q_descale, k_descale, v_descale = (t.contiguous() for t in (q_descale, k_descale, v_descale))
-    o, lse = ext.fwd_fp8(q8, k8, vt8, q_descale, k_descale, v_descale, BLOCK_M, BLOCK_N, causal, scale, out)
+    o, lse = _run_fwd_fp8(ext, q8, k8, vt8, q_descale, k_descale, v_descale, causal, scale, out)
+    return (o, lse) if return_lse else o
+
+
+def fwd_kernel_layout(q8, k8, vt8, q_descale, k_descale, v_descale, causal=False, softmax_scale=None, *,
+                      return_lse=False, out=None):
+    """The FP8 kernel (step 05) on inputs already in its layout: :func:`fwd_quantized` without the V copy.
+
+    Takes what :func:`quantize_for_kernel` returns (``fwd_kernel_layout(*t[:6])``), or
+    :func:`kernel_v_layout` of an e4m3 V. Same computation and output as :func:`fwd_quantized`.
+
+    Args:
+        q8: (batch, seqlen_q, nheads, headdim) torch.float8_e4m3fn CUDA tensor, last dim contiguous,
+            16-byte aligned strides; headdim in (64, 128, 256).
+        k8: (batch, seqlen_k, nheads_kv, headdim), same rules; nheads % nheads_kv == 0.
+        vt8: (batch, nheads_kv, headdim, ceil(seqlen_k/128)·128) float8_e4m3fn, contiguous, keys
+            permuted within groups of 32 (:data:`PERM`), padded keys +0.
+        q_descale: (batch, nheads, ceil(seqlen_q/128)) float32: q ≈ q8·q_descale.
+        k_descale, v_descale: (batch, nheads_kv, ceil(seqlen_k/128)) float32.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: α applied to the dequantized Q·Kᵀ, default 1/√headdim.
+        return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log.
+        out: optional preallocated bf16 output of q8's shape.
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) bfloat16; and lse if ``return_lse``.
+
+    Raises:
+        TypeError: not tensors, wrong dtypes (e4m3 / float32), not CUDA, mixed devices.
+        ValueError: shapes (vt8's included), headdim, nheads % nheads_kv, descale shapes, strides,
+            vt8 not contiguous, softmax_scale.
+        RuntimeError: no sm_90 GPU, or no step 05 in the build (nothing computed, no fallback).
+
+    Source: paper §3.3; contract ``reference/fp8.py`` ``fp8_attention``.
+    """
+    causal = _check_flag("causal", causal)
+    scale = _check_quantized(q8, k8, vt8, q_descale, k_descale, v_descale, softmax_scale, out, vt=True,
+                             caller="fwd_kernel_layout")
+    ext = _load_ext("fwd_kernel_layout", need_fwd=True)
+    o, lse = _run_fwd_fp8(ext, q8, k8, vt8, q_descale, k_descale, v_descale, causal, scale, out)
     return (o, lse) if return_lse else o
 
 
 def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quant=True, incoherent=True,
                         return_lse=False):
-    """FP8 e4m3 attention from 16-bit inputs: :func:`quantize` then :func:`fwd_quantized` (paper §3.3).
+    """FP8 e4m3 attention from 16-bit inputs: :func:`quantize_for_kernel` then the kernel (paper §3.3).
+
+    Two launches (three with per-tensor scales): the fused quantize kernel, which writes V in the
+    kernel's layout, and step 05. Inputs need only a contiguous last dim (a slice of a packed qkv
+    tensor is fine): the kernel reads the e4m3 copies, never the inputs.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim) float16/bfloat16 CUDA tensor, last dim contiguous.
@@ -433,59 +647,78 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
 
     Raises:
         TypeError: not tensors, dtype not fp16/bf16 or mixed, not CUDA, non-bool flags.
-        ValueError: shapes, headdim not in (64, 128, 256), nheads % nheads_kv, strides, NaN/inf.
-        RuntimeError: no sm_90 GPU.
+        ValueError: shapes, headdim not in (64, 128, 256), nheads % nheads_kv, last dim not
+            contiguous, softmax_scale, NaN/inf (found by the quantize kernel, before the attention).
+        RuntimeError: no sm_90 GPU, or no step 05 in the build.
     """
-    from .api import _check_inputs
-
     block_quant = _check_flag("block_quant", block_quant)
     incoherent = _check_flag("incoherent", incoherent)
     causal = _check_flag("causal", causal)
-    scale = _check_inputs(q, k, v, softmax_scale, (torch.float16, torch.bfloat16), "float16 or bfloat16")
-    t = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent)
-    return fwd_quantized(*t, causal=causal, softmax_scale=scale, return_lse=return_lse)
+    return_lse = _check_flag("return_lse", return_lse)
+    scale = _check_qkv_16bit(q, k, v, softmax_scale, caller="flash_attn_fp8_func")
+    ext = _load_ext("flash_attn_fp8_func", need_fwd=True)
+    t = _quantize_fused(ext, q, k, v, block_quant, incoherent, 0, check_finite=True)
+    o, lse = _run_fwd_fp8(ext, t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale, causal, scale, None)
+    return (o, lse) if return_lse else o
 
 
 # --------------------------------------------------------------------------------------------
 # Timing (benchmark rows)
 # --------------------------------------------------------------------------------------------
 
+def quantize_bytes(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, elem_bytes=2) -> int:
+    """Bytes :func:`quantize_for_kernel` must move at least: read Q, K, V once (16-bit), write q8,
+    k8, vt8 (one byte per element, V padded to 128 keys) and the float32 descales."""
+    nq, nk = -(-seqlen_q // BLOCK_M), -(-seqlen_k // BLOCK_N)
+    read = elem_bytes * batch * headdim * (seqlen_q * nheads + 2 * seqlen_k * nheads_kv)
+    write = batch * headdim * (seqlen_q * nheads + seqlen_k * nheads_kv + nk * BLOCK_N * nheads_kv)
+    return read + write + 4 * batch * (nq * nheads + 2 * nk * nheads_kv)
+
+
 def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nheads_kv=None,
                             block_quant=True, incoherent=True, seed=0) -> dict:
-    """Time the three parts of :func:`flash_attn_fp8_func` on fresh N(0,1) bf16 inputs (GPU only).
+    """Time the parts of :func:`flash_attn_fp8_func` on fresh N(0,1) bf16 inputs (GPU only).
 
-    Median of ``triton.testing.do_bench`` (CUDA events) for: ``quantize`` (rotation + scales +
-    casts), ``kernel_v_layout`` (the V copy) and the kernel ``ext.fwd_fp8`` alone.
+    Median of ``triton.testing.do_bench`` (CUDA events) for: the fused quantize kernel
+    (``ext.quantize_fp8``, what :func:`quantize_for_kernel` launches, without its inf/NaN
+    read-back), the torch path it replaces (:func:`quantize`, then :func:`kernel_v_layout` timed
+    separately) and the attention kernel ``ext.fwd_fp8`` alone. ``seed`` seeds the inputs; the
+    rotation uses seed 0 as :func:`flash_attn_fp8_func` does.
 
     Returns:
         A row in the results schema (DESIGN.md): impl "step05", dtype "e4m3", the shape, ``ms``
-        and ``tflops`` of the kernel alone, plus ``quantize_ms``, ``v_layout_ms``,
+        and ``tflops`` of the attention kernel alone, plus ``quantize_ms`` (fused kernel),
+        ``quantize_gbps`` (:func:`quantize_bytes` / quantize_ms), ``tflops_with_quantize`` (FLOPs
+        / (ms + quantize_ms)), ``quantize_torch_ms`` and ``v_layout_ms`` (the torch path),
         ``block_quant``, ``incoherent``.
 
     Raises:
-        RuntimeError: no sm_90 GPU.  ValueError / TypeError: as :func:`fwd_quantized`.
+        RuntimeError: no sm_90 GPU.  ValueError / TypeError: as :func:`quantize_for_kernel`.
     """
-    from . import _build
     from .bench import time_ms
+    from .results import flops as attention_flops
 
     nheads_kv = nheads if nheads_kv is None else nheads_kv
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
-    t = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent)
-    scale = _check_quantized(*t, None, None)
-    ext = _build.load()
-    vt8 = kernel_v_layout(t.v8)
-    quantize_ms = time_ms(lambda: quantize(q, k, v, block_quant=block_quant, incoherent=incoherent))
-    layout_ms = time_ms(lambda: kernel_v_layout(t.v8))
-    kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, vt8, t.q_descale, t.k_descale, t.v_descale,
+    t = quantize_for_kernel(q, k, v, block_quant=block_quant, incoherent=incoherent)
+    scale = _check_quantized(*t[:6], None, None, vt=True, caller="time_quantize_vs_kernel")
+    ext = _load_ext("time_quantize_vs_kernel", need_fwd=True)
+    signs = _signs_cpu(headdim, 0) if incoherent else None
+    fused_ms = time_ms(lambda: ext.quantize_fp8(q, k, v, signs, block_quant))
+    torch_ms = time_ms(lambda: quantize(q, k, v, block_quant=block_quant, incoherent=incoherent))
+    v8 = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent).v8
+    layout_ms = time_ms(lambda: kernel_v_layout(v8))
+    kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale,
                                             BLOCK_M, BLOCK_N, bool(causal), scale, None))
-    from .results import flops as attention_flops
-
     flops = attention_flops(batch, nheads, seqlen, seqlen, headdim, bool(causal))
+    nbytes = quantize_bytes(batch, seqlen, seqlen, nheads, nheads_kv, headdim)
     return {"impl": "step05", "dtype": "e4m3", "headdim": headdim, "causal": bool(causal), "batch": batch,
             "seqlen_q": seqlen, "seqlen_k": seqlen, "nheads": nheads, "nheads_kv": nheads_kv,
             "ms": kernel_ms, "tflops": flops / (kernel_ms * 1e-3) / 1e12,
-            "quantize_ms": quantize_ms, "v_layout_ms": layout_ms,
+            "quantize_ms": fused_ms, "quantize_gbps": nbytes / (fused_ms * 1e-3) / 1e9,
+            "tflops_with_quantize": flops / ((kernel_ms + fused_ms) * 1e-3) / 1e12,
+            "quantize_torch_ms": torch_ms, "v_layout_ms": layout_ms,
             "block_quant": bool(block_quant), "incoherent": bool(incoherent)}
