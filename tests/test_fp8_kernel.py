@@ -502,4 +502,5 @@ def test_time_quantize_vs_kernel_row():
     assert row["impl"] == "step05" and row["dtype"] == "e4m3" and row["nheads_kv"] == 2
     for key in ("ms", "quantize_ms", "v_layout_ms", "tflops"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
-    assert row["tflops"] == pytest.approx(4 * 4 * 1024 * 1024 * 128 / 2 / (row["ms"] * 1e-3) / 1e12)
+    # causal FLOPs count the visible (query, key) pairs exactly: 1024·1025/2 per head, not 1024²/2
+    assert row["tflops"] == pytest.approx(4 * 4 * (1024 * 1025 // 2) * 128 / (row["ms"] * 1e-3) / 1e12)

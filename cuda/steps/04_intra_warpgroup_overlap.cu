@@ -68,9 +68,10 @@ struct Config {
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
-  // min(tiles, SMs) CTAs striding over the tiles, at headdim 64/128 (measured: +2–17 % non-causal on the
-  // H100; at 256 it lost 5–7 % to one CTA per tile, whose hardware scheduling balances better). NOTES.md.
-  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && kHeadDim <= 128;
+  // min(tiles, SMs) CTAs striding over the tiles, non-causal at headdim 64/128 (measured on the H100:
+  // +2–17 %). Headdim 256 lost 5–7 % and causal up to 30 % (static round-robin of unequal tiles, even
+  // longest-first) to one CTA per tile, which the hardware hands out as SMs free up. NOTES.md.
+  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && kHeadDim <= 128 && !kCausal;
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
@@ -98,22 +99,17 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
   // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
-  // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …;
-  // causal then orders the tiles by m_block first (longest first over all heads), so every CTA's share
-  // is about equal — with m_block fastest, CTA i would get rows 127 − i − 4k only (3× imbalance).
+  // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_hb = p.nheads * p.batch;
-  const int num_tiles = num_m * num_hb;
+  const int num_tiles = num_m * p.nheads * p.batch;
   auto decode = [&](int t, int& m_block, int& h, int& b) {
     if constexpr (!Cfg::kPersistent) {  // straight from blockIdx (cheap to re-read: fewer live registers)
       m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-      return;
+    } else {
+      m_block = num_m - 1 - t % num_m;
+      h = (t / num_m) % p.nheads;
+      b = t / (num_m * p.nheads);
     }
-    const bool m_major = kCausal;
-    m_block = num_m - 1 - (m_major ? t / num_hb : t % num_m);
-    const int hb = m_major ? t % num_hb : t / num_m;
-    h = hb % p.nheads;
-    b = hb / p.nheads;
   };
   const int t_first = Cfg::kPersistent ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.nheads * blockIdx.z);
   const int t_stride = gridDim.x;  // persistent only
