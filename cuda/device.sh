@@ -39,6 +39,7 @@ for what in "$@"; do
       FA3_LAB_DEFINES=-DFA3_STEP04_PERSISTENT=0 python3 -m fa3_lab bench --steps 4 --dtypes bf16 --seqlens 1024,2048,4096,8192,16384 --no-peers --name bench_nonpersistent 2>&1 | tail -40 ;;
     ab_causal) python3 -m fa3_lab bench --steps 4 --dtypes bf16 --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192,16384 --no-peers --name bench_persistent_causal 2>&1 | tail -14
       FA3_LAB_DEFINES=-DFA3_STEP04_PERSISTENT=0 python3 -m fa3_lab bench --steps 4 --dtypes bf16 --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192,16384 --no-peers --name bench_nonpersistent_causal 2>&1 | tail -14 ;;
+    ab_fp8stages) FA3_LAB_DEFINES=-DFA3_STEP05_STAGES_HD128=4 python3 -m fa3_lab bench --fp8 --name bench_fp8_stages4 2>&1 | tail -12 ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

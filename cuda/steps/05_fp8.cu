@@ -45,6 +45,11 @@
 #include "fa3/softmax.h"
 #include "fa3/wgmma.h"
 
+// K/V ring depth at headdim 64/128 (256 fits 2 stages of 64 KB beside Q); overridable for A/B runs.
+#ifndef FA3_STEP05_STAGES_HD128
+#define FA3_STEP05_STAGES_HD128 2
+#endif
+
 namespace fa3 {
 namespace step05 {
 
@@ -56,7 +61,7 @@ struct Config {
   static constexpr int kBlockN = 128;  // = the quantization block of K and V
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kHeadDim <= 128 ? FA3_STEP05_STAGES_HD128 : 2;  // K/V ring depth
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static constexpr int kTurnBarrier = 1;  // named barriers 1, 2 (0 is __syncthreads)
