@@ -12,6 +12,7 @@ commit, one process), so numbers inside a file may be compared and numbers acros
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 from dataclasses import dataclass
@@ -250,7 +251,8 @@ def collect_meta(command: str) -> dict:
 
     Returns:
         dict with ``gpu``, ``sm_count``, ``torch``, ``cuda``, ``cudnn`` (int), ``commit``
-        (``git rev-parse --short HEAD``), ``date`` (now, ISO 8601 UTC, seconds) and ``command``.
+        (``git rev-parse --short HEAD``), ``date`` (now, ISO 8601 UTC, seconds) and ``command``
+        (prefixed with ``FA3_LAB_DEFINES=…`` when that build variable is set).
 
     Raises:
         TypeError: ``command`` is not a non-empty string.
@@ -261,7 +263,8 @@ def collect_meta(command: str) -> dict:
     meta = _gpu_facts()
     meta["commit"] = _env.git_commit()
     meta["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    meta["command"] = command
+    defines = os.environ.get("FA3_LAB_DEFINES", "").strip()  # an A/B build: part of what was run
+    meta["command"] = f"FA3_LAB_DEFINES={defines!r} {command}" if defines else command
     return {k: meta[k] for k in META_KEYS}
 
 

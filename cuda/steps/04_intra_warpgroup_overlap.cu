@@ -18,13 +18,17 @@
 //   6. P_j → 16-bit A fragments for the next turn
 // The price is registers: S_next (fp32) and P_{j−1} (16-bit, read asynchronously by the RS WGMMA
 // until step 5) are live at once. Prologue and epilogue as in step 03.
+// Persistent grid (non-causal, headdim 64/128): min(tiles, SMs) CTAs stride over the work tiles; the
+// K/V ring, the pingpong turns and Q (own empty barrier, released after a tile's last Q·Kᵀ) carry over
+// from tile to tile, so the next tile's Q and K/V land while this tile's last P·V and epilogue run.
 //
-// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 658 TFLOPs/s; seqlen 16k: hd64 456, hd128 641, hd128 causal 600, hd256 661.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
-// Known limit: at headdim 64/128 ptxas places wgmma.wait_group 0 before the softmax's exponentials
-// (at 256 it keeps 16 of 42 under P·V), so the intra-warpgroup overlap is only partly realized; the
-// pingpong across warpgroups does the rest (NOTES.md). This is flash_attn_func's default step.
+// Measured (NVIDIA H100 80GB HBM3, bf16, commit cf705c3, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/):
+// Table 2 shape (4, 8448, 16, 128) 707 TFLOPs/s (FA3 720, cuDNN 655, same run, commit 9a7b758); seqlen 16k:
+// hd64 453, hd128 640, hd128 causal 547, hd256 651 (FA3 457 / 711 / 638 / 767). Analysis: cuda/NOTES.md.
+// Known limits: ptxas places wgmma.wait_group 0 after 17–24 of the softmax's exponentials (it packs P into
+// the registers the in-flight P·V still reads), so the intra-warpgroup overlap is only partly realized;
+// causal and headdim 256 keep one CTA per tile (a static persistent schedule measured slower there; a
+// dynamic tile scheduler is the next step). This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
