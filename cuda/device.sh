@@ -40,6 +40,16 @@ for what in "$@"; do
     ab_causal) python3 -m fa3_lab bench --steps 4 --dtypes bf16 --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192,16384 --no-peers --name bench_persistent_causal 2>&1 | tail -14
       FA3_LAB_DEFINES=-DFA3_STEP04_PERSISTENT=0 python3 -m fa3_lab bench --steps 4 --dtypes bf16 --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192,16384 --no-peers --name bench_nonpersistent_causal 2>&1 | tail -14 ;;
     ab_fp8stages) FA3_LAB_DEFINES=-DFA3_STEP05_STAGES_HD128=4 python3 -m fa3_lab bench --fp8 --name bench_fp8_stages4 2>&1 | tail -12 ;;
+    trace_nb04) for st in 1 2 3 4; do python3 -m fa3_lab trace --step $st 2>&1 | tail -2; done
+      python3 -c "
+import nbclient, nbformat
+path = 'notebooks/04_pingpong_and_overlap.ipynb'
+nb = nbformat.read(path, as_version=4)
+nbclient.NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': 'notebooks'}}).execute()
+nbformat.write(nb, path)
+print(path, 'executed')" 2>&1 | grep -v WARNING
+      python3 -m pytest -p no:cacheprovider --nbval notebooks/04_pingpong_and_overlap.ipynb -q 2>&1 | tail -3
+      tar -cf "$OUT/trace_nb04.tar" fa3_lab/results/traces notebooks/04_pingpong_and_overlap.ipynb ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;
