@@ -187,8 +187,10 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
     """FP8 e4m3 forward with block quantization and incoherent processing (paper §3.3, step 05).
 
     16-bit inputs are rotated (Q and K by diag(s)·H/√d, s from ``np.random.default_rng(0)``) and
-    quantized to e4m3 with one float32 scale per 128-row tile (``fa3_lab.fp8.quantize``); the kernel
-    (``fa3_lab.fp8.fwd_quantized``) then computes ``reference.fp8.fp8_attention``: S in fp32 with the
+    quantized to e4m3 with one float32 scale per 128-row tile by one fused CUDA pass that also writes V
+    in the kernel's k-major layout (``fa3_lab.fp8.quantize_for_kernel``, ``cuda/fp8_quantize.cu``;
+    bitwise the torch path ``fa3_lab.fp8.quantize``); the kernel (``fa3_lab.fp8.fwd_kernel_layout``,
+    step 05) then computes ``reference.fp8.fp8_attention``: S in fp32 with the
     descales folded into the softmax scale, P·2^8 rounded to e4m3, O in fp32, out in bf16.
 
     Args:
