@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import _env
+from .results import _is_number  # the schema's number rule (finite int or float, not bool)
 from .cli import UsageError
 
 HELP = "paper Table 3 on the kernels: RMSE of FP8 step 05 and the 16-bit kernel vs float64, beside NumPy and the paper"
@@ -381,10 +382,6 @@ def build_record(rows, meta, shape, seed, numpy_doc=None, numpy_path=None) -> di
     return validate({"meta": full_meta, "rows": out_rows})
 
 
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def validate(doc) -> dict:
     """Check a GPU Table 3 document; return it unchanged.
 
@@ -427,10 +424,10 @@ def validate(doc) -> dict:
         if r["impl"] in seen:
             raise SchemaError(f"{where}.impl: {r['impl']} appears twice")
         seen.add(r["impl"])
-        if not _is_num(r.get("rmse")) or r["rmse"] <= 0:
+        if not _is_number(r.get("rmse")) or r["rmse"] <= 0:
             raise SchemaError(f"{where}.rmse: expected a finite number > 0, got {r.get('rmse')!r}")
         for key in ("numpy_rmse", "emulation_rmse", "paper_rmse"):
-            if r.get(key) is not None and (not _is_num(r[key]) or r[key] < 0):
+            if r.get(key) is not None and (not _is_number(r[key]) or r[key] < 0):
                 raise SchemaError(f"{where}.{key}: expected a finite number >= 0 or null, got {r[key]!r}")
     return doc
 
