@@ -50,6 +50,10 @@ nbformat.write(nb, path)
 print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 -m pytest -p no:cacheprovider --nbval notebooks/04_pingpong_and_overlap.ipynb -q 2>&1 | tail -3
       tar -cf "$OUT/trace_nb04.tar" fa3_lab/results/traces notebooks/04_pingpong_and_overlap.ipynb ;;
+    ab_overlap) G="--steps 4 --dtypes bf16 --seqlens 2048,4096,8192,16384"
+      python3 -m fa3_lab bench $G --name bench_overlap 2>&1 | tail -30
+      FA3_LAB_DEFINES="-DFA3_STEP04_EARLY_RESCALE=0" python3 -m fa3_lab bench $G --no-peers --name bench_overlap_waitonly 2>&1 | tail -26
+      FA3_LAB_DEFINES="-DFA3_WAIT_AFTER_SOFTMAX=0 -DFA3_STEP04_EARLY_RESCALE=0" python3 -m fa3_lab bench $G --no-peers --name bench_overlap_base 2>&1 | tail -26 ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

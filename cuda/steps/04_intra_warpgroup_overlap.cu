@@ -48,6 +48,11 @@
 
 // Persistent grid (see the header): on by default; off in FA3_TRACE builds, whose timelines record one
 // tile per CTA, and overridable (-DFA3_STEP04_PERSISTENT=0) for A/B runs.
+// O's rescale by corr_{j−1} between the issue of Q·K_jᵀ and of P_{j−1}·V_{j−1} (as FA3), rather than right
+// after wait_group 0 (-DFA3_STEP04_EARLY_RESCALE=0, for A/B runs).
+#ifndef FA3_STEP04_EARLY_RESCALE
+#define FA3_STEP04_EARLY_RESCALE 1
+#endif
 #ifndef FA3_STEP04_PERSISTENT
 #ifdef FA3_TRACE
 #define FA3_STEP04_PERSISTENT 0
@@ -89,6 +94,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
   constexpr int kTurnBarrier = Cfg::kTurnBarrier;
+  constexpr bool kEarlyRescale = FA3_STEP04_EARLY_RESCALE;
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -205,6 +211,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 
       float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
       uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+      float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
       // prologue, tile 0: S = Q·K_0ᵀ
       mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
       wait_turn();
@@ -223,8 +230,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
         const int n_block = n_block_max - 1;
         if (blocks.needs_mask(n_block))
           apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-        float corr[2];
-        softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
+        softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
         pack_p<Traits, kBlockN>(s, pa);
       }
       FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
@@ -245,6 +251,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
         wgmma_fence();
         gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
         wgmma_commit();
+        if constexpr (kEarlyRescale) rescale_rows<kHeadDim>(o, corr);  // O *= corr_{j−1} while Q·K_jᵀ runs (as FA3)
         FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
         wgmma_fence();  // each GEMM its own fence: ptxas then tracks the two groups separately
         gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
@@ -259,19 +266,21 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
         release_q_after(i);
         // 4. mask, softmax of S_next (under the P·V GEMM)
         if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-        float corr[2];
         softmax.update<kBlockN>(s, p.scale_log2, corr);
         // Pin P and corr before the wait, so the exponentials cannot sink below it.
         fence_regs(s);
         fence_regs(corr);
         FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
-        // 5. P·V done: release V_{j−1}'s slot, rescale O
-        wgmma_wait<0>();
+        // 5. P·V done (waited for below every exponential: ptx.h, wgmma_wait_after); release V_{j−1}'s slot
+        wgmma_wait_after<0>(softmax.row_sum[0] + softmax.row_sum[1]);
         fence_regs(o);
         fence_regs_u32(pa);
         FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
-        rescale_rows<kHeadDim>(o, corr);
+        if constexpr (!kEarlyRescale) {  // A/B build: O *= corr_j here, on the path to the next turn
+          rescale_rows<kHeadDim>(o, corr);
+          corr[0] = corr[1] = 1.f;
+        }
         // 6. P_j → 16-bit
         pack_p<Traits, kBlockN>(s, pa);
       };
@@ -283,6 +292,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
         const int last = stage_of(n_block_max - 1);
         mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
         wait_turn();
+        rescale_rows<kHeadDim>(o, corr);
         FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
         wgmma_fence();
         gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));

@@ -89,6 +89,28 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// wgmma.wait_group N, issued only after `x` has been computed (paper Alg. 2 line 12: wait for P·V after
+// the softmax). ptxas orders a wait only against the registers of the GEMMs in flight; its list
+// scheduler puts it in the first stall slot it finds (e.g. while the row max's shuffles are pending),
+// ahead of the exponentials, and the softmax no longer runs under the GEMM. A warp-uniform branch on x
+// ends the basic block, so whatever x depends on is issued before the wait. The caller passes a value
+// that is ≥ 0 or NaN (a sum of exp2 results): the branch is always taken; the trap marks the
+// impossible case instead of skipping the wait.
+// -DFA3_WAIT_AFTER_SOFTMAX=0 builds the plain wait (A/B runs; cuda/NOTES.md).
+#ifndef FA3_WAIT_AFTER_SOFTMAX
+#define FA3_WAIT_AFTER_SOFTMAX 1
+#endif
+template <int N>
+__device__ __forceinline__ void wgmma_wait_after(float x) {
+  if (!FA3_WAIT_AFTER_SOFTMAX) {
+    wgmma_wait<N>();
+  } else if (__all_sync(0xffffffffu, !(x < 0.f))) {
+    wgmma_wait<N>();
+  } else {
+    wgmma_wait<N>();
+    __trap();
+  }
+}
 // Keep the compiler from moving accumulator reads/writes across an async MMA boundary.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
