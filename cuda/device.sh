@@ -54,6 +54,13 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 -m fa3_lab bench $G --name bench_overlap 2>&1 | tail -30
       FA3_LAB_DEFINES="-DFA3_STEP04_EARLY_RESCALE=0" python3 -m fa3_lab bench $G --no-peers --name bench_overlap_waitonly 2>&1 | tail -26
       FA3_LAB_DEFINES="-DFA3_WAIT_AFTER_SOFTMAX=0 -DFA3_STEP04_EARLY_RESCALE=0" python3 -m fa3_lab bench $G --no-peers --name bench_overlap_base 2>&1 | tail -26 ;;
+    ncu_l2) for impl in step04 fa3; do echo "== $impl hd128 8k"
+      ncu --section SpeedOfLight --section MemoryWorkloadAnalysis -k regex:'fwd_kernel|Flash|flash' --launch-skip 2 --launch-count 1 \
+        python3 cuda/tools/profile_case.py --impl $impl --headdim 128 --seqlen 8192 2>&1 \
+        | grep -E "Throughput|Hit Rate|Duration|Busy|Bandwidth|Max Bandwidth|Mem Pipes|SM Frequency|==PROF==|Error" | head -30; done 2>&1 | tee "$OUT/ncu_l2.log" ;;
+    ab_rescale) python3 cuda/tools/ab.py --name ab_rescale --step 4 --variant base= --variant rescale=-DFA3_STEP04_EARLY_RESCALE=1 \
+      --headdims 64,128,256 --seqlens 2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -20
+      mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_rescale_*.json "$OUT/r/" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

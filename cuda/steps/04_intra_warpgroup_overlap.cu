@@ -49,9 +49,9 @@
 // Persistent grid (see the header): on by default; off in FA3_TRACE builds, whose timelines record one
 // tile per CTA, and overridable (-DFA3_STEP04_PERSISTENT=0) for A/B runs.
 // O's rescale by corr_{j−1} between the issue of Q·K_jᵀ and of P_{j−1}·V_{j−1} (as FA3), rather than right
-// after wait_group 0 (-DFA3_STEP04_EARLY_RESCALE=0, for A/B runs).
+// after wait_group 0 (-DFA3_STEP04_EARLY_RESCALE=1, for A/B runs; NOTES.md).
 #ifndef FA3_STEP04_EARLY_RESCALE
-#define FA3_STEP04_EARLY_RESCALE 1
+#define FA3_STEP04_EARLY_RESCALE 0
 #endif
 #ifndef FA3_STEP04_PERSISTENT
 #ifdef FA3_TRACE
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
         fence_regs_u32(pa);
         FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
-        if constexpr (!kEarlyRescale) {  // A/B build: O *= corr_j here, on the path to the next turn
+        if constexpr (!kEarlyRescale) {  // O *= corr_j here, before P_j is packed
           rescale_rows<kHeadDim>(o, corr);
           corr[0] = corr[1] = 1.f;
         }
