@@ -39,5 +39,13 @@ if fp8:
         out = fa3_lab.flash_attn_fp8_func(q, k, v, causal=True)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
+    # step 05's persistent grid (non-causal, headdim 64/128): more tiles than SMs
+    for d in (64, 128):
+        q = torch.randn(2, 1100, 12, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(2, 700, 4, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(2, 700, 4, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        out = fa3_lab.flash_attn_fp8_func(q, k, v, causal=False)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
     steps.append(5)
 print("sanitize case done for steps", steps)

@@ -438,6 +438,18 @@ def test_kernel_matches_emulation_batch_mha_and_scale():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_kernel_persistent_grid_more_tiles_than_sms(headdim):
+    """Non-causal step 05 at headdim 64/128 launches min(tiles, SMs) CTAs that stride over the work
+    tiles (the K/V ring, Q's empty barrier, the pingpong turns and the per-tile descales carry over):
+    2 × 12 heads × 9 row blocks = 216 tiles, more than the SMs, several K/V tiles each, GQA."""
+    batch, seqlen, nheads = 2, 1100, 12
+    assert batch * nheads * -(-seqlen // 128) > torch.cuda.get_device_properties(0).multi_processor_count
+    _kernel_vs_emulation(headdim, False, seqlen, 900, True, True, seed=17 + headdim, batch=batch, nheads=nheads,
+                         nheads_kv=4)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("block_quant,incoherent", FLAGS)
 def test_quantize_on_gpu_matches_reference(block_quant, incoherent):
     """The CUDA quantize path: same tolerance as the CPU float32 path (bf16 inputs)."""

@@ -44,6 +44,7 @@
 #include "fa3/block_info.h"
 #include "fa3/epilogue.h"
 #include "fa3/host.h"
+#include "fa3/launch.h"
 #include "fa3/params.h"
 #include "fa3/producer.h"
 #include "fa3/ptx.h"
@@ -75,9 +76,18 @@ struct Config {
   static constexpr int kQBytes = kBlockM * kHeadDim;       // e4m3: one byte per element
   static constexpr int kKBytes = kBlockN * kHeadDim;
   static constexpr int kVBytes = kHeadDim * kBlockN;       // Vᵀ tile: (kHeadDim, kBlockN), one 128-byte atom per row
-  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes;
 };
+
+// Persistent grid (non-causal, headdim 64/128), as step 04: min(tiles, SMs) CTAs stride over the work
+// tiles; the K/V ring, the pingpong turns and Q (own empty barrier) carry over from tile to tile.
+// -DFA3_STEP05_PERSISTENT=0 builds one CTA per tile (A/B runs).
+#ifndef FA3_STEP05_PERSISTENT
+#define FA3_STEP05_PERSISTENT 1
+#endif
+template <int kHeadDim, bool kCausal>
+constexpr bool kPersistent = FA3_STEP05_PERSISTENT && kHeadDim <= 128 && !kCausal;
 
 // TIn: the input element type (__nv_fp8_e4m3), named like steps 01–04's T so tools find the kernel.
 template <typename TIn, int kHeadDim, bool kCausal>
@@ -88,6 +98,7 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
   static_assert(sizeof(TIn) == 1, "step05 reads e4m3 inputs");
   using T = __nv_bfloat16;  // output
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages, kSw = Cfg::kSw;
+  constexpr bool kPersist = kPersistent<kHeadDim, kCausal>;
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -95,162 +106,221 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
   uint8_t* sK = sQ + Cfg::kQBytes;                      // (kStages, kBlockN, kHeadDim) e4m3
   uint8_t* sVt = sK + kStages * Cfg::kKBytes;           // (kStages, kHeadDim, kBlockN) e4m3, 128B swizzle
   uint64_t* full_q = reinterpret_cast<uint64_t*>(sVt + kStages * Cfg::kVBytes);
-  uint64_t* full_k = full_q + 1;
+  uint64_t* empty_q = full_q + 1;  // persistent: consumers done with Q, the next tile's Q may land
+  uint64_t* full_k = empty_q + 1;
   uint64_t* full_v = full_k + kStages;
   uint64_t* empty_k = full_v + kStages;
   uint64_t* empty_v = empty_k + kStages;
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (p.nheads / p.nheads_kv);
+  // Work tiles t = (b, h, m_block), m_block fastest, walked from the last down (as step 04).
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_tiles = num_m * p.nheads * p.batch;
+  auto decode = [&](int t, int& m_block, int& h, int& b) {
+    if constexpr (!kPersist) {
+      m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    } else {
+      m_block = num_m - 1 - t % num_m;
+      h = (t / num_m) % p.nheads;
+      b = t / (num_m * p.nheads);
+    }
+  };
+  const int t_first = kPersist ? blockIdx.x : 0;
+  const int t_end = kPersist ? num_tiles : 1;  // one CTA per tile: this CTA's one tile
+  const int t_stride = kPersist ? gridDim.x : 1;
   const int wg = warpgroup_id();
-  const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
-  const int n_block_max = blocks.n_block_max;
 
-  T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
-  if (n_block_max <= 0) {
-    store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
-                                  p.seqlen_q);
-    return;
+  if constexpr (!kPersist) {  // causal, seqlen_q > seqlen_k: rows that see no key
+    int m_block, h, b;
+    decode(t_first, m_block, h, b);
+    const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+    if (blocks.n_block_max <= 0) {
+      T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+      float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+      store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
+                                    p.seqlen_q);
+      return;
+    }
   }
-  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
+  if (threadIdx.x == 0) {
+    init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
+    mbarrier_init(empty_q, 4 * Cfg::kNumConsumers);
+    fence_barrier_init();
+  }
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (threadIdx.x / 32 == 0 && elect_one()) {
-      mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
-#pragma unroll
-      for (int a = 0; a < Cfg::kAtoms; ++a)
-        tma_load_4d(sQ + a * kBlockM * kSw, &tmap_q, full_q, a * kSw, m_block * kBlockM, h, b);
-      for (int i = 0; i < n_block_max; ++i) {
-        const int n_block = n_block_max - 1 - i;
-        const int stage = i % kStages;
-        const uint32_t parity = ((i / kStages) & 1) ^ 1;  // the ring starts empty
-        mbarrier_wait(&empty_k[stage], parity);
-        mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKBytes);
+      int kv = 0, q_iter = 0;  // K/V tiles and work tiles put through the ring so far
+      for (int t = t_first; t < t_end; t += t_stride) {
+        int m_block, h, b;
+        decode(t, m_block, h, b);
+        const int h_kv = h / (p.nheads / p.nheads_kv);
+        const int n_block_max = BlockInfo<kBlockM, kBlockN, kCausal>(m_block, p.seqlen_q, p.seqlen_k).n_block_max;
+        if (n_block_max <= 0) continue;
+        mbarrier_wait(empty_q, (q_iter & 1) ^ 1);  // a fresh barrier reads as released
+        mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
-          tma_load_4d(sK + stage * Cfg::kKBytes + a * kBlockN * kSw, &tmap_k, &full_k[stage], a * kSw,
-                      n_block * kBlockN, h_kv, b);
-        mbarrier_wait(&empty_v[stage], parity);
-        mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kVBytes);
-        // Vᵀ box: (kBlockN keys, kHeadDim rows) at key n_block·kBlockN
-        tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], n_block * kBlockN, 0, h_kv, b);
+          tma_load_4d(sQ + a * kBlockM * kSw, &tmap_q, full_q, a * kSw, m_block * kBlockM, h, b);
+        for (int i = 0; i < n_block_max; ++i, ++kv) {
+          const int n_block = n_block_max - 1 - i;
+          const int stage = kv % kStages;
+          const uint32_t parity = ((kv / kStages) & 1) ^ 1;  // the ring starts empty
+          mbarrier_wait(&empty_k[stage], parity);
+          mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKBytes);
+#pragma unroll
+          for (int a = 0; a < Cfg::kAtoms; ++a)
+            tma_load_4d(sK + stage * Cfg::kKBytes + a * kBlockN * kSw, &tmap_k, &full_k[stage], a * kSw,
+                        n_block * kBlockN, h_kv, b);
+          mbarrier_wait(&empty_v[stage], parity);
+          mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kVBytes);
+          // Vᵀ box: (kBlockN keys, kHeadDim rows) at key n_block·kBlockN
+          tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], n_block * kBlockN, 0, h_kv, b);
+        }
+        ++q_iter;
       }
     }
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
     const int c = wg - 1;
-    const int row0 = m_block * kBlockM + c * 64;  // this warpgroup's first query row
-    const int n_mblocks = (p.seqlen_q + p.descale_block_m - 1) / p.descale_block_m;
-    const int n_nblocks = (p.seqlen_k + p.descale_block_n - 1) / p.descale_block_n;
-    const float sq = p.q_descale[(static_cast<int64_t>(b) * p.nheads + h) * n_mblocks + m_block];
-    const float* sk_row = p.k_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
-    const float* sv_row = p.v_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
-    const float qk_scale_log2 = p.scale_log2 * sq;  // × sk_j per tile
-    OnlineSoftmaxScaled softmax;
-    softmax.init();
-    float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, in units of sv_prev
-#pragma unroll
-    for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-    float sv_prev = sv_row[n_block_max - 1];
-    const uint32_t sQ_addr = smem_u32(sQ);
-    mbarrier_wait(full_q, 0);
-
     // Pingpong turn keeping as step 03/04: warpgroup c waits on turn[c] and hands over to turn[1 − c].
     auto wait_turn = [&]() { named_barrier_sync(Cfg::kTurnBarrier + c, 2 * 128); };
     auto pass_turn = [&]() { named_barrier_arrive(Cfg::kTurnBarrier + (1 - c), 2 * 128); };
     if (c == 1) named_barrier_arrive(Cfg::kTurnBarrier + 0, 2 * 128);
+    const uint32_t sQ_addr = smem_u32(sQ);
+    const int n_mblocks = (p.seqlen_q + p.descale_block_m - 1) / p.descale_block_m;
+    const int n_nblocks = (p.seqlen_k + p.descale_block_n - 1) / p.descale_block_n;
+    int kv = 0, q_iter = 0;  // as the producer's
 
-    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P·2^8, registers
-    uint32_t pa[kBlockN / 32][4];   // P_{j−1} as e4m3 A fragments (m64k32), registers
-    // prologue, tile 0: S = Q8·K8_0ᵀ
-    {
-      const int n_block = n_block_max - 1;
-      const float sk = sk_row[n_block];
-      mbarrier_wait(&full_k[0], 0);
-      wait_turn();
-      wgmma_fence();
-      gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK));
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<0>();
-      fence_regs(s);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);
-      if (blocks.needs_mask(n_block))
-        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      float corr[2];
-      softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);  // O is still 0
-      pack_p_e4m3<kBlockN>(s, pa);
-    }
-    // One tile of the main loop; kMask as in step 04 (masked tiles first, their own loop).
-    auto tile = [&](int i, auto mask_tag) {
-      constexpr bool kMask = decltype(mask_tag)::value;
-      const int n_block = n_block_max - 1 - i;
-      const int stage = i % kStages, prev = (i - 1) % kStages;
-      const float sk = sk_row[n_block], sv = sv_row[n_block];  // issued early, used after the GEMMs
-      // 1. operands ready; my turn
-      mbarrier_wait(&full_k[stage], (i / kStages) & 1);
-      mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
-      wait_turn();
-      // 2. S_next = Q8·K8_jᵀ (group 1);  O += P8_{j−1}·V8_{j−1} (group 2);  hand over
-      wgmma_fence();
-      gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK + stage * Cfg::kKBytes));
-      wgmma_commit();
-      wgmma_fence();
-      gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + prev * Cfg::kVBytes));
-      wgmma_commit();
-      pass_turn();
-      // 3. S_next ready; P·V still in flight
-      wgmma_wait<1>();
-      fence_regs(s);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);
-      // 4. mask, softmax of S_next (under the P·V GEMM)
-      if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      float corr[2];
-      softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);
-      fence_regs(s);
-      fence_regs(corr);
-      // 5. P·V done: release V_{j−1}; O into units of sv_j
-      wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs_u32(pa);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);
-      const float ratio = __fdividef(sv_prev, sv);  // MUFU.RCP + FMUL: no slow-path branch (it would end the
-                                                    // overlapped block and pull wait_group 0 above the EX2s)
-      corr[0] *= ratio;
-      corr[1] *= ratio;
-      rescale_rows<kHeadDim>(o, corr);
-      sv_prev = sv;
-      // 6. P_j → e4m3
-      pack_p_e4m3<kBlockN>(s, pa);
+    auto consume_tile = [&](int t) {
+      int m_block, h, b;
+      decode(t, m_block, h, b);
+      const int h_kv = h / (p.nheads / p.nheads_kv);
+      const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+      const int n_block_max = blocks.n_block_max;
+      const int row0 = m_block * kBlockM + c * 64;  // this warpgroup's first query row
+      T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+      float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+      if (n_block_max <= 0) {  // persistent only (one CTA per tile returned above)
+        store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, row0, row0 + 64, p.seqlen_q,
+                                      threadIdx.x % 128, 128);
+        return;
+      }
+      const float sq = p.q_descale[(static_cast<int64_t>(b) * p.nheads + h) * n_mblocks + m_block];
+      const float* sk_row = p.k_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
+      const float* sv_row = p.v_descale + (static_cast<int64_t>(b) * p.nheads_kv + h_kv) * n_nblocks;
+      const float qk_scale_log2 = p.scale_log2 * sq;  // × sk_j per tile
+      OnlineSoftmaxScaled softmax;
+      softmax.init();
+      float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, in units of sv_prev
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+      float sv_prev = sv_row[n_block_max - 1];
+      mbarrier_wait(full_q, q_iter & 1);
+      const int kv0 = kv;
+      auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
+      auto phase_of = [&](int i) { return static_cast<uint32_t>(((kv0 + i) / kStages) & 1); };
+      auto release_q_after = [&](int i) {  // the tile's last Q·Kᵀ is done: Q's slot may be refilled
+        if constexpr (kPersist)
+          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
+      };
+
+      float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P·2^8, registers
+      uint32_t pa[kBlockN / 32][4];   // P_{j−1} as e4m3 A fragments (m64k32), registers
+      // prologue, tile 0: S = Q8·K8_0ᵀ
+      {
+        const int n_block = n_block_max - 1;
+        const float sk = sk_row[n_block];
+        mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
+        wait_turn();
+        wgmma_fence();
+        gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64,
+                                                               smem_u32(sK + stage_of(0) * Cfg::kKBytes));
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_regs(s);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);
+        release_q_after(0);
+        if (blocks.needs_mask(n_block))
+          apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        float corr[2];
+        softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);  // O is still 0
+        pack_p_e4m3<kBlockN>(s, pa);
+      }
+      // One tile of the main loop; kMask as in step 04 (masked tiles first, their own loop).
+      auto tile = [&](int i, auto mask_tag) {
+        constexpr bool kMask = decltype(mask_tag)::value;
+        const int n_block = n_block_max - 1 - i;
+        const int stage = stage_of(i), prev = stage_of(i - 1);
+        const float sk = sk_row[n_block], sv = sv_row[n_block];  // issued early, used after the GEMMs
+        // 1. operands ready; my turn
+        mbarrier_wait(&full_k[stage], phase_of(i));
+        mbarrier_wait(&full_v[prev], phase_of(i - 1));
+        wait_turn();
+        // 2. S_next = Q8·K8_jᵀ (group 1);  O += P8_{j−1}·V8_{j−1} (group 2);  hand over
+        wgmma_fence();
+        gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK + stage * Cfg::kKBytes));
+        wgmma_commit();
+        wgmma_fence();
+        gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + prev * Cfg::kVBytes));
+        wgmma_commit();
+        pass_turn();
+        // 3. S_next ready; P·V still in flight
+        wgmma_wait<1>();
+        fence_regs(s);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);
+        release_q_after(i);
+        // 4. mask, softmax of S_next (under the P·V GEMM)
+        if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        float corr[2];
+        softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);
+        fence_regs(s);
+        fence_regs(corr);
+        // 5. P·V done: release V_{j−1}; O into units of sv_j
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs_u32(pa);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);
+        const float ratio = __fdividef(sv_prev, sv);  // MUFU.RCP + FMUL: no slow-path branch (it would end the
+                                                      // overlapped block and pull wait_group 0 above the EX2s)
+        corr[0] *= ratio;
+        corr[1] *= ratio;
+        rescale_rows<kHeadDim>(o, corr);
+        sv_prev = sv;
+        // 6. P_j → e4m3
+        pack_p_e4m3<kBlockN>(s, pa);
+      };
+      int i = 1;
+      for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
+      for (; i < n_block_max; ++i) tile(i, std::false_type{});
+      // epilogue turn: O += P8_last·V8_last
+      {
+        const int last = stage_of(n_block_max - 1);
+        mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
+        wait_turn();
+        wgmma_fence();
+        gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + last * Cfg::kVBytes));
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_regs(o);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+      }
+      kv += n_block_max;
+      ++q_iter;
+      // 7. epilogue: O·sv_last/ℓ
+      float inv_sum[2], lse[2];
+      softmax.finalize(kPLog2Scale, inv_sum, lse);
+      inv_sum[0] *= sv_prev;
+      inv_sum[1] *= sv_prev;
+      store_o_lse<ElemTraits<T>, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
     };
-    int i = 1;
-    for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
-    for (; i < n_block_max; ++i) tile(i, std::false_type{});
-    // epilogue turn: O += P8_last·V8_last
-    {
-      const int last = (n_block_max - 1) % kStages;
-      mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
-      wait_turn();
-      wgmma_fence();
-      gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + last * Cfg::kVBytes));
-      wgmma_commit();
-      if (c == 0) pass_turn();
-      wgmma_wait<0>();
-      fence_regs(o);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
-    }
-    // 7. epilogue: O·sv_last/ℓ
-    float inv_sum[2], lse[2];
-    softmax.finalize(kPLog2Scale, inv_sum, lse);
-    inv_sum[0] *= sv_prev;
-    inv_sum[1] *= sv_prev;
-    store_o_lse<ElemTraits<T>, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+    for (int t = t_first; t < t_end; t += t_stride) consume_tile(t);
+    if (c == 0) wait_turn();  // matches consumer 1's last hand-over
   }
 }
 
@@ -268,7 +338,11 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   auto kernel = fwd_kernel<__nv_fp8_e4m3, kHeadDim, kCausal>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              "cudaFuncSetAttribute(step05)");
-  const dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  if constexpr (kPersistent<kHeadDim, kCausal>) {  // min(work tiles, SMs) CTAs
+    const long long tiles = static_cast<long long>(grid.x) * grid.y * grid.z;
+    grid = dim3(static_cast<unsigned>(tiles < sm_count() ? tiles : sm_count()), 1, 1);
+  }
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tvt, p);
   check_cuda(cudaGetLastError(), "step05 launch");
 }
