@@ -62,6 +62,9 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       --headdims 64,128,256 --seqlens 2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -20
       mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_rescale_*.json "$OUT/r/" ;;
     ab_fp8persist) FA3_LAB_DEFINES=-DFA3_STEP05_PERSISTENT=0 python3 -m fa3_lab bench --fp8 --name bench_fp8_nonpersistent 2>&1 | tail -12 ;;
+    ab_dynamic) python3 cuda/tools/ab.py --name ab_dynamic --step 4 --variant dynamic= --variant percta=-DFA3_STEP04_DYNAMIC=0 \
+      --headdims 64,128,256 --causal true --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -20
+      mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_dynamic_*.json "$OUT/r/" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

@@ -61,6 +61,13 @@
 #endif
 #endif
 
+// Causal: a dynamic tile scheduler (persistent CTAs take their next tile from a global atomic counter,
+// longest tiles first within sections of heads sized for L2); -DFA3_STEP04_DYNAMIC=0 builds one CTA per
+// causal tile (A/B runs).
+#ifndef FA3_STEP04_DYNAMIC
+#define FA3_STEP04_DYNAMIC 1
+#endif
+
 namespace fa3 {
 namespace step04 {
 
@@ -80,9 +87,11 @@ struct Config {
   // min(tiles, SMs) CTAs striding over the tiles, non-causal at headdim 64/128 (measured on the H100:
   // +2–17 %). Headdim 256 lost 5–7 % and causal up to 30 % (static round-robin of unequal tiles, even
   // longest-first) to one CTA per tile, which the hardware hands out as SMs free up. NOTES.md.
-  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && kHeadDim <= 128 && !kCausal;
-  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  // Causal tiles differ in length: a static assignment lost, so they are handed out dynamically.
+  static constexpr bool kDynamic = FA3_STEP04_PERSISTENT && FA3_STEP04_DYNAMIC && kCausal;
+  static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && ((kHeadDim <= 128 && !kCausal) || kDynamic);
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
 };
 
 template <typename T, int kHeadDim, bool kCausal>
@@ -107,6 +116,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* full_v = full_k + kStages;  // (kStages)
   uint64_t* empty_k = full_v + kStages;  // (kStages)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
+  uint64_t* sched_full = empty_v + kStages;  // (2) dynamic scheduler: the producer wrote tile_slot[n % 2]
+  uint64_t* sched_empty = sched_full + 2;    // (2) the consumers read it
+  volatile int* tile_slot = reinterpret_cast<volatile int*>(sched_empty + 2);  // (2) next work tile
 
   // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
   // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
@@ -115,6 +127,19 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   auto decode = [&](int t, int& m_block, int& h, int& b) {
     if constexpr (!Cfg::kPersistent) {  // straight from blockIdx (cheap to re-read: fewer live registers)
       m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    } else if constexpr (Cfg::kDynamic) {
+      // Sections of p.sched_heads (batch, head) pairs; within one, row blocks from the last (longest) down,
+      // the section's heads fastest: the tiles in flight share a few heads' K/V in L2, and the short tiles
+      // come last, where they fill the tail.
+      const int total_bh = p.nheads * p.batch;
+      const int sec = t / (num_m * p.sched_heads);
+      const int w = t - sec * num_m * p.sched_heads;
+      const int heads_here = min(p.sched_heads, total_bh - sec * p.sched_heads);
+      const int m_rev = w / heads_here;
+      const int bh = sec * p.sched_heads + (w - m_rev * heads_here);
+      m_block = num_m - 1 - m_rev;
+      h = bh % p.nheads;
+      b = bh / p.nheads;
     } else {
       m_block = num_m - 1 - t % num_m;
       h = (t / num_m) % p.nheads;
@@ -128,6 +153,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   if (threadIdx.x == 0) {
     init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
     mbarrier_init(empty_q, 4 * Cfg::kNumConsumers);
+    mbarrier_init(&sched_full[0], 1);
+    mbarrier_init(&sched_full[1], 1);
+    mbarrier_init(&sched_empty[0], 4 * Cfg::kNumConsumers);
+    mbarrier_init(&sched_empty[1], 4 * Cfg::kNumConsumers);
     fence_barrier_init();
   }
   __syncthreads();
@@ -146,15 +175,27 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       tma_prefetch_descriptor(&tmap_k);
       tma_prefetch_descriptor(&tmap_v);
       int kv = 0, q_iter = 0;
-      for (int t = t_first; t < num_tiles; t += t_stride) {
+      for (int t = t_first, n = 0; t < num_tiles; ++n) {
         int m_block, h, b;
         decode(t, m_block, h, b);
         const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
-        if (blocks.n_block_max <= 0) continue;
-        produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
-                             empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter);
-        kv += blocks.n_block_max;
-        ++q_iter;
+        if (blocks.n_block_max > 0) {
+          produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
+                               empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter);
+          kv += blocks.n_block_max;
+          ++q_iter;
+        }
+        if constexpr (Cfg::kDynamic) {
+          // The next tile, claimed once this one's loads are all issued (so a CTA that finishes early
+          // claims early), and handed to the consumers through tile_slot[n % 2].
+          const int t_next = atomicAdd(p.tile_counter, 1) + static_cast<int>(gridDim.x);
+          mbarrier_wait(&sched_empty[n & 1], ((n >> 1) & 1) ^ 1);  // a fresh barrier reads as released
+          tile_slot[n & 1] = t_next;
+          mbarrier_arrive(&sched_full[n & 1]);  // release: the slot's write is seen by the waiters
+          t = t_next;
+        } else {
+          t += t_stride;
+        }
       }
     }
   } else {
@@ -313,7 +354,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       out_ptrs(o_base, lse_base);
       store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
     };
-    if constexpr (Cfg::kPersistent) {
+    if constexpr (Cfg::kDynamic) {
+      for (int t = t_first, n = 0; t < num_tiles; ++n) {
+        consume_tile(t);
+        mbarrier_wait(&sched_full[n & 1], (n >> 1) & 1);
+        t = tile_slot[n & 1];
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
+      }
+    } else if constexpr (Cfg::kPersistent) {
       for (int t = t_first; t < num_tiles; t += t_stride) consume_tile(t);
     } else {
       consume_tile(t_first);
@@ -326,7 +375,18 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 template <typename T, int kHeadDim, bool kCausal>
 struct Launch {
   static void run(const FwdParams& p, cudaStream_t stream) {
-    launch_fwd<Config<T, kHeadDim, kCausal>>(fwd_kernel<T, kHeadDim, kCausal>, p, stream, "step04");
+    using Cfg = Config<T, kHeadDim, kCausal>;
+    if constexpr (Cfg::kDynamic) {
+      if (p.tile_counter == nullptr) throw std::runtime_error("step04: causal needs p.tile_counter (a zeroed int32)");
+      // (batch, head) pairs per section: their K and V together take at most ~32 MB of the 50 MB L2.
+      FwdParams q = p;
+      const long long kv_bytes = 2LL * p.seqlen_k * kHeadDim * static_cast<long long>(sizeof(T));
+      const long long heads = (32LL << 20) / (kv_bytes > 0 ? kv_bytes : 1);
+      q.sched_heads = static_cast<int>(heads < 1 ? 1 : heads > p.nheads * p.batch ? p.nheads * p.batch : heads);
+      launch_fwd<Cfg>(fwd_kernel<T, kHeadDim, kCausal>, q, stream, "step04");
+    } else {
+      launch_fwd<Cfg>(fwd_kernel<T, kHeadDim, kCausal>, p, stream, "step04");
+    }
   }
 };
 

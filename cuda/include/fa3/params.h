@@ -29,6 +29,10 @@ struct FwdParams {
   const float* v_descale = nullptr;
   int descale_block_m = 0, descale_block_n = 0;
   int vt_seqlen_pad = 0;  // step 05: V is passed transposed, (batch, nheads_kv, headdim, vt_seqlen_pad)
+  // Dynamic tile scheduler (step 04, causal): a zeroed int32 the CTAs take their next work tile from
+  // (atomicAdd), and how many (batch, head) pairs one section of the tile order spans (L2 reuse).
+  int* tile_counter = nullptr;
+  int sched_heads = 1;
   // Tracing (FA3_TRACE builds only): %globaltimer stamps of the first `trace_ctas` CTAs.
   uint64_t* trace = nullptr;
   int trace_ctas = 0;
