@@ -118,7 +118,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
   uint64_t* sched_full = empty_v + kStages;  // (2) dynamic scheduler: the producer wrote tile_slot[n % 2]
   uint64_t* sched_empty = sched_full + 2;    // (2) the consumers read it
-  volatile int* tile_slot = reinterpret_cast<volatile int*>(sched_empty + 2);  // (2) next work tile
+  // (2) the next work tile; written and read with shared-memory atomics (ordered by the mbarriers above:
+  // the atomics only tell compute-sanitizer's racecheck, which does not model mbarrier ordering of
+  // ordinary accesses, that these are not plain loads and stores)
+  int* tile_slot = reinterpret_cast<int*>(sched_empty + 2);
 
   // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
   // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
           // claims early), and handed to the consumers through tile_slot[n % 2].
           const int t_next = atomicAdd(p.tile_counter, 1) + static_cast<int>(gridDim.x);
           mbarrier_wait(&sched_empty[n & 1], ((n >> 1) & 1) ^ 1);  // a fresh barrier reads as released
-          tile_slot[n & 1] = t_next;
+          atomicExch(&tile_slot[n & 1], t_next);
           mbarrier_arrive(&sched_full[n & 1]);  // release: the slot's write is seen by the waiters
           t = t_next;
         } else {
@@ -358,7 +361,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       for (int t = t_first, n = 0; t < num_tiles; ++n) {
         consume_tile(t);
         mbarrier_wait(&sched_full[n & 1], (n >> 1) & 1);
-        t = tile_slot[n & 1];
+        t = atomicAdd(&tile_slot[n & 1], 0);
         __syncwarp();
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
       }
