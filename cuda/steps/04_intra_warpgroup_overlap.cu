@@ -67,6 +67,9 @@
 #ifndef FA3_STEP04_DYNAMIC
 #define FA3_STEP04_DYNAMIC 1
 #endif
+#ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
+#define FA3_SCHED_L2_MB 32
+#endif
 
 namespace fa3 {
 namespace step04 {
@@ -381,10 +384,10 @@ struct Launch {
     using Cfg = Config<T, kHeadDim, kCausal>;
     if constexpr (Cfg::kDynamic) {
       if (p.tile_counter == nullptr) throw std::runtime_error("step04: causal needs p.tile_counter (a zeroed int32)");
-      // (batch, head) pairs per section: their K and V together take at most ~32 MB of the 50 MB L2.
+      // (batch, head) pairs per section: their K and V together take at most FA3_SCHED_L2_MB of the 50 MB L2.
       FwdParams q = p;
       const long long kv_bytes = 2LL * p.seqlen_k * kHeadDim * static_cast<long long>(sizeof(T));
-      const long long heads = (32LL << 20) / (kv_bytes > 0 ? kv_bytes : 1);
+      const long long heads = (static_cast<long long>(FA3_SCHED_L2_MB) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
       q.sched_heads = static_cast<int>(heads < 1 ? 1 : heads > p.nheads * p.batch ? p.nheads * p.batch : heads);
       launch_fwd<Cfg>(fwd_kernel<T, kHeadDim, kCausal>, q, stream, "step04");
     } else {
