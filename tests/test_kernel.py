@@ -101,6 +101,15 @@ def test_persistent_grid_more_tiles_than_sms(headdim, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+def test_causal_both_schedulers(headdim):
+    """Causal step 04 takes the dynamic tile scheduler up to FA3_DYNAMIC_MAX_SEQLEN (8192) keys and one
+    CTA per tile beyond: one case on each side of the switch."""
+    for seqlen_k in (8192, 8193 + 64):
+        run_case(4, "bf16", headdim, True, 1, 384, seqlen_k, 2, 1, seed=headdim + seqlen_k)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("step", STEPS16)
 def test_deterministic(step):
     """Bitwise identical output run to run (no atomics, fixed reduction order)."""

@@ -74,7 +74,14 @@
 namespace fa3 {
 namespace step04 {
 
-template <typename T, int kHeadDim, bool kCausal>
+// Causal sequences up to this many keys take the dynamic scheduler; longer ones one CTA per tile (the
+// interleaved A/B on the H100: +3–11 % at 1k–4k, −2–5 % at 16k; cuda/NOTES.md).
+#ifndef FA3_DYNAMIC_MAX_SEQLEN
+#define FA3_DYNAMIC_MAX_SEQLEN 8192
+#endif
+
+// kDyn: the dynamic-scheduler instantiation of a causal config (Launch picks it by seqlen_k).
+template <typename T, int kHeadDim, bool kCausal, bool kDyn = false>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
   static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : FA3_BLOCK_N_HD128) : 80;  // Bc
@@ -91,17 +98,17 @@ struct Config {
   // +2–17 %). Headdim 256 lost 5–7 % and causal up to 30 % (static round-robin of unequal tiles, even
   // longest-first) to one CTA per tile, which the hardware hands out as SMs free up. NOTES.md.
   // Causal tiles differ in length: a static assignment lost, so they are handed out dynamically.
-  static constexpr bool kDynamic = FA3_STEP04_PERSISTENT && FA3_STEP04_DYNAMIC && kCausal;
+  static constexpr bool kDynamic = FA3_STEP04_PERSISTENT && FA3_STEP04_DYNAMIC && kCausal && kDyn;
   static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && ((kHeadDim <= 128 && !kCausal) || kDynamic);
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
 };
 
-template <typename T, int kHeadDim, bool kCausal>
-__global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
+template <typename T, int kHeadDim, bool kCausal, bool kDyn>
+__global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 1)
     fwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
                const __grid_constant__ CUtensorMap tmap_v, const FwdParams p) {
-  using Cfg = Config<T, kHeadDim, kCausal>;
+  using Cfg = Config<T, kHeadDim, kCausal, kDyn>;
   using Traits = ElemTraits<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
@@ -381,17 +388,21 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 template <typename T, int kHeadDim, bool kCausal>
 struct Launch {
   static void run(const FwdParams& p, cudaStream_t stream) {
-    using Cfg = Config<T, kHeadDim, kCausal>;
-    if constexpr (Cfg::kDynamic) {
+    using Dyn = Config<T, kHeadDim, kCausal, true>;
+    if constexpr (Dyn::kDynamic) {
+      if (p.seqlen_k > FA3_DYNAMIC_MAX_SEQLEN) {
+        launch_fwd<Config<T, kHeadDim, kCausal>>(fwd_kernel<T, kHeadDim, kCausal, false>, p, stream, "step04");
+        return;
+      }
       if (p.tile_counter == nullptr) throw std::runtime_error("step04: causal needs p.tile_counter (a zeroed int32)");
       // (batch, head) pairs per section: their K and V together take at most FA3_SCHED_L2_MB of the 50 MB L2.
       FwdParams q = p;
       const long long kv_bytes = 2LL * p.seqlen_k * kHeadDim * static_cast<long long>(sizeof(T));
       const long long heads = (static_cast<long long>(FA3_SCHED_L2_MB) << 20) / (kv_bytes > 0 ? kv_bytes : 1);
       q.sched_heads = static_cast<int>(heads < 1 ? 1 : heads > p.nheads * p.batch ? p.nheads * p.batch : heads);
-      launch_fwd<Cfg>(fwd_kernel<T, kHeadDim, kCausal>, q, stream, "step04");
+      launch_fwd<Dyn>(fwd_kernel<T, kHeadDim, kCausal, true>, q, stream, "step04");
     } else {
-      launch_fwd<Cfg>(fwd_kernel<T, kHeadDim, kCausal>, p, stream, "step04");
+      launch_fwd<Config<T, kHeadDim, kCausal>>(fwd_kernel<T, kHeadDim, kCausal, false>, p, stream, "step04");
     }
   }
 };
