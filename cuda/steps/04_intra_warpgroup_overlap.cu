@@ -21,14 +21,19 @@
 // Persistent grid (non-causal, headdim 64/128): min(tiles, SMs) CTAs stride over the work tiles; the
 // K/V ring, the pingpong turns and Q (own empty barrier, released after a tile's last Q·Kᵀ) carry over
 // from tile to tile, so the next tile's Q and K/V land while this tile's last P·V and epilogue run.
+// Causal, up to 8192 keys: the same persistent CTAs take their tiles from a dynamic scheduler (the
+// producer claims the next tile with an atomicAdd once this tile's loads are issued and hands it to the
+// consumers through smem; tiles ordered longest first within sections of heads sized for L2). Longer
+// causal inputs keep one CTA per tile.
 //
-// Measured (NVIDIA H100 80GB HBM3, bf16, commit cf705c3, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/):
-// Table 2 shape (4, 8448, 16, 128) 707 TFLOPs/s (FA3 720, cuDNN 655, same run, commit 9a7b758); seqlen 16k:
-// hd64 453, hd128 640, hd128 causal 547, hd256 651 (FA3 457 / 711 / 638 / 767). Analysis: cuda/NOTES.md.
-// Known limits: ptxas places wgmma.wait_group 0 after 17–24 of the softmax's exponentials (it packs P into
-// the registers the in-flight P·V still reads), so the intra-warpgroup overlap is only partly realized;
-// causal and headdim 256 keep one CTA per tile (a static persistent schedule measured slower there; a
-// dynamic tile scheduler is the next step). This is flash_attn_func's default step.
+// Measured (NVIDIA H100 80GB HBM3, bf16, commit b568df4, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/):
+// Table 2 shape (4, 8448, 16, 128) 706 TFLOPs/s (FA3 669, cuDNN 626, same run); seqlen 16k: hd64 450,
+// hd128 653, hd128 causal 589, hd256 695 (FA3 502 / 670 / 647 / 714). Analysis: cuda/NOTES.md.
+// Known limits: ptxas places wgmma.wait_group 0 after 17–26 of the softmax's exponentials; forcing all of
+// them under P·V (-DFA3_WAIT_AFTER_SOFTMAX=1, ptx.h) measured 0–9 % slower, so it stays off. Headdim 256
+// non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 64 trails
+// FA3 most (0.8–0.9×: FA3 uses 192-row tiles and three consumer warpgroups there). This is
+// flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

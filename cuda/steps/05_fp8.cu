@@ -27,9 +27,11 @@
 //   5. wgmma.wait_group 0: release V_{j−1}; O *= corr_j · sv_{j−1}/sv_j
 //   6. P_j → e4m3 A fragments for the next turn
 //   7. epilogue: O · sv_last / ℓ → bf16; lse = (m − 8)·ln2 + ln ℓ
-// Measured (NVIDIA H100 80GB HBM3, commit cf705c3, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/
-// bench_fp8.json), kernel alone, non-causal, seqlen 4k/8k/16k: hd128 788/810/815 TFLOPs/s (0.93/0.89/0.90×
-// FA3 e4m3), hd256 1047/1119/1156 (0.95/1.01/0.99×; 1.60× our bf16 step 04 at 16k). On step 02's
+// Persistent grid (non-causal, headdim 64/128) as step 04: measured within noise of one CTA per tile
+// (cuda/NOTES.md, session 3), kept so that steps 04 and 05 share one structure.
+// Measured (NVIDIA H100 80GB HBM3, commit 3592b10, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/
+// bench_fp8.json), kernel alone, non-causal, seqlen 4k/8k/16k: hd128 801/812/833 TFLOPs/s (0.93/0.87/0.90×
+// FA3 e4m3), hd256 1104/1164/1192 (0.98/1.03/1.00×; 1.65× our bf16 step 04 at 16k). On step 02's
 // structure it was 0.86–0.91× FA3 (H200). Analysis: cuda/NOTES.md ("Step 05").
 // Known limit: V is laid out k-major by the fused quantize kernel (cuda/fp8_quantize.cu: the same pass
 // that quantizes V writes it transposed and key-permuted, at no extra traffic), not transposed in shared
