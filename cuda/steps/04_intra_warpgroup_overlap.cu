@@ -72,6 +72,13 @@
 #ifndef FA3_STEP04_DYNAMIC
 #define FA3_STEP04_DYNAMIC 1
 #endif
+// Bc at headdim 64 and at causal headdim 128 (A/B builds override them; cuda/NOTES.md).
+#ifndef FA3_BLOCK_N_HD64
+#define FA3_BLOCK_N_HD64 128
+#endif
+#ifndef FA3_BLOCK_N_HD128_CAUSAL
+#define FA3_BLOCK_N_HD128_CAUSAL 128
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -89,7 +96,8 @@ namespace step04 {
 template <typename T, int kHeadDim, bool kCausal, bool kDyn = false>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : FA3_BLOCK_N_HD128) : 80;  // Bc
+  static constexpr int kBlockN = kHeadDim == 64 ? FA3_BLOCK_N_HD64
+                                : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_BLOCK_N_HD128) : 80;  // Bc
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;

@@ -94,6 +94,11 @@ def main(argv=None) -> int:
                 fns[label]()
                 torch.cuda.synchronize()
                 times[label].append(bench.time_ms(fns[label]))
+        # the variants must agree with the first one (a faster wrong kernel is no result)
+        ref_out = fns[first]()[0].float()
+        worst = max(float((fns[label]()[0].float() - ref_out).abs().max()) for label in variants)
+        if worst > 2e-2:
+            raise SystemExit(f"hd{d} causal={causal} seqlen {s}: variants differ from {first} by {worst:.3e}")
         fl = results.flops(b, h, s, s, d, causal)
         tf = {}
         for label, ts in times.items():
