@@ -31,6 +31,13 @@ if 4 in steps:  # step 04's persistent grid: more tiles than SMs, and causal til
         out = fa3_lab.flash_attn_func(q, k, v, causal=causal, step=4)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
+    # non-causal headdim 64: Bc = 192, persistent
+    q = torch.randn(2, 1200, 16, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, 600, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(2, 600, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = fa3_lab.flash_attn_func(q, k, v, causal=False, step=4)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
     # causal beyond FA3_DYNAMIC_MAX_SEQLEN keys: one CTA per tile instead of the dynamic scheduler
     q = torch.randn(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 8300, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
