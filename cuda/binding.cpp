@@ -69,8 +69,8 @@ std::vector<at::Tensor> fwd(int64_t step, const at::Tensor& q, const at::Tensor&
     p.trace_ctas = static_cast<int>(trace_ctas);
     p.trace_capacity = static_cast<int>(trace_.value().size(-1) / 2);  // records of 2 int64
   }
-  at::Tensor tile_counter;  // step 04, causal: the dynamic tile scheduler's counter, zeroed per call
-  if (step == 4 && causal && !trace_.has_value()) {
+  at::Tensor tile_counter;  // step 04, causal, short enough: the dynamic tile scheduler's counter, zeroed per call
+  if (step == 4 && causal && k.size(1) <= FA3_DYNAMIC_MAX_SEQLEN && !trace_.has_value()) {
     tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
     p.tile_counter = tile_counter.data_ptr<int>();
   }

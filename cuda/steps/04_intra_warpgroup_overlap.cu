@@ -88,13 +88,8 @@
 namespace fa3 {
 namespace step04 {
 
-// Causal sequences up to this many keys take the dynamic scheduler; longer ones one CTA per tile (the
-// interleaved A/B on the H100: +3–11 % at 1k–4k, −2–5 % at 16k; cuda/NOTES.md).
-#ifndef FA3_DYNAMIC_MAX_SEQLEN
-#define FA3_DYNAMIC_MAX_SEQLEN 8192
-#endif
-
-// kDyn: the dynamic-scheduler instantiation of a causal config (Launch picks it by seqlen_k).
+// kDyn: the dynamic-scheduler instantiation of a causal config (Launch picks it by seqlen_k against
+// FA3_DYNAMIC_MAX_SEQLEN, params.h).
 template <typename T, int kHeadDim, bool kCausal, bool kDyn = false>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows

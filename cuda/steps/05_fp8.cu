@@ -341,10 +341,7 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              "cudaFuncSetAttribute(step05)");
   dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
-  if constexpr (kPersistent<kHeadDim, kCausal>) {  // min(work tiles, SMs) CTAs
-    const long long tiles = static_cast<long long>(grid.x) * grid.y * grid.z;
-    grid = dim3(static_cast<unsigned>(tiles < sm_count() ? tiles : sm_count()), 1, 1);
-  }
+  if constexpr (kPersistent<kHeadDim, kCausal>) grid = persistent_grid(grid);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tvt, p);
   check_cuda(cudaGetLastError(), "step05 launch");
 }

@@ -29,6 +29,12 @@ inline int sm_count() {
   return n;
 }
 
+// A persistent grid for a one-CTA-per-tile grid: min(work tiles, SMs) CTAs in x, which stride over the tiles.
+inline dim3 persistent_grid(dim3 per_tile) {
+  const long long tiles = static_cast<long long>(per_tile.x) * per_tile.y * per_tile.z;
+  return dim3(static_cast<unsigned>(tiles < sm_count() ? tiles : sm_count()), 1, 1);
+}
+
 // Grid (ceil(seqlen_q / kBlockM), nheads, batch) — one CTA per work tile — or, for a persistent
 // config (Cfg::kPersistent), min(work tiles, SMs) CTAs that stride over the tiles.
 // Cfg::kThreads threads, Cfg::kSmemBytes of smem.
@@ -43,10 +49,7 @@ void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const ch
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              (std::string("cudaFuncSetAttribute(") + name + ")").c_str());
   dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
-  if constexpr (IsPersistent<Cfg>::value) {
-    const long long tiles = static_cast<long long>(grid.x) * grid.y * grid.z;
-    grid = dim3(static_cast<unsigned>(tiles < sm_count() ? tiles : sm_count()), 1, 1);
-  }
+  if constexpr (IsPersistent<Cfg>::value) grid = persistent_grid(grid);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
   check_cuda(cudaGetLastError(), (std::string(name) + " launch").c_str());
 }

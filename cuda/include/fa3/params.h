@@ -4,6 +4,13 @@
 
 namespace fa3 {
 
+// Step 04, causal: inputs with up to this many keys run on the dynamic tile scheduler (which needs
+// FwdParams::tile_counter), longer ones one CTA per tile (interleaved A/B on the H100: +3–11 % at 1k–4k,
+// −2–5 % at 16k; cuda/NOTES.md). Shared by the launcher and binding.cpp, which allocates the counter.
+#ifndef FA3_DYNAMIC_MAX_SEQLEN
+#define FA3_DYNAMIC_MAX_SEQLEN 8192
+#endif
+
 enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1, kE4M3 = 2 };
 
 struct FwdParams {
