@@ -71,6 +71,9 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
     ab_bn) python3 cuda/tools/ab.py --name ab_block_n --step 4 --variant base= --variant bn176causal=-DFA3_BLOCK_N_HD128_CAUSAL=176 \
       --variant bn192hd64=-DFA3_BLOCK_N_HD64=192 --headdims 64,128 --seqlens 2048,8192 --rounds 3 2>&1 \
       | grep -v "^fa3_lab: compiling" | tail -12; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_block_n_*.json "$OUT/r/" ;;
+    ab_wg3) python3 cuda/tools/ab.py --name ab_hd64_wg3 --step 4 --variant wg3= --variant wg2=-DFA3_STEP04_HD64_WG3=0 \
+      --variant wg2bn192="-DFA3_STEP04_HD64_WG3=0 -DFA3_BLOCK_N_HD64=192" --headdims 64 --seqlens 2048,4096,8192,16384 \
+      --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -14; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_hd64_wg3_*.json "$OUT/r/" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

@@ -91,11 +91,13 @@ def test_forward_table2_length(step, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_persistent_grid_more_tiles_than_sms(headdim, causal):
     """Step 04 launches min(tiles, SMs) CTAs that stride over the work tiles: the K/V ring, Q's empty
-    barrier and the pingpong turns carry over from one tile to the next. 3 × 8 heads × 12 row blocks
-    = 288 tiles (over 2 per SM); seqlen_q > seqlen_k makes causal tiles whose rows see no key sit
-    between tiles that do (O = 0, lse = +inf there)."""
-    batch, seqlen_q, seqlen_k, nheads = 3, 1500, 700, 8
-    tiles = batch * nheads * -(-seqlen_q // 128)
+    barrier and the pingpong turns carry over from one tile to the next. 4 × 8 heads × 11 row blocks
+    of 192 (headdim 64, three consumer warpgroups) or 16 of 128 = 352 or 512 tiles (over 2 per SM);
+    seqlen_q > seqlen_k makes causal tiles whose rows see no key sit between tiles that do (O = 0,
+    lse = +inf there)."""
+    batch, seqlen_q, seqlen_k, nheads = 4, 2000, 700, 8
+    block_m = 192 if headdim == 64 else 128  # Br of step 04 (cuda/steps/04_intra_warpgroup_overlap.cu)
+    tiles = batch * nheads * -(-seqlen_q // block_m)
     assert tiles > 2 * torch.cuda.get_device_properties(0).multi_processor_count
     run_case(4, "bf16", headdim, causal, batch, seqlen_q, seqlen_k, nheads, 2, seed=headdim + causal)
 

@@ -81,6 +81,16 @@
 #ifndef FA3_BLOCK_N_HD128_CAUSAL
 #define FA3_BLOCK_N_HD128_CAUSAL 128
 #endif
+// Headdim 64: three consumer warpgroups, 192-row tiles (FA3's choice): each K/V tile serves 192 query
+// rows instead of 128, and the turns rotate over three warpgroups (each 160 registers). -DFA3_STEP04_HD64_WG3=0
+// builds two warpgroups of 64 rows (A/B runs). Traced builds keep two (the trace has rows for two consumers).
+#ifndef FA3_STEP04_HD64_WG3
+#ifdef FA3_TRACE
+#define FA3_STEP04_HD64_WG3 0
+#else
+#define FA3_STEP04_HD64_WG3 1
+#endif
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -92,15 +102,17 @@ namespace step04 {
 // FA3_DYNAMIC_MAX_SEQLEN, params.h).
 template <typename T, int kHeadDim, bool kCausal, bool kDyn = false>
 struct Config {
-  static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? (kCausal ? 128 : FA3_BLOCK_N_HD64)
-                                : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_BLOCK_N_HD128) : 80;  // Bc
-  static constexpr int kNumConsumers = 2;
+  static constexpr int kNumConsumers = (kHeadDim == 64 && FA3_STEP04_HD64_WG3) ? 3 : 2;
+  static constexpr int kBlockM = 64 * kNumConsumers;                      // Br = consumers × 64 rows
+  // Bc. Three consumers at headdim 64 keep 128: S 64 + P 32 + O 32 registers fit their 160.
+  static constexpr int kBlockN = kHeadDim == 64 ? (kCausal || kNumConsumers == 3 ? 128 : FA3_BLOCK_N_HD64)
+                                : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_BLOCK_N_HD128) : 80;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
-  static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
-  static constexpr int kConsumerRegs = 240;
-  static constexpr int kTurnBarrier = 1;     // named barriers 1, 2 (0 is __syncthreads)
+  // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM; three consumers: 24·128 + 160·384 = 64512
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kNumConsumers == 3 ? 160 : 240;
+  static constexpr int kTurnBarrier = 1;     // named barriers 1 .. kNumConsumers (0 is __syncthreads)
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
@@ -227,13 +239,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     FA3_TRACE_DECL(tr);
     FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % 128 == 0);
     const int c = wg - 1;
-    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0
-    // goes first. Every turn of warpgroup 0 is preceded by a hand-over from warpgroup 1 (the first by
-    // the arrival here, the next tile's first by warpgroup 1's epilogue turn) and consumer 0 takes one
-    // last turn at the end, so every arrival is matched by a wait.
+    // Pingpong turn keeping (round robin over kNumConsumers): warpgroup c waits on turn[c] and hands over
+    // to turn[(c + 1) % kNumConsumers]. Consumer 0 goes first. Every turn of warpgroup 0 is preceded by a
+    // hand-over from the last warpgroup (the first by the arrival here, the next tile's first by the last
+    // warpgroup's epilogue turn) and consumer 0 takes one last turn at the end, so every arrival is
+    // matched by a wait.
+    constexpr int kNumConsumers = Cfg::kNumConsumers;
     auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * 128); };
-    auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * 128); };
-    if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
+    auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (c + 1 == kNumConsumers ? 0 : c + 1), 2 * 128); };
+    if (c == kNumConsumers - 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
     const uint32_t sQ_addr = smem_u32(sQ);
     int kv = 0, q_iter = 0;  // as the producer's
 
@@ -390,7 +404,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     } else {
       consume_tile(t_first);
     }
-    if (c == 0) wait_turn();  // matches consumer 1's last hand-over
+    if (c == 0) wait_turn();  // matches the last consumer's last hand-over
     FA3_TRACE_FINISH(tr);
   }
 }
