@@ -75,9 +75,9 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       --variant wg2bn192="-DFA3_STEP04_HD64_WG3=0 -DFA3_BLOCK_N_HD64=192" --headdims 64 --seqlens 2048,4096,8192,16384 \
       --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -14; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_hd64_wg3_*.json "$OUT/r/" ;;
     ncu_causal) M=gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,sm__cycles_active.avg,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_membar_per_warp_active.pct,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_math_pipe_throttle_per_warp_active.pct,smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct,smsp__inst_executed_pipe_xu.sum,smsp__warp_issue_stalled_dispatch_stall_per_warp_active.pct,smsp__warp_issue_stalled_sleeping_per_warp_active.pct,smsp__warp_issue_stalled_selected_per_warp_active.pct,smsp__warp_issue_stalled_not_selected_per_warp_active.pct,smsp__warp_issue_stalled_misc_per_warp_active.pct,smsp__warp_issue_stalled_branch_resolving_per_warp_active.pct,smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_issue_stalled_lg_throttle_per_warp_active.pct
-      for c in "step04 128 --causal" "fa3 128 --causal" "step04 128" "fa3 128" "step04 256 --causal" "fa3 256 --causal"; do set -- $c; echo "== $c"
-      ncu --metrics $M -k regex:'fwd_kernel|Flash|flash' --launch-skip 2 --launch-count 1 python3 cuda/tools/profile_case.py --impl $1 --headdim $2 --seqlen 8192 $3 2>&1 \
-        | grep -E "^\s+(gpu__|sm__|smsp__)|Error" ; done 2>&1 | tee "$OUT/ncu_causal.log" ;;
+      for c in "fa3 128 --causal" "fa3 256 --causal" "fa3 128 --no-causal" "step04 128 --no-causal"; do set -- $c; echo "== $c"
+      ncu --metrics $M -k regex:'fwd_kernel|FlashAttnFwd' --launch-skip 2 --launch-count 1 python3 cuda/tools/profile_case.py --impl $1 --headdim $2 --seqlen 8192 $3 2>&1 \
+        | grep -E "^\s+(gpu__|sm__|smsp__)|Error|==WARN|==ERR|device_kernel|fwd_kernel" | cut -c1-200 ; done 2>&1 | tee "$OUT/ncu_causal.log" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", default="step04", help="step01..step04 or fa3")
     ap.add_argument("--headdim", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=8192)
-    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False)
     args = ap.parse_args(argv)
     import torch
 
