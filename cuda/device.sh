@@ -78,6 +78,9 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       for c in "fa3 128 --causal" "fa3 256 --causal" "fa3 128 --no-causal"; do set -- $c; echo "== $c"
       ncu --metrics $M -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 python3 cuda/tools/profile_case.py --impl $1 --headdim $2 --seqlen 8192 $3 2>&1 \
         | grep -E "^\s+(gpu__|sm__|smsp__)|Error|==WARN|==ERR|device_kernel|fwd_kernel" | cut -c1-200 ; done 2>&1 | tee "$OUT/ncu_causal.log" ;;
+    ab_issue) python3 cuda/tools/ab.py --name ab_issue --step 4 --variant new= --variant nolazy=-DFA3_LAZY_RESCALE=0 \
+      --variant old="-DFA3_LAZY_RESCALE=0 -DFA3_DESC_ADVANCE=0 -DFA3_SCHED_UNIFORM=0" --headdims 64,128,256 --seqlens 2048,8192,16384 \
+      --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -22; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_issue_*.json "$OUT/r/" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

@@ -38,6 +38,12 @@ def run_case(step, dtype_name, headdim, causal, batch, seqlen_q, seqlen_k, nhead
     q = torch.randn(batch, seqlen_q, nheads, headdim, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(batch, seqlen_k, nheads_kv, headdim, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(batch, seqlen_k, nheads_kv, headdim, device="cuda", dtype=dtype, generator=g)
+    return check_case(step, dtype_name, q, k, v, causal, f"seed {seed}")
+
+
+def check_case(step, dtype_name, q, k, v, causal, note=""):
+    """Run `step` on q, k, v (BSHD, 16-bit, cuda) and compare with the float32 reference (module docstring)."""
+    headdim = q.shape[-1]
     scale = 1.0 / math.sqrt(headdim)
     out = torch.full_like(q, float("nan"))  # poison
     out, lse = fa3_lab.flash_attn_func(q, k, v, causal=causal, step=step, return_lse=True, out=out)
@@ -45,7 +51,7 @@ def run_case(step, dtype_name, headdim, causal, batch, seqlen_q, seqlen_k, nhead
     ref, lse_ref = attention_ref(q, k, v, causal, scale)
     emul, _ = attention_ref(q, k, v, causal, scale, upcast=False)
     info = (f"step {step:02d} {dtype_name} headdim {headdim} causal={causal} q {tuple(q.shape)} k {tuple(k.shape)} "
-            f"seed {seed}")
+            f"{note}")
     tol = 2 * (emul.float() - ref).abs().max().item() + FLOOR[dtype_name]
     assert torch.isfinite(out).all(), f"{info}: non-finite output (unwritten or NaN)"
     assert (out.float() - ref).abs().max().item() <= tol, describe_mismatch(out, ref, tol, info)
@@ -109,6 +115,30 @@ def test_causal_both_schedulers(headdim):
     CTA per tile beyond: one case on each side of the switch."""
     for seqlen_k in (8192, 8193 + 64):
         run_case(4, "bf16", headdim, True, 1, 384, seqlen_k, 2, 1, seed=headdim + seqlen_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", STEPS16)
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_running_max_moves(step, dtype_name, headdim, causal):
+    """Scores with a per-key offset that steps by −2 … +6 (natural-log units) every 32 keys, growing towards
+    key 0: the kernels walk the K/V tiles from the last to the first, so the running row max moves up
+    tile after tile, by less and by more than step 04's lazy-rescale threshold (2^8), and sometimes not
+    at all. q = u + noise, k_j = a_j·u + noise with a fixed direction u, so q·k_j ≈ a_j·|u|² + noise."""
+    g = torch.Generator(device="cuda").manual_seed(headdim * 2 + causal)
+    batch, seqlen, nheads = 1, 1000, 2
+    scale = 1.0 / math.sqrt(headdim)
+    u = torch.ones(headdim, device="cuda") / math.sqrt(headdim)  # |u| = 1
+    steps = torch.rand(seqlen // 32 + 1, device="cuda", generator=g) * 8 - 2  # −2 … +6 per 32 keys
+    offset = steps.flip(0).cumsum(0).flip(0).repeat_interleave(32)[:seqlen]  # larger towards key 0
+    a = offset / scale  # q·k_j·scale ≈ offset_j
+    noise = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
+    q = (u + 0.3 * noise(batch, seqlen, nheads, headdim)).to(DTYPES[dtype_name])
+    k = (a[None, :, None, None] * u + noise(batch, seqlen, nheads, headdim)).to(DTYPES[dtype_name])
+    v = noise(batch, seqlen, nheads, headdim).to(DTYPES[dtype_name])
+    check_case(step, dtype_name, q, k, v, causal, f"ramped scores (offset range {offset.min():.0f} … {offset.max():.0f})")
 
 
 @pytest.mark.gpu

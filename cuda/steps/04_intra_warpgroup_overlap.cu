@@ -91,6 +91,15 @@
 #define FA3_STEP04_HD64_WG3 1
 #endif
 #endif
+// Conditional rescaling (softmax.h, OnlineSoftmax::update_lazy): O is multiplied by corr only when some row
+// of the warp moved its max by more than 2^8; -DFA3_LAZY_RESCALE=0 rescales every tile (A/B runs).
+#ifndef FA3_LAZY_RESCALE
+#define FA3_LAZY_RESCALE 1
+#endif
+// The dynamic scheduler's tile index broadcast from lane 0 (see the consumer loop); 0 for A/B runs.
+#ifndef FA3_SCHED_UNIFORM
+#define FA3_SCHED_UNIFORM 1
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -344,7 +353,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         release_q_after(i);
         // 4. mask, softmax of S_next (under the P·V GEMM)
         if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-        softmax.update<kBlockN>(s, p.scale_log2, corr);
+        bool rescale = true;
+        if constexpr (FA3_LAZY_RESCALE && !kEarlyRescale) rescale = softmax.update_lazy<kBlockN>(s, p.scale_log2, corr);
+        else softmax.update<kBlockN>(s, p.scale_log2, corr);
         // Pin P and corr before the wait, so the exponentials cannot sink below it.
         fence_regs(s);
         fence_regs(corr);
@@ -355,8 +366,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         fence_regs_u32(pa);
         FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
-        if constexpr (!kEarlyRescale) {  // O *= corr_j here, before P_j is packed
-          rescale_rows<kHeadDim>(o, corr);
+        if constexpr (!kEarlyRescale) {  // O *= corr_j here, before P_j is packed (lazy: only if a max moved)
+          if (rescale) rescale_rows<kHeadDim>(o, corr);
           corr[0] = corr[1] = 1.f;
         }
         // 6. P_j → 16-bit
@@ -395,7 +406,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       for (int t = t_first, n = 0; t < num_tiles; ++n) {
         consume_tile(t);
         mbarrier_wait(&sched_full[n & 1], (n >> 1) & 1);
+        // Broadcast from lane 0: the tile index is the same in every lane, and a value the compiler knows
+        // to be warp-uniform keeps the whole tile's index math (K/V stage, WGMMA descriptors) in uniform
+        // registers — read straight from the atomic, every descriptor took per-thread adds and R2UR
+        // moves (SASS: ~40 more instructions per K/V tile, NOTES.md).
         t = atomicAdd(&tile_slot[n & 1], 0);
+        if constexpr (FA3_SCHED_UNIFORM) t = __shfl_sync(0xffffffffu, t, 0);
         __syncwarp();
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
       }

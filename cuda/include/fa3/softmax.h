@@ -101,6 +101,49 @@ struct OnlineSoftmax {
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
   }
 
+  // update() with a lazily moved max (conditional rescaling, as FlashAttention-4 does on Blackwell): the
+  // running max m only moves when the tile's max exceeds it by more than kThreshold in log2 units, so
+  // after the first tiles O and ℓ almost never need the rescale. Until it moves, P = exp2(S·scale − m)
+  // can reach 2^kThreshold (256 at 8): exact in fp32, the same relative rounding in 16 bits, and O/ℓ
+  // and lse = m + log2 ℓ are unchanged (the max is only a shift). Returns whether any row of this
+  // warp moved its max (warp-uniform): the caller multiplies O by corr only then; corr is 1 for rows
+  // that did not move.
+  template <int kN, int kThreshold = 8>
+  __device__ __forceinline__ bool update_lazy(float (&s)[kN / 2], float scale_log2, float (&corr)[2]) {
+    float m_new[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c) {
+      m_new[0] = fmaxf(m_new[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
+      m_new[1] = fmaxf(m_new[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
+    }
+    float offset[2];
+    bool moved = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_new[r] = quad_max(m_new[r]);
+      // row_max = −inf (no key yet) and a finite tile max: the difference is +inf, so the max moves; both
+      // −inf: NaN, so it stays −inf (and the row's P stay 0).
+      const bool grow = (m_new[r] - row_max[r]) * scale_log2 > static_cast<float>(kThreshold);
+      corr[r] = grow ? fast_exp2((row_max[r] - m_new[r]) * scale_log2) : 1.f;  // 0 while row_max = −inf
+      if (grow) row_max[r] = m_new[r];
+      moved |= grow;
+      offset[r] = (row_max[r] == kNegInf) ? 0.f : row_max[r] * scale_log2;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = i >> 1;
+        s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[r]));
+        sum[r] += s[4 * c + i];
+      }
+    }
+    row_sum[0] = row_sum[0] * corr[0] + sum[0];
+    row_sum[1] = row_sum[1] * corr[1] + sum[1];
+    return __any_sync(0xffffffffu, moved);
+  }
+
   // Quad-reduce ℓ; return 1/ℓ (0 for a row that saw no key) and write the natural-log lse
   // (+inf for such a row, as FlashAttention).
   __device__ __forceinline__ void finalize(float scale_log2, float (&inv_sum)[2], float (&lse)[2]) {

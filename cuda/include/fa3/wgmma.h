@@ -51,20 +51,37 @@ template <> struct ElemTraits<__nv_bfloat16> {
   }
 };
 
+// The descriptor of an address `bytes` further on: the start address sits in the low 14 bits as
+// address >> 4, and shared-memory addresses stay below 2^18, so the offset is a 32-bit add on the low
+// word that never carries into the LBO field. Each k-slice's descriptor is therefore the tile's first
+// descriptor plus a compile-time constant — one add (uniform datapath when the base is warp-uniform)
+// instead of re-deriving the whole descriptor from the address for every WGMMA.
+// -DFA3_DESC_ADVANCE=0 re-derives every descriptor from its address (the earlier code; A/B runs).
+#ifndef FA3_DESC_ADVANCE
+#define FA3_DESC_ADVANCE 1
+#endif
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  if (!FA3_DESC_ADVANCE) {  // address field from scratch, as make_desc does
+    const uint32_t addr = ((static_cast<uint32_t>(desc) & 0x3FFF) << 4) + bytes;
+    return (desc & ~uint64_t(0x3FFF)) | ((addr & 0x3FFFF) >> 4);
+  }
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4), hi = static_cast<uint32_t>(desc >> 32);
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
 // A K-major tile (rows × kCols, 16-bit) at smem address `base`: descriptor of its 16-wide k-slice kk,
 // starting at row `row0` (a multiple of 8).
 template <int kRows>
 __device__ __forceinline__ uint64_t desc_kmajor(uint32_t base, int row0, int kk) {
   const uint32_t atom = kk / 4, within = kk % 4;  // 4 k-slices of 16 per 64-column atom
-  const uint32_t addr = base + atom * (kRows * kSwizzleBytes) + row0 * kSwizzleBytes + within * 32;
-  return make_desc(addr, 16, kCoreGroupBytes);
+  return desc_advance(make_desc(base + row0 * kSwizzleBytes, 16, kCoreGroupBytes),
+                      atom * (kRows * kSwizzleBytes) + within * 32);
 }
 
 // An MN-major tile (kRows keys × headdim, 16-bit) used as B with tnspB = 1: k-slice kk of 16 keys.
 template <int kRows>
 __device__ __forceinline__ uint64_t desc_mnmajor(uint32_t base, int kk) {
-  const uint32_t addr = base + kk * 16 * kSwizzleBytes;
-  return make_desc(addr, kRows * kSwizzleBytes, kCoreGroupBytes);
+  return desc_advance(make_desc(base, kRows * kSwizzleBytes, kCoreGroupBytes), kk * 16 * kSwizzleBytes);
 }
 
 // ---- FP8 (e4m3, one byte per element): K = 32 per instruction, both smem operands K-major.
@@ -74,10 +91,10 @@ template <int kRows, int kSw>
 __device__ __forceinline__ uint64_t desc_kmajor_u8(uint32_t base, int row0, int kk) {
   constexpr int kSlicesPerAtom = kSw / 32;
   const uint32_t atom = kk / kSlicesPerAtom, within = kk % kSlicesPerAtom;
-  const uint32_t addr = base + atom * (kRows * kSw) + row0 * kSw + within * 32;
+  const uint32_t addr = base + row0 * kSw;
   const uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
                      (static_cast<uint64_t>((8 * kSw) >> 4) << 32);
-  return d | (kSw == 64 ? kDescSwizzle64 : kDescSwizzle128);
+  return desc_advance(d | (kSw == 64 ? kDescSwizzle64 : kDescSwizzle128), atom * (kRows * kSw) + within * 32);
 }
 
 // S(64 × kN) = Q(64 × kK) · K(kN × kK)ᵀ, e4m3 from smem, fp32 accumulators.
