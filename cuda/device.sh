@@ -81,6 +81,11 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
     ab_issue) python3 cuda/tools/ab.py --name ab_issue --step 4 --variant new= --variant nolazy=-DFA3_LAZY_RESCALE=0 \
       --variant old="-DFA3_LAZY_RESCALE=0 -DFA3_DESC_ADVANCE=0 -DFA3_SCHED_UNIFORM=0" --headdims 64,128,256 --seqlens 2048,8192,16384 \
       --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -22; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_issue_*.json "$OUT/r/" ;;
+    ab_q) python3 cuda/tools/ab.py --name ab_q_stages --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
+      --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
+      python3 cuda/tools/ab.py --name ab_q_stages_nc --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
+      --headdims 64 --causal false --seqlens 1024,2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -5
+      mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_q_stages_q*.json fa3_lab/results/experiments/*/ab_q_stages_nc_q*.json "$OUT/r/" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;
