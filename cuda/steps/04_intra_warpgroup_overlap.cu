@@ -100,10 +100,6 @@
 #ifndef FA3_SCHED_UNIFORM
 #define FA3_SCHED_UNIFORM 1
 #endif
-// Up to two Q slots for persistent CTAs (Config::kQStages); 1 for A/B runs.
-#ifndef FA3_STEP04_Q_STAGES
-#define FA3_STEP04_Q_STAGES 2
-#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -135,16 +131,8 @@ struct Config {
   // Causal tiles differ in length: a static assignment lost, so they are handed out dynamically.
   static constexpr bool kDynamic = FA3_STEP04_PERSISTENT && FA3_STEP04_DYNAMIC && kCausal && kDyn;
   static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && ((kHeadDim <= 128 && !kCausal) || kDynamic);
-  // Persistent CTAs keep two Q slots where smem allows (causal headdim 128, headdim 64): the next tile's Q
-  // and first K/V tiles are then loaded while this tile still runs, instead of after its last Q·Kᵀ (the
-  // producer issues Q before the tile's K/V, so with one slot the K/V prefetch waited on Q as well).
-  static constexpr int kSmemLimit = 227 * 1024;
-  static constexpr int kQStages =
-      (kPersistent && FA3_STEP04_Q_STAGES >= 2 &&
-       1024 + 2 * kQBytes + 2 * kStages * kKVBytes + 8 * (4 + 4 * kStages + 4) + 8 <= kSmemLimit) ? 2 : 1;
-  // full_q, empty_q (kQStages each), the ring's 4 · kStages, sched_full[2], sched_empty[2]
-  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages + 4);
-  static constexpr int kSmemBytes = 1024 + kQStages * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
 };
 
 template <typename T, int kHeadDim, bool kCausal, bool kDyn>
@@ -160,13 +148,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  constexpr int kQStages = Cfg::kQStages;
-  T* sQ = reinterpret_cast<T*>(smem);                              // (kQStages, kBlockM, kHeadDim), 128B swizzle
-  T* sK = reinterpret_cast<T*>(smem + kQStages * Cfg::kQBytes);    // (kStages, kBlockN, kHeadDim) ring
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
+  T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
-  uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + kQStages * Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
-  uint64_t* empty_q = full_q + kQStages;  // (kQStages) consumers done with Q (persistent: the next Q may land)
-  uint64_t* full_k = empty_q + kQStages;  // (kStages)
+  uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
+  uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)
+  uint64_t* full_k = empty_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
   uint64_t* empty_k = full_v + kStages;  // (kStages)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
@@ -209,10 +196,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
 
   if (threadIdx.x == 0) {
     init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
-    for (int q = 0; q < kQStages; ++q) {
-      if (q > 0) mbarrier_init(&full_q[q], 1);  // full_q[0]: init_ring_barriers
-      mbarrier_init(&empty_q[q], 4 * Cfg::kNumConsumers);
-    }
+    mbarrier_init(empty_q, 4 * Cfg::kNumConsumers);
     mbarrier_init(&sched_full[0], 1);
     mbarrier_init(&sched_full[1], 1);
     mbarrier_init(&sched_empty[0], 4 * Cfg::kNumConsumers);
@@ -240,10 +224,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         decode(t, m_block, h, b);
         const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
         if (blocks.n_block_max > 0) {
-          const int qs = q_iter % kQStages;  // Q slot; q_iter / kQStages counts its passes
-          produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ + qs * (Cfg::kQBytes / sizeof(T)), sK, sV, &full_q[qs],
-                               &empty_q[qs], full_k, full_v, empty_k, empty_v, m_block, h, h / (p.nheads / p.nheads_kv),
-                               b, blocks.n_block_max, kv, q_iter / kQStages);
+          produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
+                               empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter);
           kv += blocks.n_block_max;
           ++q_iter;
         }
@@ -275,6 +257,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * 128); };
     auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (c + 1 == kNumConsumers ? 0 : c + 1), 2 * 128); };
     if (c == kNumConsumers - 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
+    const uint32_t sQ_addr = smem_u32(sQ);
     int kv = 0, q_iter = 0;  // as the producer's
 
     auto consume_tile = [&](int t) {
@@ -304,15 +287,13 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
 #pragma unroll
       for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-      const int qs = q_iter % kQStages;
-      const uint32_t sQ_addr = smem_u32(sQ) + qs * Cfg::kQBytes;
-      mbarrier_wait(&full_q[qs], (q_iter / kQStages) & 1);
+      mbarrier_wait(full_q, q_iter & 1);
       const int kv0 = kv;
       auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
       auto phase_of = [&](int i) { return static_cast<uint32_t>(((kv0 + i) / kStages) & 1); };
       auto release_q_after = [&](int i) {  // the tile's last Q·Kᵀ is done: Q's slot may be refilled
         if constexpr (Cfg::kPersistent)  // one tile per CTA: nobody refills Q
-          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(&empty_q[qs]);
+          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
       };
 
       float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
