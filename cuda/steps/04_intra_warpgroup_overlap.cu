@@ -26,14 +26,14 @@
 // consumers through smem; tiles ordered longest first within sections of heads sized for L2). Longer
 // causal inputs keep one CTA per tile.
 //
-// Measured (NVIDIA H100 80GB HBM3, bf16, commit b568df4, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/):
-// Table 2 shape (4, 8448, 16, 128) 706 TFLOPs/s (FA3 669, cuDNN 626, same run); seqlen 16k: hd64 450,
-// hd128 653, hd128 causal 589, hd256 695 (FA3 502 / 670 / 647 / 714). Analysis: cuda/NOTES.md.
-// Known limits: ptxas places wgmma.wait_group 0 after 17–26 of the softmax's exponentials; forcing all of
+// Headdim 64 runs three consumer warpgroups on 192-row tiles (FA3's shape), the turns rotating over all three.
+// Measured (NVIDIA H100 80GB HBM3, bf16, commit 8929592, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/):
+// Table 2 shape (4, 8448, 16, 128) 682 TFLOPs/s (FA3 733, cuDNN 632, same run); seqlen 16k: hd64 499,
+// hd128 612, hd128 causal 559, hd256 714 (FA3 542 / 708 / 659 / 759). Analysis: cuda/NOTES.md.
+// Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials; forcing all of
 // them under P·V (-DFA3_WAIT_AFTER_SOFTMAX=1, ptx.h) measured 0–9 % slower, so it stays off. Headdim 256
-// non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 64 trails
-// FA3 most (0.8–0.9×: FA3 uses 192-row tiles and three consumer warpgroups there). This is
-// flash_attn_func's default step.
+// non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 128 trails
+// FA3 most (0.85–0.96×), causal and at short sequences. This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -72,9 +72,10 @@
 #ifndef FA3_STEP04_DYNAMIC
 #define FA3_STEP04_DYNAMIC 1
 #endif
-// Bc at non-causal headdim 64 and at causal headdim 128, for A/B builds (cuda/NOTES.md, ab_block_n):
-// 192 at headdim 64 measured +5–9 % over 128 non-causal but is not the default yet — the GPU test suite
-// and the sanitizers have not run on it; 176 at causal headdim 128 measured 0–8 % slower.
+// Bc at non-causal headdim 64 with two consumer warpgroups (-DFA3_STEP04_HD64_WG3=0) and at causal headdim
+// 128, for A/B builds (cuda/NOTES.md, ab_block_n, ab_hd64_wg3): 192 at headdim 64 measured +5–9 % over 128
+// in one run and 0.99–1.02× in the next; three warpgroups beat both. 176 at causal headdim 128 measured
+// 0–8 % slower.
 #ifndef FA3_BLOCK_N_HD64
 #define FA3_BLOCK_N_HD64 128
 #endif
