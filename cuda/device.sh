@@ -78,8 +78,7 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       for c in "fa3 128 --causal" "fa3 256 --causal" "fa3 128 --no-causal"; do set -- $c; echo "== $c"
       ncu --metrics $M -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 python3 cuda/tools/profile_case.py --impl $1 --headdim $2 --seqlen 8192 $3 2>&1 \
         | grep -E "^\s+(gpu__|sm__|smsp__)|Error|==WARN|==ERR|device_kernel|fwd_kernel" | cut -c1-200 ; done 2>&1 | tee "$OUT/ncu_causal.log" ;;
-    ab_issue) python3 cuda/tools/ab.py --name ab_issue --step 4 --variant new= --variant nolazy=-DFA3_LAZY_RESCALE=0 \
-      --variant old="-DFA3_LAZY_RESCALE=0 -DFA3_DESC_ADVANCE=0 -DFA3_SCHED_UNIFORM=0" --headdims 64,128,256 --seqlens 2048,8192,16384 \
+    ab_issue) python3 cuda/tools/ab.py --name ab_issue --step 4 --variant new= --variant nolazy=-DFA3_LAZY_RESCALE=0 --headdims 64,128,256 --seqlens 2048,8192,16384 \
       --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -22; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_issue_*.json "$OUT/r/" ;;
     ab_q) python3 cuda/tools/ab.py --name ab_q_stages --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
       --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -10

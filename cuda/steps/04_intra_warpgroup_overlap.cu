@@ -97,10 +97,6 @@
 #ifndef FA3_LAZY_RESCALE
 #define FA3_LAZY_RESCALE 1
 #endif
-// The dynamic scheduler's tile index broadcast from lane 0 (see the consumer loop); 0 for A/B runs.
-#ifndef FA3_SCHED_UNIFORM
-#define FA3_SCHED_UNIFORM 1
-#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -411,8 +407,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         // to be warp-uniform keeps the whole tile's index math (K/V stage, WGMMA descriptors) in uniform
         // registers — read straight from the atomic, every descriptor took per-thread adds and R2UR
         // moves (SASS: ~40 more instructions per K/V tile, NOTES.md).
-        t = atomicAdd(&tile_slot[n & 1], 0);
-        if constexpr (FA3_SCHED_UNIFORM) t = __shfl_sync(0xffffffffu, t, 0);
+        t = __shfl_sync(0xffffffffu, atomicAdd(&tile_slot[n & 1], 0), 0);
         __syncwarp();
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
       }

@@ -58,6 +58,32 @@ __device__ __forceinline__ void apply_mask(float (&s)[kN / 2], int row0, int col
   }
 }
 
+// max(m[r], S of row r over this thread's columns), r = 0, 1 (before the quad reduction).
+template <int kN>
+__device__ __forceinline__ void thread_row_max(const float (&s)[kN / 2], float (&m)[2]) {
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c) {
+    m[0] = fmaxf(m[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
+    m[1] = fmaxf(m[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
+  }
+}
+
+// S → P = exp2(S·scale_log2 − offset[row]) in place (one FFMA + MUFU.EX2 per element); this thread's row
+// sums of P into sum.
+template <int kN>
+__device__ __forceinline__ void exp2_rows(float (&s)[kN / 2], float scale_log2, const float (&offset)[2],
+                                          float (&sum)[2]) {
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = i >> 1;
+      s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[r]));
+      sum[r] += s[4 * c + i];
+    }
+  }
+}
+
 // Running statistics of the two rows this thread holds. row_sum is this thread's partial sum (its
 // N/8·2 columns); the quad's partials are added once, in finalize().
 struct OnlineSoftmax {
@@ -74,11 +100,7 @@ struct OnlineSoftmax {
   template <int kN>
   __device__ __forceinline__ void update(float (&s)[kN / 2], float scale_log2, float (&corr)[2]) {
     float m_new[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c) {
-      m_new[0] = fmaxf(m_new[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
-      m_new[1] = fmaxf(m_new[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
-    }
+    thread_row_max<kN>(s, m_new);
     float offset[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -88,15 +110,7 @@ struct OnlineSoftmax {
       row_max[r] = m_new[r];
     }
     float sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = i >> 1;
-        s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[r]));  // one FFMA + MUFU.EX2
-        sum[r] += s[4 * c + i];
-      }
-    }
+    exp2_rows<kN>(s, scale_log2, offset, sum);
     row_sum[0] = row_sum[0] * corr[0] + sum[0];
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
   }
@@ -111,11 +125,7 @@ struct OnlineSoftmax {
   template <int kN, int kThreshold = 8>
   __device__ __forceinline__ bool update_lazy(float (&s)[kN / 2], float scale_log2, float (&corr)[2]) {
     float m_new[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c) {
-      m_new[0] = fmaxf(m_new[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
-      m_new[1] = fmaxf(m_new[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
-    }
+    thread_row_max<kN>(s, m_new);
     float offset[2];
     bool moved = false;
 #pragma unroll
@@ -130,15 +140,7 @@ struct OnlineSoftmax {
       offset[r] = (row_max[r] == kNegInf) ? 0.f : row_max[r] * scale_log2;
     }
     float sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = i >> 1;
-        s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[r]));
-        sum[r] += s[4 * c + i];
-      }
-    }
+    exp2_rows<kN>(s, scale_log2, offset, sum);
     row_sum[0] = row_sum[0] * corr[0] + sum[0];
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
     return __any_sync(0xffffffffu, moved);
@@ -172,11 +174,7 @@ struct OnlineSoftmaxScaled {
   template <int kN>
   __device__ __forceinline__ void update(float (&s)[kN / 2], float scale_log2, float bias, float (&corr)[2]) {
     float m_tile[2] = {kNegInf, kNegInf};
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c) {
-      m_tile[0] = fmaxf(m_tile[0], fmaxf(s[4 * c + 0], s[4 * c + 1]));
-      m_tile[1] = fmaxf(m_tile[1], fmaxf(s[4 * c + 2], s[4 * c + 3]));
-    }
+    thread_row_max<kN>(s, m_tile);
     float offset[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -188,13 +186,7 @@ struct OnlineSoftmaxScaled {
       offset[r] -= bias;
     }
     float sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[i >> 1]));
-        sum[i >> 1] += s[4 * c + i];
-      }
+    exp2_rows<kN>(s, scale_log2, offset, sum);
     row_sum[0] = row_sum[0] * corr[0] + sum[0];
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
   }

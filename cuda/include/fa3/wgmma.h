@@ -56,15 +56,7 @@ template <> struct ElemTraits<__nv_bfloat16> {
 // word that never carries into the LBO field. Each k-slice's descriptor is therefore the tile's first
 // descriptor plus a compile-time constant — one add (uniform datapath when the base is warp-uniform)
 // instead of re-deriving the whole descriptor from the address for every WGMMA.
-// -DFA3_DESC_ADVANCE=0 re-derives every descriptor from its address (the earlier code; A/B runs).
-#ifndef FA3_DESC_ADVANCE
-#define FA3_DESC_ADVANCE 1
-#endif
 __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
-  if (!FA3_DESC_ADVANCE) {  // address field from scratch, as make_desc does
-    const uint32_t addr = ((static_cast<uint32_t>(desc) & 0x3FFF) << 4) + bytes;
-    return (desc & ~uint64_t(0x3FFF)) | ((addr & 0x3FFFF) >> 4);
-  }
   const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4), hi = static_cast<uint32_t>(desc >> 32);
   return (static_cast<uint64_t>(hi) << 32) | lo;
 }
