@@ -85,6 +85,20 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_q_stages_nc --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
       --headdims 64 --causal false --seqlens 1024,2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -5
       mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_q_stages_q*.json fa3_lab/results/experiments/*/ab_q_stages_nc_q*.json "$OUT/r/" ;;
+    ab_kfirst) V1="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V2="-DFA3_STEP04_WAIT_V_LATE=0"; V3="-DFA3_STEP04_STAGES_HD128_CAUSAL=3"
+      for d in "" "$V1" "$V2" "$V3"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
+      echo "builds: $(( $(date +%s) - t0 )) s"
+      python3 cuda/tools/ab.py --name ab_kfirst --step 4 --variant new= --variant old="$V1" --variant kfirst="$V2" --variant s3="$V3" \
+        --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
+      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_kfirst.tgz" fa3_lab/results/experiments/*/ab_kfirst_*.json ;;
+    ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do
+      set -- $c; tag=$1_$2${3#--}_$4; echo "== $tag"
+      ncu --section WarpStateStats --section SourceCounters -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 \
+        -f -o /tmp/ncu_$tag python3 cuda/tools/profile_case.py --impl $1 --headdim $2 --seqlen $4 $3 2>&1 | grep -E "==ERR|==WARN|Error" | head -5
+      mkdir -p /tmp/src; ncu -i /tmp/ncu_$tag.ncu-rep --page source --csv --print-source sass > /tmp/src/$tag.csv 2>/tmp/src/$tag.err
+      ncu -i /tmp/ncu_$tag.ncu-rep --page details --csv > /tmp/src/${tag}_details.csv 2>&1
+      wc -c /tmp/src/$tag.csv; head -c 600 /tmp/src/$tag.err; done
+      mkdir -p "$OUT/r" && tar -C /tmp -czf "$OUT/r/ncu_src.tgz" src && ls -la "$OUT/r" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;

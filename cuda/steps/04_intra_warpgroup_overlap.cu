@@ -97,6 +97,20 @@
 #ifndef FA3_LAZY_RESCALE
 #define FA3_LAZY_RESCALE 1
 #endif
+// Producer order K_{j+1} before V_j (producer.h, for_each_kv; FA3's order); -DFA3_STEP04_K_FIRST=0 loads
+// K_j, V_j (A/B runs).
+#ifndef FA3_STEP04_K_FIRST
+#define FA3_STEP04_K_FIRST 1
+#endif
+// Wait for V_{j−1} inside the turn, after Q·K_jᵀ is issued (FA3's order), rather than before taking the
+// turn; -DFA3_STEP04_WAIT_V_LATE=0 for A/B runs.
+#ifndef FA3_STEP04_WAIT_V_LATE
+#define FA3_STEP04_WAIT_V_LATE 1
+#endif
+// K/V ring depth at causal headdim 128 (Bc = 128): 3 stages fit (32 KB Q + 6 × 32 KB); A/B switch.
+#ifndef FA3_STEP04_STAGES_HD128_CAUSAL
+#define FA3_STEP04_STAGES_HD128_CAUSAL 2
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -114,7 +128,8 @@ struct Config {
   static constexpr int kBlockN = kHeadDim == 64 ? (kCausal || kNumConsumers == 3 ? 128 : FA3_BLOCK_N_HD64)
                                 : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_BLOCK_N_HD128) : 80;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
-  static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
+  static constexpr int kStages = kHeadDim == 64 ? 4 : (kHeadDim == 128 && kCausal) ? FA3_STEP04_STAGES_HD128_CAUSAL : 2;
+  static constexpr bool kKFirst = FA3_STEP04_K_FIRST;
   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM; three consumers: 24·128 + 160·384 = 64512
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = kNumConsumers == 3 ? 160 : 240;
@@ -328,7 +343,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         const int stage = stage_of(i), prev = stage_of(i - 1);
         // 1. operands ready; my turn
         mbarrier_wait(&full_k[stage], phase_of(i));
-        mbarrier_wait(&full_v[prev], phase_of(i - 1));
+        if constexpr (!FA3_STEP04_WAIT_V_LATE) mbarrier_wait(&full_v[prev], phase_of(i - 1));
         wait_turn();
         // 2. S_next = Q·K_jᵀ (group 1);  O += P_{j−1}·V_{j−1} (group 2);  hand over
         FA3_TRACE_STAMP(tr, kGemm0Issue, i);
@@ -336,6 +351,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
         wgmma_commit();
         if constexpr (kEarlyRescale) rescale_rows<kHeadDim>(o, corr);  // O *= corr_{j−1} while Q·K_jᵀ runs (as FA3)
+        if constexpr (FA3_STEP04_WAIT_V_LATE) mbarrier_wait(&full_v[prev], phase_of(i - 1));
         FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
         wgmma_fence();  // each GEMM its own fence: ptxas then tracks the two groups separately
         gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));

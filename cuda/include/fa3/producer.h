@@ -12,6 +12,7 @@
 // pass: (tile / kStages) & 1.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "params.h"
 #include "ptx.h"
@@ -19,6 +20,32 @@
 #include "wgmma.h"
 
 namespace fa3 {
+
+// Load order of the ring. By default K_j then V_j. A config with `kKFirst = true` (step 04) issues
+// K_{j+1} before V_j — the order its consumers use them in: turn j+1 needs K_{j+1} and V_j, and K_{j+1}'s
+// slot frees half a turn before V_j's (K is released after Q·Kᵀ, V only after P·V), so K no longer
+// queues behind V's empty barrier, and V_j's bytes do not share the memory system with K_{j+1}'s.
+template <typename Cfg, typename = void> struct KFirst : std::false_type {};
+template <typename Cfg> struct KFirst<Cfg, std::void_t<decltype(Cfg::kKFirst)>>
+    : std::integral_constant<bool, Cfg::kKFirst> {};
+
+// Calls load_k(i) and load_v(i) for i = 0 .. n−1 in the order above.
+template <bool kKFirst, typename LoadK, typename LoadV>
+__device__ __forceinline__ void for_each_kv(int n, LoadK&& load_k, LoadV&& load_v) {
+  if constexpr (kKFirst) {
+    load_k(0);
+    for (int i = 1; i < n; ++i) {
+      load_k(i);
+      load_v(i - 1);
+    }
+    load_v(n - 1);
+  } else {
+    for (int i = 0; i < n; ++i) {
+      load_k(i);
+      load_v(i);
+    }
+  }
+}
 
 template <int kStages>
 __device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* full_k, uint64_t* full_v,
@@ -34,7 +61,7 @@ __device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* f
 }
 
 // Run by the whole producer warpgroup: one elected thread of warp 0 issues Q once and then K_j, V_j
-// for every tile (last to first) into slot j % kStages as soon as the slot is empty. In FA3_TRACE
+// for every tile (last to first; in for_each_kv's order) into slot j % kStages as soon as the slot is empty. In FA3_TRACE
 // builds an idle lane of warp 1 also watches the full barriers and stamps when each tile landed.
 // Tiles are (kBlockN, kHeadDim) 16-bit, stored as kHeadDim/64 swizzle atoms (one TMA box each).
 template <typename T, typename Cfg>
@@ -67,8 +94,7 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
 #pragma unroll
     for (int a = 0; a < Cfg::kAtoms; ++a)
       tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
-    for (int i = 0; i < n_block_max; ++i) {
-      const int n_block = n_block_max - 1 - i;
+    auto load_k = [&](int i) {
       const int stage = i % kStages;
       mbarrier_wait(&empty_k[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
       FA3_TRACE_STAMP(tr, kTmaIssueK, i);
@@ -76,15 +102,19 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
 #pragma unroll
       for (int a = 0; a < Cfg::kAtoms; ++a)
         tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
-                    n_block * kBlockN, h_kv, b);
+                    (n_block_max - 1 - i) * kBlockN, h_kv, b);
+    };
+    auto load_v = [&](int i) {
+      const int stage = i % kStages;
       mbarrier_wait(&empty_v[stage], ((i / kStages) & 1) ^ 1);
       FA3_TRACE_STAMP(tr, kTmaIssueV, i);
       mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
 #pragma unroll
       for (int a = 0; a < Cfg::kAtoms; ++a)
         tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_v, &full_v[stage], a * kAtomCols16,
-                    n_block * kBlockN, h_kv, b);
-    }
+                    (n_block_max - 1 - i) * kBlockN, h_kv, b);
+    };
+    for_each_kv<KFirst<Cfg>::value>(n_block_max, load_k, load_v);
     FA3_TRACE_FINISH(tr);
   }
 }
@@ -107,23 +137,25 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
 #pragma unroll
   for (int a = 0; a < Cfg::kAtoms; ++a)
     tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
-  for (int i = 0; i < n_block_max; ++i, ++kv) {
-    const int n_block = n_block_max - 1 - i;
-    const int stage = kv % kStages;
-    const uint32_t parity = ((kv / kStages) & 1) ^ 1;
-    mbarrier_wait(&empty_k[stage], parity);
+  auto load_k = [&](int i) {
+    const int stage = (kv + i) % kStages;
+    mbarrier_wait(&empty_k[stage], (((kv + i) / kStages) & 1) ^ 1);
     mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
 #pragma unroll
     for (int a = 0; a < Cfg::kAtoms; ++a)
       tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
-                  n_block * kBlockN, h_kv, b);
-    mbarrier_wait(&empty_v[stage], parity);
+                  (n_block_max - 1 - i) * kBlockN, h_kv, b);
+  };
+  auto load_v = [&](int i) {
+    const int stage = (kv + i) % kStages;
+    mbarrier_wait(&empty_v[stage], (((kv + i) / kStages) & 1) ^ 1);
     mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
 #pragma unroll
     for (int a = 0; a < Cfg::kAtoms; ++a)
       tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_v, &full_v[stage], a * kAtomCols16,
-                  n_block * kBlockN, h_kv, b);
-  }
+                  (n_block_max - 1 - i) * kBlockN, h_kv, b);
+  };
+  for_each_kv<KFirst<Cfg>::value>(n_block_max, load_k, load_v);
 }
 
 }  // namespace fa3
