@@ -91,6 +91,12 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_kfirst --step 4 --variant new= --variant old="$V1" --variant kfirst="$V2" --variant s3="$V3" \
         --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_kfirst.tgz" fa3_lab/results/experiments/*/ab_kfirst_*.json ;;
+    ab_pack) V1="-DFA3_STEP04_PACK_FIRST=0"; V2="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V3="-DFA3_LAZY_RESCALE=0"
+      for d in "$V1" "$V2" "$V3"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
+      echo "builds: $(( $(date +%s) - t0 )) s"
+      python3 cuda/tools/ab.py --name ab_pack --step 4 --variant new= --variant packlast="$V1" --variant oldorder="$V2" --variant nolazy="$V3" \
+        --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
+      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_pack.tgz" fa3_lab/results/experiments/*/ab_pack_*.json ;;
     ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do
       set -- $c; tag=$1_$2${3#--}_$4; echo "== $tag"
       ncu --section WarpStateStats --section SourceCounters -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 \

@@ -111,6 +111,10 @@
 #ifndef FA3_STEP04_STAGES_HD128_CAUSAL
 #define FA3_STEP04_STAGES_HD128_CAUSAL 2
 #endif
+// Pack P_j before O's conditional rescale (1) or after it (0, A/B runs).
+#ifndef FA3_STEP04_PACK_FIRST
+#define FA3_STEP04_PACK_FIRST 1
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -379,12 +383,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         fence_regs_u32(pa);
         FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
-        if constexpr (!kEarlyRescale) {  // O *= corr_j here, before P_j is packed (lazy: only if a max moved)
+        // 6. P_j → 16-bit, then O *= corr_j (lazy: only if a max moved). In this order the packing stays in
+        // the basic block of the exponentials, so ptxas interleaves its F2FPs with the MUFU.EX2s; after the
+        // rescale's branch it ran as a serial tail (ncu source view, NOTES.md, session 5).
+        if constexpr (FA3_STEP04_PACK_FIRST) pack_p<Traits, kBlockN>(s, pa);
+        if constexpr (!kEarlyRescale) {
           if (rescale) rescale_rows<kHeadDim>(o, corr);
           corr[0] = corr[1] = 1.f;
         }
-        // 6. P_j → 16-bit
-        pack_p<Traits, kBlockN>(s, pa);
+        if constexpr (!FA3_STEP04_PACK_FIRST) pack_p<Traits, kBlockN>(s, pa);
       };
       int i = 1;
       for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
