@@ -97,12 +97,6 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_pack --step 4 --variant new= --variant packlast="$V1" --variant oldorder="$V2" --variant nolazy="$V3" \
         --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_pack.tgz" fa3_lab/results/experiments/*/ab_pack_*.json ;;
-    ab_merge) V1="-DFA3_STEP04_MERGE_TILES=0"
-      FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
-      echo "builds: $(( $(date +%s) - t0 )) s"
-      python3 cuda/tools/ab.py --name ab_merge --step 4 --variant merge= --variant permtile="$V1" \
-        --headdims 64,128 --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
-      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_merge.tgz" fa3_lab/results/experiments/*/ab_merge_*.json ;;
     ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do
       set -- $c; tag=$1_$2${3#--}_$4; echo "== $tag"
       ncu --section WarpStateStats --section SourceCounters -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 \

@@ -111,13 +111,6 @@
 #ifndef FA3_STEP04_STAGES_HD128_CAUSAL
 #define FA3_STEP04_STAGES_HD128_CAUSAL 2
 #endif
-// Persistent CTAs: the last P·V of a work tile is issued in the same turn as the next tile's first Q·Kᵀ
-// (the turn pair of the main loop, carried across the tile boundary), and the tile's O is stored while the
-// other warpgroups' GEMMs run, instead of a turn of its own followed by an exposed Q·K_0ᵀ wait;
-// -DFA3_STEP04_MERGE_TILES=0 keeps one prologue and one epilogue turn per work tile (A/B runs).
-#ifndef FA3_STEP04_MERGE_TILES
-#define FA3_STEP04_MERGE_TILES 1
-#endif
 // Pack P_j before O's conditional rescale (1) or after it (0, A/B runs).
 #ifndef FA3_STEP04_PACK_FIRST
 #define FA3_STEP04_PACK_FIRST 1
@@ -282,42 +275,6 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     if (c == kNumConsumers - 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
     const uint32_t sQ_addr = smem_u32(sQ);
     int kv = 0, q_iter = 0;  // as the producer's
-    // Running state of the work tile in flight; kept across tiles for the carried boundary (below).
-    OnlineSoftmax softmax;
-    float o[kHeadDim / 2];          // (64, kHeadDim) fp32 accumulator fragment, registers
-    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
-    uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
-    float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
-    // Carried tile (kMerge): its softmax is finished but its last P·V is not issued yet; it is issued in the
-    // next tile's first turn, beside that tile's Q·K_0ᵀ, and its O stored after the next softmax.
-    constexpr bool kMerge = FA3_STEP04_MERGE_TILES && Cfg::kPersistent && !kEarlyRescale;
-    bool carry = false;
-    int carry_t = 0, carry_stage = 0;
-    uint32_t carry_phase = 0;
-    float carry_inv[2], carry_lse[2];
-    auto store_tile = [&](int t, const float (&inv_sum)[2], const float (&lse)[2]) {
-      int m_, h_, b_;
-      decode(t, m_, h_, b_);
-      T* o_base = reinterpret_cast<T*>(p.o) + b_ * p.o_batch_stride + h_ * p.o_head_stride;
-      float* lse_base = p.lse + (static_cast<int64_t>(b_) * p.nheads + h_) * p.seqlen_q;
-      store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base,
-                                       m_ * kBlockM + c * 64, p.seqlen_q);
-    };
-    // The carried tile's last P·V in a turn of its own (no next tile to pair it with), then its store.
-    auto finish_carry = [&]() {
-      mbarrier_wait(&full_v[carry_stage], carry_phase);
-      wait_turn();
-      FA3_TRACE_STAMP(tr, kGemm1Issue, 0);
-      wgmma_fence();
-      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + carry_stage * kTileElems));
-      wgmma_commit();
-      pass_turn();
-      wgmma_wait<0>();
-      fence_regs(o);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[carry_stage]);
-      store_tile(carry_t, carry_inv, carry_lse);
-      carry = false;
-    };
 
     auto consume_tile = [&](int t) {
       int m_block, h, b;
@@ -334,8 +291,6 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         lse_base = p.lse + (static_cast<int64_t>(b_) * p.nheads + h_) * p.seqlen_q;
       };
       if (n_block_max <= 0) {  // causal, seqlen_q > seqlen_k: these rows see no key
-        if constexpr (kMerge)
-          if (carry) finish_carry();
         T* o_base;
         float* lse_base;
         out_ptrs(o_base, lse_base);
@@ -343,6 +298,11 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
                                       threadIdx.x % 128, 128);
         return;
       }
+      OnlineSoftmax softmax;
+      softmax.init();
+      float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
       mbarrier_wait(full_q, q_iter & 1);
       const int kv0 = kv;
       auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
@@ -352,60 +312,28 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
           if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
       };
 
-      // prologue, tile 0: S = Q·K_0ᵀ (with a carried tile: and its last P·V, in the same turn)
-      auto first_softmax = [&]() {
+      float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
+      uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+      float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
+      // prologue, tile 0: S = Q·K_0ᵀ
+      mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
+      wait_turn();
+      FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
+      wgmma_fence();
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage_of(0) * kTileElems), false);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      fence_regs(s);
+      FA3_TRACE_STAMP(tr, kGemm0Done, 0);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);  // K_0 read: release its slot
+      release_q_after(0);
+      {
         const int n_block = n_block_max - 1;
         if (blocks.needs_mask(n_block))
           apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
         softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
-      };
-      mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
-      if (kMerge && carry) {
-        // Boundary turn: S = Q·K_0ᵀ (group 1); O_carried += P·V_last (group 2); the carried O is stored
-        // after this tile's first softmax, while the other warpgroups' GEMMs run.
-        mbarrier_wait(&full_v[carry_stage], carry_phase);
-        wait_turn();
-        wgmma_fence();
-        gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage_of(0) * kTileElems), false);
-        wgmma_commit();
-        wgmma_fence();
-        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + carry_stage * kTileElems));
-        wgmma_commit();
-        pass_turn();
-        wgmma_wait<1>();
-        fence_regs(s);
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);
-        release_q_after(0);
-        softmax.init();
-        first_softmax();
-        fence_regs(s);
-        fence_regs(corr);
-        wgmma_wait_after<0>(softmax.row_sum[0] + softmax.row_sum[1]);
-        fence_regs(o);
-        fence_regs_u32(pa);
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[carry_stage]);
-        store_tile(carry_t, carry_inv, carry_lse);
-        carry = false;
-#pragma unroll
-        for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-        pack_p<Traits, kBlockN>(s, pa);
-      } else {
-        softmax.init();
-#pragma unroll
-        for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-        wait_turn();
-        FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
-        wgmma_fence();
-        gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage_of(0) * kTileElems), false);
-        wgmma_commit();
-        pass_turn();
-        wgmma_wait<0>();
-        fence_regs(s);
-        FA3_TRACE_STAMP(tr, kGemm0Done, 0);
-        FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);  // K_0 read: release its slot
-        release_q_after(0);
-        first_softmax();
         pack_p<Traits, kBlockN>(s, pa);
       }
       FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
@@ -468,17 +396,6 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       int i = 1;
       for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
       for (; i < n_block_max; ++i) tile(i, std::false_type{});
-      if constexpr (kMerge) {  // carry the tile: its last P·V goes with the next tile's first Q·Kᵀ
-        rescale_rows<kHeadDim>(o, corr);  // as the epilogue turn below, here while no GEMM is in flight
-        carry = true;
-        carry_t = t;
-        carry_stage = stage_of(n_block_max - 1);
-        carry_phase = phase_of(n_block_max - 1);
-        softmax.finalize(p.scale_log2, carry_inv, carry_lse);
-        kv += n_block_max;
-        ++q_iter;
-        return;
-      }
       // epilogue turn: O += P_last·V_last
       {
         const int last = stage_of(n_block_max - 1);
@@ -522,8 +439,6 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     } else {
       consume_tile(t_first);
     }
-    if constexpr (kMerge)
-      if (carry) finish_carry();
     if (c == 0) wait_turn();  // matches the last consumer's last hand-over
     FA3_TRACE_FINISH(tr);
   }
