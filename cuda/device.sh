@@ -97,6 +97,11 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_pack --step 4 --variant new= --variant packlast="$V1" --variant oldorder="$V2" --variant nolazy="$V3" \
         --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_pack.tgz" fa3_lab/results/experiments/*/ab_pack_*.json ;;
+    ab_fp8kfirst) V1="-DFA3_STEP05_K_FIRST=0"
+      FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
+      python3 cuda/tools/ab.py --name ab_fp8_kfirst --step 5 --variant new= --variant old="$V1" \
+        --headdims 128,256 --causal false --seqlens 4096,8192,16384 --rounds 5 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
+      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_fp8_kfirst.tgz" fa3_lab/results/experiments/*/ab_fp8_kfirst_*.json ;;
     ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do
       set -- $c; tag=$1_$2${3#--}_$4; echo "== $tag"
       ncu --section WarpStateStats --section SourceCounters -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 \

@@ -54,6 +54,11 @@
 #include "fa3/wgmma.h"
 
 // K/V ring depth at headdim 64/128 (256 fits 2 stages of 64 KB beside Q); overridable for A/B runs.
+// Producer order K_{j+1} before V_j, and V_{j−1} waited for inside the turn after Q·K_jᵀ is issued (as
+// step 04); -DFA3_STEP05_K_FIRST=0 restores K_j, V_j and both waits before the turn (A/B runs).
+#ifndef FA3_STEP05_K_FIRST
+#define FA3_STEP05_K_FIRST 1
+#endif
 #ifndef FA3_STEP05_STAGES_HD128
 #define FA3_STEP05_STAGES_HD128 2
 #endif
@@ -70,6 +75,7 @@ struct Config {
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim <= 128 ? FA3_STEP05_STAGES_HD128 : 2;  // K/V ring depth
+  static constexpr bool kKFirst = FA3_STEP05_K_FIRST;  // producer order (producer.h, for_each_kv)
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static constexpr int kTurnBarrier = 1;  // named barriers 1, 2 (0 is __syncthreads)
@@ -166,21 +172,25 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(sQ + a * kBlockM * kSw, &tmap_q, full_q, a * kSw, m_block * kBlockM, h, b);
-        for (int i = 0; i < n_block_max; ++i, ++kv) {
-          const int n_block = n_block_max - 1 - i;
-          const int stage = kv % kStages;
-          const uint32_t parity = ((kv / kStages) & 1) ^ 1;  // the ring starts empty
-          mbarrier_wait(&empty_k[stage], parity);
+        // K/V tile i of this work tile: slot (kv + i) % kStages; the ring starts empty. Order: producer.h's
+        // for_each_kv (K_{i+1} before V_i with Cfg::kKFirst, as step 04).
+        auto load_k = [&](int i) {
+          const int stage = (kv + i) % kStages;
+          mbarrier_wait(&empty_k[stage], (((kv + i) / kStages) & 1) ^ 1);
           mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKBytes);
 #pragma unroll
           for (int a = 0; a < Cfg::kAtoms; ++a)
             tma_load_4d(sK + stage * Cfg::kKBytes + a * kBlockN * kSw, &tmap_k, &full_k[stage], a * kSw,
-                        n_block * kBlockN, h_kv, b);
-          mbarrier_wait(&empty_v[stage], parity);
+                        (n_block_max - 1 - i) * kBlockN, h_kv, b);
+        };
+        auto load_v = [&](int i) {  // Vᵀ box: (kBlockN keys, kHeadDim rows) at key n_block·kBlockN
+          const int stage = (kv + i) % kStages;
+          mbarrier_wait(&empty_v[stage], (((kv + i) / kStages) & 1) ^ 1);
           mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kVBytes);
-          // Vᵀ box: (kBlockN keys, kHeadDim rows) at key n_block·kBlockN
-          tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], n_block * kBlockN, 0, h_kv, b);
-        }
+          tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], (n_block_max - 1 - i) * kBlockN, 0, h_kv, b);
+        };
+        for_each_kv<Cfg::kKFirst>(n_block_max, load_k, load_v);
+        kv += n_block_max;
         ++q_iter;
       }
     }
@@ -261,12 +271,13 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
         const float sk = sk_row[n_block], sv = sv_row[n_block];  // issued early, used after the GEMMs
         // 1. operands ready; my turn
         mbarrier_wait(&full_k[stage], phase_of(i));
-        mbarrier_wait(&full_v[prev], phase_of(i - 1));
+        if constexpr (!FA3_STEP05_K_FIRST) mbarrier_wait(&full_v[prev], phase_of(i - 1));
         wait_turn();
         // 2. S_next = Q8·K8_jᵀ (group 1);  O += P8_{j−1}·V8_{j−1} (group 2);  hand over
         wgmma_fence();
         gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK + stage * Cfg::kKBytes));
         wgmma_commit();
+        if constexpr (FA3_STEP05_K_FIRST) mbarrier_wait(&full_v[prev], phase_of(i - 1));
         wgmma_fence();
         gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + prev * Cfg::kVBytes));
         wgmma_commit();

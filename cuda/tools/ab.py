@@ -16,6 +16,9 @@ Usage (on the GPU machine, repo root)::
     python cuda/tools/ab.py --name ab_overlap --step 4 \\
         --variant new= --variant base="-DFA3_WAIT_AFTER_SOFTMAX=0 -DFA3_STEP04_EARLY_RESCALE=0" \\
         --headdims 64,128,256 --causal both --seqlens 2048,8192 --rounds 3
+
+``--step 5`` times the FP8 kernel (``ext.fwd_fp8``) on inputs quantized once by
+:func:`fa3_lab.fp8.quantize_for_kernel`, and FA3's e4m3 forward on e4m3 casts of the same inputs.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fa3_lab import _build, bench, results  # noqa: E402
+from fa3_lab import _build, bench, fp8, results  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str]:
@@ -83,10 +86,19 @@ def main(argv=None) -> int:
         b, s, h, d, causal = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], cfg["causal"]
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dt) for _ in range(3))
         scale = 1.0 / math.sqrt(d)
-        fns = {label: (lambda ext=ext: ext.fwd(args.step, q, k, v, causal, scale, None, None, 0))
-               for label, (_, ext) in variants.items()}
-        if peer:
-            fns["fa3"] = lambda: peer(q, k, v, causal)
+        if args.step == 5:  # FP8: the kernel alone on quantized inputs; FA3's e4m3 forward on e4m3 casts
+            t = fp8.quantize_for_kernel(q, k, v)
+            fns = {label: (lambda ext=ext: ext.fwd_fp8(t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale,
+                                                       fp8.BLOCK_M, fp8.BLOCK_N, causal, scale, None))
+                   for label, (_, ext) in variants.items()}
+            if peer:
+                q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+                fns["fa3"] = lambda: peer(q8, k8, v8, causal)
+        else:
+            fns = {label: (lambda ext=ext: ext.fwd(args.step, q, k, v, causal, scale, None, None, 0))
+                   for label, (_, ext) in variants.items()}
+            if peer:
+                fns["fa3"] = lambda: peer(q, k, v, causal)
         times = {label: [] for label in fns}
         for r in range(args.rounds):
             order = labels[r % len(labels):] + labels[:r % len(labels)]
@@ -104,7 +116,8 @@ def main(argv=None) -> int:
         for label, ts in times.items():
             ms = statistics.median(ts)
             tf[label] = fl / ms / 1e9
-            rows[label].append({"impl": "fa3" if label == "fa3" else f"step{args.step:02d}", "dtype": cfg["dtype"],
+            rows[label].append({"impl": "fa3" if label == "fa3" else f"step{args.step:02d}",
+                                "dtype": "e4m3" if args.step == 5 else cfg["dtype"],
                                 "headdim": d, "causal": causal, "batch": b, "seqlen_q": s, "seqlen_k": s,
                                 "nheads": h, "nheads_kv": h, "ms": round(ms, 5), "tflops": round(tf[label], 2),
                                 "ms_rounds": [round(t, 5) for t in ts]})
