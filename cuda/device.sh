@@ -85,10 +85,11 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_q_stages_nc --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
       --headdims 64 --causal false --seqlens 1024,2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -5
       mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_q_stages_q*.json fa3_lab/results/experiments/*/ab_q_stages_nc_q*.json "$OUT/r/" ;;
-    ab_kfirst) V1="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V2="-DFA3_STEP04_WAIT_V_LATE=0"; V3="-DFA3_STEP04_STAGES_HD128_CAUSAL=3"
-      for d in "" "$V1" "$V2" "$V3"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
+    ab_kfirst) V1="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V2="-DFA3_STEP04_WAIT_V_LATE=0"
+      # (its s3 variant, -DFA3_STEP04_STAGES_HD128_CAUSAL=3 before 8785afe, is gone: 3 stages were not adopted)
+      for d in "" "$V1" "$V2"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
       echo "builds: $(( $(date +%s) - t0 )) s"
-      python3 cuda/tools/ab.py --name ab_kfirst --step 4 --variant new= --variant old="$V1" --variant kfirst="$V2" --variant s3="$V3" \
+      python3 cuda/tools/ab.py --name ab_kfirst --step 4 --variant new= --variant old="$V1" --variant kfirst="$V2" \
         --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_kfirst.tgz" fa3_lab/results/experiments/*/ab_kfirst_*.json ;;
     ab_pack) V1="-DFA3_STEP04_PACK_FIRST=0"; V2="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V3="-DFA3_LAZY_RESCALE=0"
@@ -111,6 +112,8 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       wc -c /tmp/src/$tag.csv; head -c 600 /tmp/src/$tag.err; done
       mkdir -p "$OUT/r" && tar -C /tmp -czf "$OUT/r/ncu_src.tgz" src && ls -la "$OUT/r" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
+    sanitize234) for tool in racecheck synccheck memcheck; do echo "== $tool"
+      compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 2 3 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize234.log" ;;
     sanitize4) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize4.log" ;;
     info) python3 -m fa3_lab info 2>&1 | tee "$OUT/info.log" ;;

@@ -107,10 +107,6 @@
 #ifndef FA3_STEP04_WAIT_V_LATE
 #define FA3_STEP04_WAIT_V_LATE 1
 #endif
-// K/V ring depth at causal headdim 128 (Bc = 128): 3 stages fit (32 KB Q + 6 × 32 KB); A/B switch.
-#ifndef FA3_STEP04_STAGES_HD128_CAUSAL
-#define FA3_STEP04_STAGES_HD128_CAUSAL 2
-#endif
 // Pack P_j before O's conditional rescale (1) or after it (0, A/B runs).
 #ifndef FA3_STEP04_PACK_FIRST
 #define FA3_STEP04_PACK_FIRST 1
@@ -132,7 +128,7 @@ struct Config {
   static constexpr int kBlockN = kHeadDim == 64 ? (kCausal || kNumConsumers == 3 ? 128 : FA3_BLOCK_N_HD64)
                                 : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_BLOCK_N_HD128) : 80;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
-  static constexpr int kStages = kHeadDim == 64 ? 4 : (kHeadDim == 128 && kCausal) ? FA3_STEP04_STAGES_HD128_CAUSAL : 2;
+  static constexpr int kStages = kHeadDim == 64 ? 4 : 2;  // 3 at causal headdim 128 (fits): 0.98–1.02× (NOTES.md)
   static constexpr bool kKFirst = FA3_STEP04_K_FIRST;
   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM; three consumers: 24·128 + 160·384 = 64512
   static constexpr int kProducerRegs = 24;
