@@ -9,6 +9,7 @@ forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs f
 """
 from __future__ import annotations
 
+import statistics
 import warnings
 
 from .cli import UsageError
@@ -20,6 +21,10 @@ PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096, 16384)
 TOTAL_TOKENS = 16384
 HIDDEN = 2048
+# Timing rounds per configuration. One do_bench per implementation, run one after the other, moved by
+# 3–15 % between grid runs on the same GPU (clocks and temperature drift within a run; NOTES.md, session 4);
+# rounds in rotating order put every implementation through the same drift, as cuda/tools/ab.py does.
+ROUNDS = 3
 ABLATION = dict(batch=4, seqlen=8448, nheads=16, headdim=128)  # paper Table 2
 PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 661}  # see NOTES.md
 
@@ -35,6 +40,9 @@ def add_arguments(p):
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     p.add_argument("--steps", default=None, help="comma list of step ids (default all 16-bit steps)")
     p.add_argument("--no-peers", action="store_true", help="time only our steps")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help=f"interleaved rounds per config, implementations in rotating order; ms is the median of the "
+                        f"rounds' do_bench medians (default {ROUNDS})")
     p.add_argument("--name", default=None, help="results file name (default bench / bench_quick / ablation)")
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
 
@@ -85,11 +93,20 @@ def time_ms(fn):
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def run_grid(configs, step_ids, with_peers=True, progress=None):
+def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     """Time every (impl, config); returns rows in the DESIGN.md schema.
 
     configs: iterable of dicts with dtype, headdim, causal, batch, seqlen, nheads, nheads_kv.
+    rounds: per config, every implementation is timed once per round (``time_ms``: a do_bench median),
+    the order rotating from round to round; a row's ``ms`` is the median over rounds and ``ms_rounds``
+    keeps them all. An implementation that raises in the first round (a peer without this config) gets
+    no row, and ``progress`` is told why.
+
+    Raises:
+        UsageError: rounds < 1.
     """
+    if rounds < 1:
+        raise UsageError(f"--rounds: expected a positive integer, got {rounds}")
     import torch
 
     import fa3_lab
@@ -109,19 +126,30 @@ def run_grid(configs, step_ids, with_peers=True, progress=None):
             if name == "sdpa_math" and b * h * s * s * 4 * 3 > 20e9:
                 continue  # S and P in fp32 would not fit comfortably
             impls[name] = lambda fn=fn: fn(q, k, v, cfg["causal"])
-        for impl, fn in impls.items():
-            try:
-                fn()
-                torch.cuda.synchronize()
-                ms = time_ms(fn)
-            except Exception as e:  # a peer that does not support this config: say so, no row
-                if progress:
-                    progress(f"{impl} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                torch.cuda.synchronize()
+        names = list(impls)
+        times = {impl: [] for impl in names}
+        for r in range(rounds):
+            for impl in names[r % len(names):] + names[:r % len(names)]:
+                if times[impl] is None:
+                    continue
+                fn = impls[impl]
+                try:
+                    if r == 0:
+                        fn()
+                        torch.cuda.synchronize()
+                    times[impl].append(time_ms(fn))
+                except Exception as e:  # a peer that does not support this config: say so, no row
+                    if progress:
+                        progress(f"{impl} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    torch.cuda.synchronize()
+                    times[impl] = None
+        for impl in names:
+            if not times[impl]:
                 continue
+            ms = statistics.median(times[impl])
             rows.append({"impl": impl, "dtype": cfg["dtype"], "headdim": d, "causal": cfg["causal"], "batch": b,
                          "seqlen_q": s, "seqlen_k": s, "nheads": h, "nheads_kv": hkv, "ms": round(ms, 5),
-                         "tflops": round(fl / ms / 1e9, 2)})
+                         "tflops": round(fl / ms / 1e9, 2), "ms_rounds": [round(t, 5) for t in times[impl]]})
         del q, k, v
         torch.cuda.empty_cache()
         if progress:
@@ -204,11 +232,11 @@ def run(args):
             else:
                 console.print(f"[dim]{msg}[/dim]")
 
-        rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress)
+        rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
     from . import results
 
     meta = results.collect_meta(command="python -m fa3_lab bench " + " ".join(_argv_tail(args)))
-    console.print(format_table(rows, title=f"{meta['gpu']} — TFLOPs/s (median of do_bench), {meta['date']}"))
+    console.print(format_table(rows, title=f"{meta['gpu']} — TFLOPs/s (median of {args.rounds} rounds of do_bench), {meta['date']}"))
     if not args.no_save:
         path = results.save(name, rows, meta)
         console.print(f"saved {path}")
@@ -222,6 +250,20 @@ def _argv_tail(args):
 
 
 FP8_SEQLENS = (4096, 8192, 16384)
+
+
+def _median_fp8_row(rounds, fl):
+    """One step-05 row from the rounds' :func:`fa3_lab.fp8.time_quantize_vs_kernel` rows: every time
+    (``ms``, ``quantize_ms``, ``quantize_torch_ms``, ``v_layout_ms``) the median over rounds, and the
+    rates recomputed from those medians (``quantize_gbps`` scaled by the quantize time's ratio)."""
+    row = dict(rounds[0])
+    for key in ("ms", "quantize_ms", "quantize_torch_ms", "v_layout_ms"):
+        row[key] = statistics.median(r[key] for r in rounds)
+    row["quantize_gbps"] = rounds[0]["quantize_gbps"] * rounds[0]["quantize_ms"] / row["quantize_ms"]
+    row["tflops"] = fl / row["ms"] / 1e9
+    row["tflops_with_quantize"] = fl / (row["ms"] + row["quantize_ms"]) / 1e9
+    row["ms_rounds"] = [round(r["ms"], 5) for r in rounds]
+    return row
 
 
 def run_fp8(console, args):
@@ -238,10 +280,12 @@ def run_fp8(console, args):
     headdims = [d for d in _int_list(args.headdims, "headdims", allowed=(64, 128, 256)) if d in (128, 256)] or [128, 256]
     peer = peers().get("fa3")
     rows = []
+    rounds = args.rounds
+    if rounds < 1:
+        raise UsageError(f"--rounds: expected a positive integer, got {rounds}")
     for d in headdims:
         for s in FP8_SEQLENS:
             b, h = max(1, TOTAL_TOKENS // s), HIDDEN // d
-            rows.append(fp8.time_quantize_vs_kernel(b, s, h, d, False))
             q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
             k, v = torch.randn_like(q), torch.randn_like(q)
             fl = flops(b, h, s, s, d, False)
@@ -250,20 +294,37 @@ def run_fp8(console, args):
             if peer is not None:
                 q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
                 impls["fa3_e4m3"] = ("fa3", "e4m3", lambda: peer(q8, k8, v8, False))
-            for _, (impl, dtype, fn) in impls.items():
-                try:
-                    fn()
-                    ms = time_ms(fn)
-                except Exception as e:
-                    console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: {str(e)[:100]}[/dim]")
+            # rounds in rotating order (as run_grid): step 05 with its quantize timings, the peers
+            names = ["step05"] + list(impls)
+            ours, times = [], {key: [] for key in impls}
+            for r in range(rounds):
+                for key in names[r % len(names):] + names[:r % len(names)]:
+                    if key == "step05":
+                        ours.append(fp8.time_quantize_vs_kernel(b, s, h, d, False))
+                        continue
+                    if times[key] is None:
+                        continue
+                    impl, dtype, fn = impls[key]
+                    try:
+                        if r == 0:
+                            fn()
+                        times[key].append(time_ms(fn))
+                    except Exception as e:
+                        console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: "
+                                      f"{str(e)[:100]}[/dim]")
+                        times[key] = None
+            rows.append(_median_fp8_row(ours, fl))
+            for key, (impl, dtype, _) in impls.items():
+                if not times[key]:
                     continue
+                ms = statistics.median(times[key])
                 rows.append({"impl": impl, "dtype": dtype, "headdim": d, "causal": False, "batch": b, "seqlen_q": s,
                              "seqlen_k": s, "nheads": h, "nheads_kv": h, "ms": round(ms, 5),
-                             "tflops": round(fl / ms / 1e9, 2)})
+                             "tflops": round(fl / ms / 1e9, 2), "ms_rounds": [round(t, 5) for t in times[key]]})
     meta = results.collect_meta(command="python -m fa3_lab bench --fp8")
     from rich.table import Table
 
-    t = Table(title=f"{meta['gpu']} — FP8 forward, TFLOPs/s (median of do_bench), {meta['date']}")
+    t = Table(title=f"{meta['gpu']} — FP8 forward, TFLOPs/s (median of {args.rounds} rounds of do_bench), {meta['date']}")
     for col in ("hdim", "seqlen", "step05 e4m3", "+quantize", "quantize ms", "GB/s", "torch quantize ms",
                 "FA3 e4m3", "ours bf16", "step05/FA3", "step05/bf16"):
         t.add_column(col, justify="right")

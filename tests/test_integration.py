@@ -412,6 +412,46 @@ def test_example_flow_on_cpu_with_the_kernel_swapped_for_the_reference(transform
     assert results.validate(json.loads((tmp_path / "run.json").read_text()))["config"]["seqlen"] == 24
 
 
+# ------------------------------------------------------------------------------------ bench rounds
+
+def test_bench_rounds_rotate_and_take_the_median(monkeypatch):
+    """run_grid times every implementation once per round, in an order that rotates from round to
+    round, and reports the median round (ms_rounds keeps them all); a peer that raises gets no row."""
+    from fa3_lab import bench
+
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, dtype=None: real_randn(*shape, dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
+    calls = []
+    monkeypatch.setattr(fa3_lab, "flash_attn_func", lambda q, k, v, causal, step: calls.append(f"step{step:02d}"))
+
+    def broken(q, k, v, causal):
+        raise RuntimeError("this build has no fp16")
+    monkeypatch.setattr(bench, "peers", lambda: {"fa3": lambda q, k, v, causal: calls.append("fa3"), "cudnn": broken})
+    ms = {"step04": iter([3.0, 1.0, 2.0]), "fa3": iter([5.0, 4.0, 6.0])}
+
+    timed = []
+
+    def fake_time(fn):
+        fn()
+        timed.append(calls[-1])
+        return next(ms[calls[-1]])
+    monkeypatch.setattr(bench, "time_ms", fake_time)
+    cfg = dict(dtype="fp16", headdim=64, causal=False, batch=1, seqlen=8, nheads=2, nheads_kv=2)
+    skipped = []
+    rows = bench.run_grid([cfg], [4], with_peers=True, progress=lambda m: m and skipped.append(m), rounds=3)
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"step04", "fa3"} and "cudnn skipped" in skipped[0]
+    assert by["step04"]["ms"] == 2.0 and by["step04"]["ms_rounds"] == [3.0, 1.0, 2.0]
+    assert by["fa3"]["ms"] == 5.0 and by["fa3"]["ms_rounds"] == [5.0, 4.0, 6.0]
+    assert by["fa3"]["tflops"] == round(bench.flops(1, 2, 8, 8, 64, False) / 5.0 / 1e9, 2)
+    # order (step04, fa3, cudnn) rotated by one per round; cudnn dropped after it raised in round 0
+    assert timed == ["step04", "fa3", "fa3", "step04", "step04", "fa3"]
+    with pytest.raises(bench.UsageError, match="--rounds"):
+        bench.run_grid([cfg], [4], with_peers=False, rounds=0)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 def _qkv(b, sq, sk, h, hkv, d, dtype=BF16, seed=0, requires_grad=False):
