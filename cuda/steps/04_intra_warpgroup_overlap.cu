@@ -27,13 +27,15 @@
 // causal inputs keep one CTA per tile.
 //
 // Headdim 64 runs three consumer warpgroups on 192-row tiles (FA3's shape), the turns rotating over all three.
-// Measured (NVIDIA H100 80GB HBM3, bf16, commit 8929592, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/):
-// Table 2 shape (4, 8448, 16, 128) 682 TFLOPs/s (FA3 733, cuDNN 632, same run); seqlen 16k: hd64 499,
-// hd128 612, hd128 causal 559, hd256 714 (FA3 542 / 708 / 659 / 759). Analysis: cuda/NOTES.md.
+// Measured (NVIDIA H100 80GB HBM3, bf16, 2026-11-22, medians of rotating rounds; fa3_lab/results/nvidia-h100-80gb-hbm3/):
+// Table 2 shape (4, 8448, 16, 128) 649 TFLOPs/s (FA3 733, cuDNN 613, same run, commit e02e1cd); seqlen 16k
+// (commit be538cc): hd64 526, hd128 632, hd128 causal 633, hd256 687 (FA3 542 / 703 / 655 / 729). The
+// producer loads K_{j+1} before V_j (producer.h, for_each_kv). Analysis: cuda/NOTES.md.
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials; forcing all of
 // them under P·V (-DFA3_WAIT_AFTER_SOFTMAX=1, ptx.h) measured 0–9 % slower, so it stays off. Headdim 256
 // non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 128 trails
-// FA3 most (0.85–0.96×), causal and at short sequences. This is flash_attn_func's default step.
+// FA3 most (0.90–0.99×): its softmax phase is longer than FA3's (ncu source view, NOTES.md, session 5).
+// This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

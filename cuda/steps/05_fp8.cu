@@ -29,10 +29,11 @@
 //   7. epilogue: O · sv_last / ℓ → bf16; lse = (m − 8)·ln2 + ln ℓ
 // Persistent grid (non-causal, headdim 64/128) as step 04: measured within noise of one CTA per tile
 // (cuda/NOTES.md, session 3), kept so that steps 04 and 05 share one structure.
-// Measured (NVIDIA H100 80GB HBM3, commit 3592b10, 2026-11-22; fa3_lab/results/nvidia-h100-80gb-hbm3/
-// bench_fp8.json), kernel alone, non-causal, seqlen 4k/8k/16k: hd128 801/812/833 TFLOPs/s (0.93/0.87/0.90×
-// FA3 e4m3), hd256 1104/1164/1192 (0.98/1.03/1.00×; 1.65× our bf16 step 04 at 16k). On step 02's
-// structure it was 0.86–0.91× FA3 (H200). Analysis: cuda/NOTES.md ("Step 05").
+// Measured (NVIDIA H100 80GB HBM3, commit 428551d, 2026-11-22, medians of 3 rotating rounds;
+// fa3_lab/results/nvidia-h100-80gb-hbm3/bench_fp8.json), kernel alone, non-causal, seqlen 4k/8k/16k: hd128
+// 832/836/842 TFLOPs/s (0.96/0.92/0.91× FA3 e4m3), hd256 1112/1157/1183 (0.99/1.01/1.00×; 1.54× our bf16
+// step 04 at 16k). The producer loads K_{j+1} before V_j (as step 04; +1–5 % at hd128). On step 02's
+// structure it was 0.86–0.91× FA3 (H200). Analysis: cuda/NOTES.md ("Step 05", session 5).
 // Known limit: V is laid out k-major by the fused quantize kernel (cuda/fp8_quantize.cu: the same pass
 // that quantizes V writes it transposed and key-permuted, at no extra traffic), not transposed in shared
 // memory with ldmatrix/stmatrix as the paper does; callers with e4m3 V in BSHD pay one copy
