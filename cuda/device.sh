@@ -86,7 +86,7 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       --headdims 64 --causal false --seqlens 1024,2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -5
       mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_q_stages_q*.json fa3_lab/results/experiments/*/ab_q_stages_nc_q*.json "$OUT/r/" ;;
     ab_kfirst) V1="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V2="-DFA3_STEP04_WAIT_V_LATE=0"
-      # (its s3 variant, -DFA3_STEP04_STAGES_HD128_CAUSAL=3 before 8785afe, is gone: 3 stages were not adopted)
+      # (its s3 variant, -DFA3_STEP04_STAGES_HD128_CAUSAL=3 before 700ecb6, is gone: 3 stages were not adopted)
       for d in "" "$V1" "$V2"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
       echo "builds: $(( $(date +%s) - t0 )) s"
       python3 cuda/tools/ab.py --name ab_kfirst --step 4 --variant new= --variant old="$V1" --variant kfirst="$V2" \
