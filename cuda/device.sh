@@ -103,6 +103,8 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_fp8_kfirst --step 5 --variant new= --variant old="$V1" \
         --headdims 128,256 --causal false --seqlens 4096,8192,16384 --rounds 5 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_fp8_kfirst.tgz" fa3_lab/results/experiments/*/ab_fp8_kfirst_*.json ;;
+    clocks) for c in "--headdim 128" "--headdim 128 --causal --seqlen 8192" "--headdim 64"; do
+      python3 cuda/tools/clocks.py $c 2>&1 | tail -6; done 2>&1 | tee "$OUT/clocks.log" ;;
     ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do
       set -- $c; tag=$1_$2${3#--}_$4; echo "== $tag"
       ncu --section WarpStateStats --section SourceCounters -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 \
