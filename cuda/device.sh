@@ -103,6 +103,10 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_fp8_kfirst --step 5 --variant new= --variant old="$V1" \
         --headdims 128,256 --causal false --seqlens 4096,8192,16384 --rounds 5 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_fp8_kfirst.tgz" fa3_lab/results/experiments/*/ab_fp8_kfirst_*.json ;;
+    ncu_mem) M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,lts__t_sector_hit_rate.pct,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed_op_global_st.sum,lts__t_sectors_srcunit_tex_op_write.sum
+      for c in "step04 --no-causal 16384" "fa3 --no-causal 16384" "step04 --causal 8192" "fa3 --causal 8192"; do set -- $c; echo "== $c"
+      ncu --metrics $M -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 python3 cuda/tools/profile_case.py --impl $1 --headdim 128 --seqlen $3 $2 2>&1 \
+        | grep -E "^\s+(gpu__|sm__|smsp__|dram__|lts__|l1tex__)|Error|==ERR" | cut -c1-160; done 2>&1 | tee "$OUT/ncu_mem.log" ;;
     clocks) for c in "--headdim 128" "--headdim 128 --causal --seqlen 8192" "--headdim 64"; do
       python3 cuda/tools/clocks.py $c 2>&1 | tail -6; done 2>&1 | tee "$OUT/clocks.log" ;;
     ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do
