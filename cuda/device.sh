@@ -107,6 +107,11 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       for c in "step04 --no-causal 16384" "fa3 --no-causal 16384" "step04 --causal 8192" "fa3 --causal 8192"; do set -- $c; echo "== $c"
       ncu --metrics $M -k regex:'fwd_kernel|device_kernel' --launch-skip 2 --launch-count 1 python3 cuda/tools/profile_case.py --impl $1 --headdim 128 --seqlen $3 $2 2>&1 \
         | grep -E "^\s+(gpu__|sm__|smsp__|dram__|lts__|l1tex__)|Error|==ERR" | cut -c1-160; done 2>&1 | tee "$OUT/ncu_mem.log" ;;
+    ab_cluster) V1="-DFA3_STEP04_CLUSTER=0"
+      FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
+      python3 cuda/tools/ab.py --name ab_cluster --step 4 --variant cluster= --variant nocluster="$V1" \
+        --headdims 128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -8
+      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_cluster.tgz" fa3_lab/results/experiments/*/ab_cluster_*.json ;;
     clocks) for c in "--headdim 128" "--headdim 128 --causal --seqlen 8192" "--headdim 64"; do
       python3 cuda/tools/clocks.py $c 2>&1 | tail -6; done 2>&1 | tee "$OUT/clocks.log" ;;
     ncu_src) for c in "step04 128 --causal 8192" "fa3 128 --causal 8192" "step04 128 --no-causal 16384" "fa3 128 --no-causal 16384"; do

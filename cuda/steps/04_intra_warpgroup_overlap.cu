@@ -109,6 +109,12 @@
 #ifndef FA3_STEP04_WAIT_V_LATE
 #define FA3_STEP04_WAIT_V_LATE 1
 #endif
+// Non-causal headdim 128 (persistent): clusters of two CTAs on adjacent row blocks of one head share each
+// K/V tile by TMA multicast — each CTA loads half of the tile's rows for both (FA3's cluster shape there),
+// halving the K/V bytes read from L2 (ncu: 15.9 GB vs FA3's 9.1 GB at 16k). -DFA3_STEP04_CLUSTER=0 for A/B.
+#ifndef FA3_STEP04_CLUSTER
+#define FA3_STEP04_CLUSTER 1
+#endif
 // Pack P_j before O's conditional rescale (1) or after it (0, A/B runs).
 #ifndef FA3_STEP04_PACK_FIRST
 #define FA3_STEP04_PACK_FIRST 1
@@ -132,9 +138,6 @@ struct Config {
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;  // 3 at causal headdim 128 (fits): 0.98–1.02× (NOTES.md)
   static constexpr bool kKFirst = FA3_STEP04_K_FIRST;
-  // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM; three consumers: 24·128 + 160·384 = 64512
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = kNumConsumers == 3 ? 160 : 240;
   static constexpr int kTurnBarrier = 1;     // named barriers 1 .. kNumConsumers (0 is __syncthreads)
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
@@ -145,6 +148,12 @@ struct Config {
   // Causal tiles differ in length: a static assignment lost, so they are handed out dynamically.
   static constexpr bool kDynamic = FA3_STEP04_PERSISTENT && FA3_STEP04_DYNAMIC && kCausal && kDyn;
   static constexpr bool kPersistent = FA3_STEP04_PERSISTENT && ((kHeadDim <= 128 && !kCausal) || kDynamic);
+  static constexpr int kClusterM = (FA3_STEP04_CLUSTER && kPersistent && kHeadDim == 128 && !kCausal) ? 2 : 1;
+  // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM; three consumers: 24·128 + 160·384 = 64512. The
+  // multicast producer spilled at 24 and 32 (its cluster rank and mask): 40·128 + 232·256 = 64512, and the
+  // consumers' main loop is the same length at 232.
+  static constexpr int kProducerRegs = kClusterM > 1 ? 40 : 24;
+  static constexpr int kConsumerRegs = kClusterM > 1 ? 232 : kNumConsumers == 3 ? 160 : 240;
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
   static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
 };
@@ -181,7 +190,11 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
   // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_tiles = num_m * p.nheads * p.batch;
+  // With a cluster (Cfg::kClusterM = 2) a work tile t is a pair of adjacent row blocks of one (batch, head);
+  // the cluster's CTA of rank r takes row block 2·pair + r (past the last row block: zero rows, no stores).
+  constexpr int kCluster = Cfg::kClusterM;
+  const int num_pairs = (num_m + kCluster - 1) / kCluster;
+  const int num_tiles = num_pairs * p.nheads * p.batch;
   auto decode = [&](int t, int& m_block, int& h, int& b) {
     if constexpr (!Cfg::kPersistent) {  // straight from blockIdx (cheap to re-read: fewer live registers)
       m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -199,17 +212,23 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       h = bh % p.nheads;
       b = bh / p.nheads;
     } else {
-      m_block = num_m - 1 - t % num_m;
-      h = (t / num_m) % p.nheads;
-      b = t / (num_m * p.nheads);
+      // (the rank is re-read where used: a special register, cheaper than a register held across the loop)
+      m_block = kCluster * (num_pairs - 1 - t % num_pairs) + (kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0);
+      h = (t / num_pairs) % p.nheads;
+      b = t / (num_pairs * p.nheads);
     }
   };
-  const int t_first = Cfg::kPersistent ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.nheads * blockIdx.z);
-  const int t_stride = gridDim.x;  // persistent only
+  // First tile and stride (persistent). Read where used: held from here across setmaxnreg, a value derived
+  // from the cluster index was spilled.
+  auto t_first = [&]() -> int {
+    return kCluster > 1 ? cluster_id_x()
+           : Cfg::kPersistent ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.nheads * blockIdx.z);
+  };
+  auto t_stride = [&]() -> int { return kCluster > 1 ? num_clusters_x() : gridDim.x; };
   const int wg = warpgroup_id();
 
   if (threadIdx.x == 0) {
-    init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
+    init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers * kCluster);
     mbarrier_init(empty_q, 4 * Cfg::kNumConsumers);
     mbarrier_init(&sched_full[0], 1);
     mbarrier_init(&sched_full[1], 1);
@@ -217,14 +236,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     mbarrier_init(&sched_empty[1], 4 * Cfg::kNumConsumers);
     fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
+  else __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if constexpr (!Cfg::kPersistent) {  // one tile: step 02's producer (and its trace observer)
       int m_block, h, b;
-      decode(t_first, m_block, h, b);
+      decode(t_first(), m_block, h, b);
       const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
       if (blocks.n_block_max > 0)
         produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v,
@@ -233,7 +253,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       tma_prefetch_descriptor(&tmap_k);
       tma_prefetch_descriptor(&tmap_v);
       int kv = 0, q_iter = 0;
-      for (int t = t_first, n = 0; t < num_tiles; ++n) {
+      for (int t = t_first(), n = 0; t < num_tiles; ++n) {
         int m_block, h, b;
         decode(t, m_block, h, b);
         const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
@@ -252,7 +272,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
           mbarrier_arrive(&sched_full[n & 1]);  // release: the slot's write is seen by the waiters
           t = t_next;
         } else {
-          t += t_stride;
+          t += t_stride();
         }
       }
     }
@@ -325,7 +345,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       fence_regs(s);
       FA3_TRACE_STAMP(tr, kGemm0Done, 0);
       FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);  // K_0 read: release its slot
+      if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_k[stage_of(0)]);  // K_0 read: release its slot
       release_q_after(0);
       {
         const int n_block = n_block_max - 1;
@@ -364,7 +384,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         fence_regs(s);
         FA3_TRACE_STAMP(tr, kGemm0Done, i);
         FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);  // K_j read: release its slot
+        if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_k[stage]);  // K_j read: release its slot
         release_q_after(i);
         // 4. mask, softmax of S_next (under the P·V GEMM)
         if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
@@ -380,7 +400,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         fence_regs(o);
         fence_regs_u32(pa);
         FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
+        if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_v[prev]);  // V_{j−1} read
         // 6. P_j → 16-bit, then O *= corr_j (lazy: only if a max moved). In this order the packing stays in
         // the basic block of the exponentials, so ptxas interleaves its F2FPs with the MUFU.EX2s; after the
         // rescale's branch it ran as a serial tail (ncu source view, NOTES.md, session 5).
@@ -408,7 +428,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         wgmma_wait<0>();
         fence_regs(o);
         FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+        if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_v[last]);
       }
       kv += n_block_max;
       ++q_iter;
@@ -421,7 +441,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
     };
     if constexpr (Cfg::kDynamic) {
-      for (int t = t_first, n = 0; t < num_tiles; ++n) {
+      for (int t = t_first(), n = 0; t < num_tiles; ++n) {
         consume_tile(t);
         mbarrier_wait(&sched_full[n & 1], (n >> 1) & 1);
         // Broadcast from lane 0: the tile index is the same in every lane, and a value the compiler knows
@@ -433,13 +453,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
       }
     } else if constexpr (Cfg::kPersistent) {
-      for (int t = t_first; t < num_tiles; t += t_stride) consume_tile(t);
+      for (int t = t_first(); t < num_tiles; t += t_stride()) consume_tile(t);
     } else {
-      consume_tile(t_first);
+      consume_tile(t_first());
     }
     if (c == 0) wait_turn();  // matches the last consumer's last hand-over
     FA3_TRACE_FINISH(tr);
   }
+  // Cluster: no CTA leaves while the other may still multicast into its smem or arrive on its barriers.
+  if constexpr (kCluster > 1) cluster_sync();
 }
 
 template <typename T, int kHeadDim, bool kCausal>

@@ -42,13 +42,34 @@ template <typename Cfg, typename Kernel>
 void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const char* name) {
   const CUtensorMap tq = make_tmap_bshd(p.q, p.dtype, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                                         p.q_head_stride, p.q_batch_stride, kAtomCols16, Cfg::kBlockM);
+  constexpr int kCluster = ClusterM<Cfg>::value;  // with a cluster, each CTA loads 1/kCluster of a K/V tile
   const CUtensorMap tk = make_tmap_bshd(p.k, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, p.k_row_stride,
-                                        p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN);
+                                        p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN / kCluster);
   const CUtensorMap tv = make_tmap_bshd(p.v, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, p.v_row_stride,
-                                        p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN);
+                                        p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN / kCluster);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              (std::string("cudaFuncSetAttribute(") + name + ")").c_str());
   dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
+  if constexpr (kCluster > 1) {
+    // Persistent clusters: each cluster takes kCluster adjacent row blocks of one (batch, head) at a time.
+    static_assert(IsPersistent<Cfg>::value, "K/V multicast is built for the persistent grid");
+    const long long work = static_cast<long long>(ceil_div_host(grid.x, kCluster)) * grid.y * grid.z;
+    const long long clusters = work < sm_count() / kCluster ? work : sm_count() / kCluster;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(clusters * kCluster), 1, 1);
+    config.blockDim = dim3(Cfg::kThreads, 1, 1);
+    config.dynamicSmemBytes = Cfg::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, tq, tk, tv, p), (std::string(name) + " launch").c_str());
+    return;
+  }
   if constexpr (IsPersistent<Cfg>::value) grid = persistent_grid(grid);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
   check_cuda(cudaGetLastError(), (std::string(name) + " launch").c_str());

@@ -1,6 +1,7 @@
 // fa3/params.h — the one parameter struct every step's launcher takes (host and device).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace fa3 {
 
@@ -10,6 +11,12 @@ namespace fa3 {
 #ifndef FA3_DYNAMIC_MAX_SEQLEN
 #define FA3_DYNAMIC_MAX_SEQLEN 8192
 #endif
+
+// Cfg::kClusterM if a kernel config has it, else 1: CTAs per thread-block cluster along the grid's x,
+// which share each K/V tile by TMA multicast (step 04; launch.h, producer.h).
+template <typename Cfg, typename = void> struct ClusterM : std::integral_constant<int, 1> {};
+template <typename Cfg> struct ClusterM<Cfg, std::void_t<decltype(Cfg::kClusterM)>>
+    : std::integral_constant<int, Cfg::kClusterM> {};
 
 enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1, kE4M3 = 2 };
 

@@ -137,25 +137,43 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
 #pragma unroll
   for (int a = 0; a < Cfg::kAtoms; ++a)
     tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
-  auto load_k = [&](int i) {
+  // With a cluster of kCluster CTAs (ClusterM<Cfg>), CTA `rank` loads rows [rank·kRows, (rank+1)·kRows) of
+  // each K/V tile and multicasts them to every CTA of the cluster; each CTA's full barrier expects the
+  // whole tile, and its empty barrier counts the consumer warps of all kCluster CTAs (a slot is refilled
+  // in every CTA at once, so every CTA must be done with it).
+  constexpr int kCluster = ClusterM<Cfg>::value;
+  constexpr int kRows = kBlockN / kCluster;
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+  auto load = [&](int i, T* sX, const CUtensorMap* tmap, uint64_t* full, uint64_t* empty) {
     const int stage = (kv + i) % kStages;
-    mbarrier_wait(&empty_k[stage], (((kv + i) / kStages) & 1) ^ 1);
-    mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
+    mbarrier_wait(&empty[stage], (((kv + i) / kStages) & 1) ^ 1);
+    mbarrier_arrive_expect_tx(&full[stage], Cfg::kKVBytes);
 #pragma unroll
-    for (int a = 0; a < Cfg::kAtoms; ++a)
-      tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
-                  (n_block_max - 1 - i) * kBlockN, h_kv, b);
+    for (int a = 0; a < Cfg::kAtoms; ++a) {
+      T* dst = sX + stage * kTileElems + a * kBlockN * kAtomCols16 + rank * kRows * kAtomCols16;
+      const int row = (n_block_max - 1 - i) * kBlockN + rank * kRows;
+      if constexpr (kCluster > 1)
+        tma_load_4d_multicast(dst, tmap, &full[stage], (1u << kCluster) - 1, a * kAtomCols16, row, h_kv, b);
+      else
+        tma_load_4d(dst, tmap, &full[stage], a * kAtomCols16, row, h_kv, b);
+    }
   };
-  auto load_v = [&](int i) {
-    const int stage = (kv + i) % kStages;
-    mbarrier_wait(&empty_v[stage], (((kv + i) / kStages) & 1) ^ 1);
-    mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
+  for_each_kv<KFirst<Cfg>::value>(
+      n_block_max, [&](int i) { load(i, sK, tmap_k, full_k, empty_k); },
+      [&](int i) { load(i, sV, tmap_v, full_v, empty_v); });
+}
+
+// A consumer warp's release of a ring slot (lane 0): its own CTA's empty barrier, and with a cluster
+// (ClusterM<Cfg> > 1) the same barrier in every other CTA of the cluster, whose producer multicasts into
+// this CTA's slot too.
+template <typename Cfg>
+__device__ __forceinline__ void release_slot(uint64_t* empty) {
+  if constexpr (ClusterM<Cfg>::value > 1) {
 #pragma unroll
-    for (int a = 0; a < Cfg::kAtoms; ++a)
-      tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_v, &full_v[stage], a * kAtomCols16,
-                  (n_block_max - 1 - i) * kBlockN, h_kv, b);
-  };
-  for_each_kv<KFirst<Cfg>::value>(n_block_max, load_k, load_v);
+    for (int r = 0; r < ClusterM<Cfg>::value; ++r) mbarrier_arrive_cluster(empty, r);
+  } else {
+    mbarrier_arrive(empty);
+  }
 }
 
 }  // namespace fa3

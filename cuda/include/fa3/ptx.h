@@ -49,6 +49,39 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// ---------------------------------------------------------------- clusters (PTX §9.7.12.3, §9.7.13.15)
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// This cluster's index in the grid and the number of clusters (x), read from special registers: cheap to
+// re-read where needed, where a value derived from blockIdx would be held (or spilled) across the kernel.
+__device__ __forceinline__ int cluster_id_x() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return static_cast<int>(r);
+}
+__device__ __forceinline__ int num_clusters_x() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+  return static_cast<int>(r);
+}
+// Arrive on the mbarrier at the same shared-memory offset in CTA `rank` of this cluster (release at
+// cluster scope: this thread's earlier shared-memory reads are done before the arrival is seen).
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
+      "r"(rank)
+      : "memory");
+}
+// Every thread of every CTA of the cluster: arrive, then wait for all (release/acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
 // One bounded look at a phase (the tracing observer must never hang the kernel): true if the phase
 // with this parity completed within max_tries try_waits.
 __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity, int max_tries) {
@@ -73,6 +106,16 @@ __device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* t
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(smem_u32(smem_dst)),
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+// The same box, written to the same shared-memory offset in every CTA of the cluster named in `cta_mask`
+// (bit i = cluster rank i); each destination CTA's `bar` (same offset) counts the bytes it received.
+__device__ __forceinline__ void tma_load_4d_multicast(void* smem_dst, const CUtensorMap* tmap, uint64_t* bar,
+                                                      uint16_t cta_mask, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%4, %5, %6, %7}], [%2], %3;" ::"r"(smem_u32(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_u32(bar)), "h"(cta_mask), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* tmap) {
