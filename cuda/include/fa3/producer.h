@@ -168,11 +168,11 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
 // this CTA's slot too.
 template <typename Cfg>
 __device__ __forceinline__ void release_slot(uint64_t* empty) {
+  mbarrier_arrive(empty);
   if constexpr (ClusterM<Cfg>::value > 1) {
+    const uint32_t me = cluster_ctarank();
 #pragma unroll
-    for (int r = 0; r < ClusterM<Cfg>::value; ++r) mbarrier_arrive_cluster(empty, r);
-  } else {
-    mbarrier_arrive(empty);
+    for (int r = 1; r < ClusterM<Cfg>::value; ++r) mbarrier_arrive_cluster(empty, (me + r) % ClusterM<Cfg>::value);
   }
 }
 
