@@ -246,10 +246,11 @@ def test_step04_overlaps_the_softmax_with_the_gemm(analyzed):
     """Step 04 issues part of the softmax's MUFU.EX2 while P·V is in flight; step 02 none.
 
     Thresholds from the real kernels (nvcc 13.0, bf16, headdim 128, Bc 176) with a margin: measured
-    step02 = 0.00 (0/90 EX2), step03 = 0.00, step04 = 0.11 (10/90). History: 25/90 until session 4;
-    17/90 after the lazy O rescale and the per-k-slice descriptor adds; 10/90 since session 5 packs P
+    step02 = 0.00 (0/90 EX2), step03 = 0.00, step04 = 0.13 (12/90). History: 25/90 until session 4;
+    17/90 after the lazy O rescale and the per-k-slice descriptor adds; 10/90 once session 5 packed P
     before O's conditional rescale, so that ptxas interleaves the F2FPs with the exponentials after
-    the wait — each change measured no slower or faster in interleaved A/B runs (cuda/NOTES.md). ptxas
+    the wait; 12/90 with the K/V multicast's cluster build — each change measured no slower or faster
+    in interleaved A/B runs (cuda/NOTES.md). ptxas
     places WARPGROUP.DEPBAR.LE gsb0, 0x0 before most of the exponentials, so the overlap inside one
     warpgroup is partial (the rest runs under the other warpgroup's GEMMs); forcing all of them under
     P·V measured slower (NOTES.md). FA3's own binary keeps 13–18 of its 66–90 before the wait (ncu

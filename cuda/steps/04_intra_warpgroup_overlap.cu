@@ -27,14 +27,17 @@
 // causal inputs keep one CTA per tile.
 //
 // Headdim 64 runs three consumer warpgroups on 192-row tiles (FA3's shape), the turns rotating over all three.
-// Measured (NVIDIA H100 80GB HBM3, bf16, 2026-11-22, medians of rotating rounds; fa3_lab/results/nvidia-h100-80gb-hbm3/):
-// Table 2 shape (4, 8448, 16, 128) 649 TFLOPs/s (FA3 733, cuDNN 613, same run, commit e02e1cd); seqlen 16k
-// (commit be538cc): hd64 526, hd128 632, hd128 causal 633, hd256 687 (FA3 542 / 703 / 655 / 729). The
-// producer loads K_{j+1} before V_j (producer.h, for_each_kv). Analysis: cuda/NOTES.md.
+// Non-causal headdim 128 runs clusters of two CTAs on adjacent row blocks of one head; each loads half of
+// every K/V tile and multicasts it to both (producer.h), so the pair reads each tile from L2 once (FA3's
+// cluster shape there). The producer loads K_{j+1} before V_j (producer.h, for_each_kv).
+// Measured (NVIDIA H100 80GB HBM3, bf16, commit 725ae75, 2026-11-22, medians of rotating rounds;
+// fa3_lab/results/nvidia-h100-80gb-hbm3/): Table 2 shape (4, 8448, 16, 128) 654 TFLOPs/s (FA3 643, cuDNN 600,
+// same run; FA3 measured 643–740 across this session's runs); seqlen 16k: hd64 523, hd128 635, hd128 causal
+// 621, hd256 649 (FA3 510 / 643 / 631 / 730). Analysis: cuda/NOTES.md.
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials; forcing all of
 // them under P·V (-DFA3_WAIT_AFTER_SOFTMAX=1, ptx.h) measured 0–9 % slower, so it stays off. Headdim 256
 // non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 128 trails
-// FA3 most (0.90–0.99×): its softmax phase is longer than FA3's (ncu source view, NOTES.md, session 5).
+// FA3 most (0.92–0.99×): its softmax phase is longer than FA3's (ncu source view, NOTES.md, session 5).
 // This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
