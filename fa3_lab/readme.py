@@ -118,9 +118,12 @@ def _run_line(run: results.Run) -> str:
         rel = run.path.resolve().relative_to(_env.REPO_ROOT)
     except ValueError:  # a results folder outside the repo (tests)
         rel = Path(run.path.parent.name, run.path.name)
+    rounds = {len(r["ms_rounds"]) for r in run.rows if "ms_rounds" in r}
+    timing = (f"median of {max(rounds)} rounds of do_bench in rotating order (`ms_rounds` in the JSON)" if rounds
+              else "median of timed runs")
     return (f"Recorded on **{m['gpu']}** ({m['sm_count']} SMs), {m['date'][:10]}, commit `{m['commit']}`; "
             f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}; `{m['command'].strip()}` "
-            f"(`{rel.as_posix()}`). TFLOPs/s, median of timed runs; best/peer = our fastest step "
+            f"(`{rel.as_posix()}`). TFLOPs/s, {timing}; best/peer = our fastest step "
             f"÷ that peer, same run, same inputs.")
 
 
