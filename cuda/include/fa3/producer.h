@@ -10,6 +10,10 @@
 // The producer waits on empty with the flipped parity — a fresh barrier counts as "the previous
 // phase completed", so the ring starts empty — and consumers wait on full with the parity of the
 // pass: (tile / kStages) & 1.
+// Clusters (step 04, non-causal headdim 128; ClusterM<Cfg> = 2): the CTAs of a cluster walk the same
+// K/V tiles, each loads 1/kCluster of every tile's rows and multicasts it into the same slot of every
+// CTA (paper §2.2's TMA; FA3's cluster shape there), so a slot's empty barrier counts the consumer warps
+// of all CTAs of the cluster (release_slot).
 #pragma once
 #include <cstdint>
 #include <type_traits>
