@@ -94,6 +94,32 @@ def time_ms(fn):
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def rotating_rounds(jobs, rounds, on_error=None):
+    """Run every job once per round, the order rotated by one from round to round, so that drift in
+    clocks and temperature within a run hits every job alike (the ``--rounds`` protocol; also used by
+    ``cuda/tools/ab.py``).
+
+    jobs: ``{name: measure}``, ``measure(first)`` returns one round's value; ``first`` is True in round 0.
+    on_error: ``on_error(name, exc)`` for a job that raises; the job is then not run again and its name
+    is in the returned ``dropped`` set. Without it the exception propagates (as it may from on_error).
+    Returns ``(values, dropped)``: ``values[name]`` is the list of the rounds' values.
+    """
+    names = list(jobs)
+    values, dropped = {name: [] for name in names}, set()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in dropped:
+                continue
+            try:
+                values[name].append(jobs[name](r == 0))
+            except Exception as e:
+                if on_error is None:
+                    raise
+                dropped.add(name)
+                on_error(name, e)
+    return values, dropped
+
+
 def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     """Time every (impl, config); returns rows in the DESIGN.md schema.
 
@@ -127,25 +153,22 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
             if name == "sdpa_math" and b * h * s * s * 4 * 3 > 20e9:
                 continue  # S and P in fp32 would not fit comfortably
             impls[name] = lambda fn=fn: fn(q, k, v, cfg["causal"])
-        names = list(impls)
-        times = {impl: [] for impl in names}
-        for r in range(rounds):
-            for impl in names[r % len(names):] + names[:r % len(names)]:
-                if times[impl] is None:
-                    continue
-                fn = impls[impl]
-                try:
-                    if r == 0:
-                        fn()
-                        torch.cuda.synchronize()
-                    times[impl].append(time_ms(fn))
-                except Exception as e:  # a peer that does not support this config: say so, no row
-                    if progress:
-                        progress(f"{impl} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        def measure(fn):
+            def run(first):
+                if first:
+                    fn()
                     torch.cuda.synchronize()
-                    times[impl] = None
-        for impl in names:
-            if not times[impl]:
+                return time_ms(fn)
+            return run
+
+        def skipped(impl, e):  # a peer that does not support this config: say so, no row
+            if progress:
+                progress(f"{impl} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            torch.cuda.synchronize()
+
+        times, dropped = rotating_rounds({impl: measure(fn) for impl, fn in impls.items()}, rounds, skipped)
+        for impl in impls:
+            if impl in dropped or not times[impl]:
                 continue
             ms = statistics.median(times[impl])
             rows.append({"impl": impl, "dtype": cfg["dtype"], "headdim": d, "causal": cfg["causal"], "batch": b,
@@ -298,27 +321,26 @@ def run_fp8(console, args):
                 q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
                 impls["fa3_e4m3"] = ("fa3", "e4m3", lambda: peer(q8, k8, v8, False))
             # rounds in rotating order (as run_grid): step 05 with its quantize timings, the peers
-            names = ["step05"] + list(impls)
-            ours, times = [], {key: [] for key in impls}
-            for r in range(rounds):
-                for key in names[r % len(names):] + names[:r % len(names)]:
-                    if key == "step05":
-                        ours.append(fp8.time_quantize_vs_kernel(b, s, h, d, False))
-                        continue
-                    if times[key] is None:
-                        continue
-                    impl, dtype, fn = impls[key]
-                    try:
-                        if r == 0:
-                            fn()
-                        times[key].append(time_ms(fn))
-                    except Exception as e:
-                        console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: "
-                                      f"{str(e)[:100]}[/dim]")
-                        times[key] = None
-            rows.append(_median_fp8_row(ours, fl))
+            def measure(fn):
+                def run(first):
+                    if first:
+                        fn()
+                    return time_ms(fn)
+                return run
+
+            def skipped(key, e):
+                if key == "step05":  # our kernel failing is an error, not a skipped row
+                    raise e
+                impl, dtype, _ = impls[key]
+                console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: "
+                              f"{str(e)[:100]}[/dim]")
+
+            jobs = {"step05": lambda first: fp8.time_quantize_vs_kernel(b, s, h, d, False)}
+            jobs.update({key: measure(fn) for key, (_, _, fn) in impls.items()})
+            times, dropped = rotating_rounds(jobs, rounds, skipped)
+            rows.append(_median_fp8_row(times["step05"], fl))
             for key, (impl, dtype, _) in impls.items():
-                if not times[key]:
+                if key in dropped or not times[key]:
                     continue
                 ms = statistics.median(times[key])
                 rows.append({"impl": impl, "dtype": dtype, "headdim": d, "causal": False, "batch": b, "seqlen_q": s,

@@ -173,22 +173,23 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(sQ + a * kBlockM * kSw, &tmap_q, full_q, a * kSw, m_block * kBlockM, h, b);
-        // K/V tile i of this work tile: slot (kv + i) % kStages; the ring starts empty. Order: producer.h's
+        // K/V tile i of this work tile: ring slot (kv + i) % kStages (producer.h, ring_acquire). Order: producer.h's
         // for_each_kv (K_{i+1} before V_i with Cfg::kKFirst, as step 04).
         auto load_k = [&](int i) {
-          const int stage = (kv + i) % kStages;
-          mbarrier_wait(&empty_k[stage], (((kv + i) / kStages) & 1) ^ 1);
-          mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKBytes);
+          ring_acquire<kStages>(kv + i, empty_k, [&](int stage) {
+            mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKBytes);
 #pragma unroll
-          for (int a = 0; a < Cfg::kAtoms; ++a)
-            tma_load_4d(sK + stage * Cfg::kKBytes + a * kBlockN * kSw, &tmap_k, &full_k[stage], a * kSw,
-                        (n_block_max - 1 - i) * kBlockN, h_kv, b);
+            for (int a = 0; a < Cfg::kAtoms; ++a)
+              tma_load_4d(sK + stage * Cfg::kKBytes + a * kBlockN * kSw, &tmap_k, &full_k[stage], a * kSw,
+                          (n_block_max - 1 - i) * kBlockN, h_kv, b);
+          });
         };
         auto load_v = [&](int i) {  // Vᵀ box: (kBlockN keys, kHeadDim rows) at key n_block·kBlockN
-          const int stage = (kv + i) % kStages;
-          mbarrier_wait(&empty_v[stage], (((kv + i) / kStages) & 1) ^ 1);
-          mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kVBytes);
-          tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], (n_block_max - 1 - i) * kBlockN, 0, h_kv, b);
+          ring_acquire<kStages>(kv + i, empty_v, [&](int stage) {
+            mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kVBytes);
+            tma_load_4d(sVt + stage * Cfg::kVBytes, &tmap_vt, &full_v[stage], (n_block_max - 1 - i) * kBlockN, 0,
+                        h_kv, b);
+          });
         };
         for_each_kv<Cfg::kKFirst>(n_block_max, load_k, load_v);
         kv += n_block_max;

@@ -99,13 +99,14 @@ def main(argv=None) -> int:
                    for label, (_, ext) in variants.items()}
             if peer:
                 fns["fa3"] = lambda: peer(q, k, v, causal)
-        times = {label: [] for label in fns}
-        for r in range(args.rounds):
-            order = labels[r % len(labels):] + labels[:r % len(labels)]
-            for label in order:
-                fns[label]()
+        def measure(fn):
+            def run(first):
+                fn()
                 torch.cuda.synchronize()
-                times[label].append(bench.time_ms(fns[label]))
+                return bench.time_ms(fn)
+            return run
+
+        times, _ = bench.rotating_rounds({label: measure(fns[label]) for label in labels}, args.rounds)
         # the variants must agree with the first one (a faster wrong kernel is no result)
         ref_out = fns[first]()[0].float()
         worst = max(float((fns[label]()[0].float() - ref_out).abs().max()) for label in variants)

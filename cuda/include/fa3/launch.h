@@ -30,9 +30,12 @@ inline int sm_count() {
 }
 
 // A persistent grid for a one-CTA-per-tile grid: min(work tiles, SMs) CTAs in x, which stride over the tiles.
-inline dim3 persistent_grid(dim3 per_tile) {
-  const long long tiles = static_cast<long long>(per_tile.x) * per_tile.y * per_tile.z;
-  return dim3(static_cast<unsigned>(tiles < sm_count() ? tiles : sm_count()), 1, 1);
+// With clusters of `cluster` CTAs a work tile is `cluster` adjacent row blocks (x) of one (head, batch):
+// min(work tiles, SMs / cluster) clusters.
+inline dim3 persistent_grid(dim3 per_tile, int cluster = 1) {
+  const long long work = static_cast<long long>(ceil_div_host(per_tile.x, cluster)) * per_tile.y * per_tile.z;
+  const long long slots = sm_count() / cluster;
+  return dim3(static_cast<unsigned>((work < slots ? work : slots) * cluster), 1, 1);
 }
 
 // Grid (ceil(seqlen_q / kBlockM), nheads, batch) — one CTA per work tile — or, for a persistent
@@ -53,10 +56,8 @@ void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const ch
   if constexpr (kCluster > 1) {
     // Persistent clusters: each cluster takes kCluster adjacent row blocks of one (batch, head) at a time.
     static_assert(IsPersistent<Cfg>::value, "K/V multicast is built for the persistent grid");
-    const long long work = static_cast<long long>(ceil_div_host(grid.x, kCluster)) * grid.y * grid.z;
-    const long long clusters = work < sm_count() / kCluster ? work : sm_count() / kCluster;
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(clusters * kCluster), 1, 1);
+    config.gridDim = persistent_grid(grid, kCluster);
     config.blockDim = dim3(Cfg::kThreads, 1, 1);
     config.dynamicSmemBytes = Cfg::kSmemBytes;
     config.stream = stream;

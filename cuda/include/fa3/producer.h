@@ -51,6 +51,16 @@ __device__ __forceinline__ void for_each_kv(int n, LoadK&& load_k, LoadV&& load_
   }
 }
 
+// The n-th K (or V) tile through the ring goes to slot n % kStages, once that slot's previous tile was
+// released: wait on its empty barrier with the flipped parity of pass n / kStages (a fresh barrier reads
+// as released, so the ring starts empty), then issue(stage) its loads.
+template <int kStages, typename Issue>
+__device__ __forceinline__ void ring_acquire(int n, uint64_t* empty, Issue&& issue) {
+  const int stage = n % kStages;
+  mbarrier_wait(&empty[stage], ((n / kStages) & 1) ^ 1);
+  issue(stage);
+}
+
 template <int kStages>
 __device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* full_k, uint64_t* full_v,
                                                    uint64_t* empty_k, uint64_t* empty_v, int consumer_warps) {
@@ -64,18 +74,53 @@ __device__ __forceinline__ void init_ring_barriers(uint64_t* full_q, uint64_t* f
   fence_barrier_init();
 }
 
+// The K and V tiles of one work tile, last to first (K/V rows (n_block_max − 1 − i)·kBlockN for tile i), tile
+// i into ring slot (kv + i) % kStages, in for_each_kv's order; on_issue(is_v, i) runs once the slot is free,
+// before its loads (the trace stamps). Tiles are (kBlockN, kHeadDim) 16-bit, stored as kHeadDim/64 swizzle
+// atoms (one TMA box each). With a cluster of kCluster CTAs (ClusterM<Cfg>), CTA `rank` loads rows
+// [rank·kRows, (rank+1)·kRows) of each tile and multicasts them to every CTA of the cluster; each CTA's
+// full barrier expects the whole tile, and its empty barrier counts the consumer warps of all kCluster
+// CTAs (a slot is refilled in every CTA at once, so every CTA must be done with it).
+template <typename T, typename Cfg, typename OnIssue>
+__device__ __forceinline__ void produce_kv(const CUtensorMap* tmap_k, const CUtensorMap* tmap_v, T* sK, T* sV,
+                                           uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k, uint64_t* empty_v,
+                                           int h_kv, int b, int n_block_max, int kv, OnIssue&& on_issue) {
+  constexpr int kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+  constexpr int kCluster = ClusterM<Cfg>::value;
+  constexpr int kRows = kBlockN / kCluster;
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+  auto load = [&](int i, bool is_v, T* sX, const CUtensorMap* tmap, uint64_t* full, uint64_t* empty) {
+    ring_acquire<kStages>(kv + i, empty, [&](int stage) {
+      on_issue(is_v, i);
+      mbarrier_arrive_expect_tx(&full[stage], Cfg::kKVBytes);
+#pragma unroll
+      for (int a = 0; a < Cfg::kAtoms; ++a) {
+        T* dst = sX + stage * kTileElems + a * kBlockN * kAtomCols16 + rank * kRows * kAtomCols16;
+        const int row = (n_block_max - 1 - i) * kBlockN + rank * kRows;
+        if constexpr (kCluster > 1)
+          tma_load_4d_multicast(dst, tmap, &full[stage], (1u << kCluster) - 1, a * kAtomCols16, row, h_kv, b);
+        else
+          tma_load_4d(dst, tmap, &full[stage], a * kAtomCols16, row, h_kv, b);
+      }
+    });
+  };
+  for_each_kv<KFirst<Cfg>::value>(
+      n_block_max, [&](int i) { load(i, false, sK, tmap_k, full_k, empty_k); },
+      [&](int i) { load(i, true, sV, tmap_v, full_v, empty_v); });
+}
+
 // Run by the whole producer warpgroup: one elected thread of warp 0 issues Q once and then K_j, V_j
-// for every tile (last to first; in for_each_kv's order) into slot j % kStages as soon as the slot is empty. In FA3_TRACE
-// builds an idle lane of warp 1 also watches the full barriers and stamps when each tile landed.
-// Tiles are (kBlockN, kHeadDim) 16-bit, stored as kHeadDim/64 swizzle atoms (one TMA box each).
+// for every tile (produce_kv, from ring slot 0). In FA3_TRACE builds an idle lane of warp 1 also watches
+// the full barriers and stamps when each tile landed.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
                                              const CUtensorMap* tmap_v, T* sQ, T* sK, T* sV, uint64_t* full_q,
                                              uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k, uint64_t* empty_v, int m_block,
                                              int h, int h_kv, int b, int n_block_max, const FwdParams& p) {
-  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
-  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+  constexpr int kBlockM = Cfg::kBlockM;
 #ifdef FA3_TRACE
+  constexpr int kStages = Cfg::kStages;
   if (threadIdx.x / 32 == 1 && threadIdx.x % 32 == 0) {  // observer: stamps when each tile lands
     Tracer obs;
     obs.init(p, 1, true);
@@ -98,27 +143,11 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
 #pragma unroll
     for (int a = 0; a < Cfg::kAtoms; ++a)
       tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
-    auto load_k = [&](int i) {
-      const int stage = i % kStages;
-      mbarrier_wait(&empty_k[stage], ((i / kStages) & 1) ^ 1);  // the ring starts empty
-      FA3_TRACE_STAMP(tr, kTmaIssueK, i);
-      mbarrier_arrive_expect_tx(&full_k[stage], Cfg::kKVBytes);
-#pragma unroll
-      for (int a = 0; a < Cfg::kAtoms; ++a)
-        tma_load_4d(sK + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_k, &full_k[stage], a * kAtomCols16,
-                    (n_block_max - 1 - i) * kBlockN, h_kv, b);
-    };
-    auto load_v = [&](int i) {
-      const int stage = i % kStages;
-      mbarrier_wait(&empty_v[stage], ((i / kStages) & 1) ^ 1);
-      FA3_TRACE_STAMP(tr, kTmaIssueV, i);
-      mbarrier_arrive_expect_tx(&full_v[stage], Cfg::kKVBytes);
-#pragma unroll
-      for (int a = 0; a < Cfg::kAtoms; ++a)
-        tma_load_4d(sV + stage * kTileElems + a * kBlockN * kAtomCols16, tmap_v, &full_v[stage], a * kAtomCols16,
-                    (n_block_max - 1 - i) * kBlockN, h_kv, b);
-    };
-    for_each_kv<KFirst<Cfg>::value>(n_block_max, load_k, load_v);
+    produce_kv<T, Cfg>(tmap_k, tmap_v, sK, sV, full_k, full_v, empty_k, empty_v, h_kv, b, n_block_max, 0,
+                       [&](bool is_v, int i) {
+                         if (is_v) FA3_TRACE_STAMP(tr, kTmaIssueV, i);
+                         else FA3_TRACE_STAMP(tr, kTmaIssueK, i);
+                       });
     FA3_TRACE_FINISH(tr);
   }
 }
@@ -134,37 +163,14 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
                                              uint64_t* empty_q, uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k,
                                              uint64_t* empty_v, int m_block, int h, int h_kv, int b, int n_block_max,
                                              int kv, int q_iter) {
-  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
-  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+  constexpr int kBlockM = Cfg::kBlockM;
   mbarrier_wait(empty_q, (q_iter & 1) ^ 1);  // a fresh barrier reads as released
   mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
 #pragma unroll
   for (int a = 0; a < Cfg::kAtoms; ++a)
     tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
-  // With a cluster of kCluster CTAs (ClusterM<Cfg>), CTA `rank` loads rows [rank·kRows, (rank+1)·kRows) of
-  // each K/V tile and multicasts them to every CTA of the cluster; each CTA's full barrier expects the
-  // whole tile, and its empty barrier counts the consumer warps of all kCluster CTAs (a slot is refilled
-  // in every CTA at once, so every CTA must be done with it).
-  constexpr int kCluster = ClusterM<Cfg>::value;
-  constexpr int kRows = kBlockN / kCluster;
-  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
-  auto load = [&](int i, T* sX, const CUtensorMap* tmap, uint64_t* full, uint64_t* empty) {
-    const int stage = (kv + i) % kStages;
-    mbarrier_wait(&empty[stage], (((kv + i) / kStages) & 1) ^ 1);
-    mbarrier_arrive_expect_tx(&full[stage], Cfg::kKVBytes);
-#pragma unroll
-    for (int a = 0; a < Cfg::kAtoms; ++a) {
-      T* dst = sX + stage * kTileElems + a * kBlockN * kAtomCols16 + rank * kRows * kAtomCols16;
-      const int row = (n_block_max - 1 - i) * kBlockN + rank * kRows;
-      if constexpr (kCluster > 1)
-        tma_load_4d_multicast(dst, tmap, &full[stage], (1u << kCluster) - 1, a * kAtomCols16, row, h_kv, b);
-      else
-        tma_load_4d(dst, tmap, &full[stage], a * kAtomCols16, row, h_kv, b);
-    }
-  };
-  for_each_kv<KFirst<Cfg>::value>(
-      n_block_max, [&](int i) { load(i, sK, tmap_k, full_k, empty_k); },
-      [&](int i) { load(i, sV, tmap_v, full_v, empty_v); });
+  produce_kv<T, Cfg>(tmap_k, tmap_v, sK, sV, full_k, full_v, empty_k, empty_v, h_kv, b, n_block_max, kv,
+                     [](bool, int) {});
 }
 
 // A consumer warp's release of a ring slot (lane 0): its own CTA's empty barrier, and with a cluster
