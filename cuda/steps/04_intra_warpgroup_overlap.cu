@@ -122,6 +122,11 @@
 #ifndef FA3_STEP04_PACK_FIRST
 #define FA3_STEP04_PACK_FIRST 1
 #endif
+// Exponentials on two pipes (softmax.h, exp2_poly): one 8-column chunk of S in FA3_STEP04_EXP2_POLY takes a
+// polynomial exp2 on the FMA pipe, the rest MUFU.EX2 (0: all on the MUFU).
+#ifndef FA3_STEP04_EXP2_POLY
+#define FA3_STEP04_EXP2_POLY 0
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -141,6 +146,7 @@ struct Config {
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;  // 3 at causal headdim 128 (fits): 0.98–1.02× (NOTES.md)
   static constexpr bool kKFirst = FA3_STEP04_K_FIRST;
+  static constexpr int kPolyEvery = FA3_STEP04_EXP2_POLY;
   static constexpr int kTurnBarrier = 1;     // named barriers 1 .. kNumConsumers (0 is __syncthreads)
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
@@ -354,7 +360,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         const int n_block = n_block_max - 1;
         if (blocks.needs_mask(n_block))
           apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-        softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
+        softmax.update<kBlockN, Cfg::kPolyEvery>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
         pack_p<Traits, kBlockN>(s, pa);
       }
       FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
@@ -392,8 +398,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         // 4. mask, softmax of S_next (under the P·V GEMM)
         if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
         bool rescale = true;
-        if constexpr (FA3_LAZY_RESCALE && !kEarlyRescale) rescale = softmax.update_lazy<kBlockN>(s, p.scale_log2, corr);
-        else softmax.update<kBlockN>(s, p.scale_log2, corr);
+        if constexpr (FA3_LAZY_RESCALE && !kEarlyRescale) rescale = softmax.update_lazy<kBlockN, Cfg::kPolyEvery>(s, p.scale_log2, corr);
+        else softmax.update<kBlockN, Cfg::kPolyEvery>(s, p.scale_log2, corr);
         // Pin P and corr before the wait, so the exponentials cannot sink below it.
         fence_regs(s);
         fence_regs(corr);

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
                                 "nheads": h, "nheads_kv": h, "ms": round(ms, 5), "tflops": round(tf[label], 2),
                                 "ms_rounds": [round(t, 5) for t in ts]})
         print(f"{d:>4} {str(causal):>6} {s:>6} " + " ".join(f"{tf[lb]:>9.0f}" for lb in labels)
-              + f"  {tf[first] / tf[second]:>6.3f}" + (f"  {tf[first] / tf['fa3']:>6.3f}" if peer else ""),
+              + f"  {tf[first] / tf[second]:>6.3f}" + (f"  {tf[first] / tf['fa3']:>6.3f}" if peer else "")
+              + f"  max|diff| {worst:.1e}",
               flush=True)
         del q, k, v
         torch.cuda.empty_cache()
