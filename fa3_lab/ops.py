@@ -159,9 +159,10 @@ def flash_attn_fwd_out(q, k, v, out, causal, softmax_scale, step):
     """
     _check_real(q, k, v)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(3) != 1 \
-            or out.data_ptr() % 16:
+            or out.data_ptr() % 16 or any((st * out.element_size()) % 16 for st in out.stride()[:3]):
         raise ValueError(f"out: expected shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}, last dim contiguous, "
-                         f"16-byte aligned; got {tuple(out.shape)}, {out.dtype} on {out.device}, strides {out.stride()}")
+                         f"16-byte aligned base and strides (O is stored by TMA); got {tuple(out.shape)}, {out.dtype} "
+                         f"on {out.device}, strides {out.stride()}")
     _, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, out, None, 0)
     return lse
 

@@ -163,6 +163,25 @@ def test_noncontiguous_strides():
     assert (out.float() - ref).abs().max().item() <= tol, describe_mismatch(out, ref, tol, "packed qkv")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_out_view_with_padded_strides(headdim, causal):
+    """out= a view into a larger buffer (heads padded 5 → 7, rows padded by one head): the TMA-store epilogue
+    (headdim 64, causal 128) writes through O's own tensor map with these strides, and nothing outside the
+    view is touched. 200 query rows: the last row block is partial (TMA clips the rows past seqlen_q)."""
+    g = torch.Generator(device="cuda").manual_seed(headdim + causal)
+    q, k, v = (torch.randn(2, 200, 5, headdim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    buf = torch.full((2, 200, 7, headdim), 7.0, device="cuda", dtype=torch.bfloat16)
+    out = buf[:, :, 1:6]
+    fa3_lab.flash_attn_func(q, k, v, causal=causal, step=4, out=out)
+    ref, _ = attention_ref(q, k, v, causal, headdim ** -0.5)
+    emul, _ = attention_ref(q, k, v, causal, headdim ** -0.5, upcast=False)
+    tol = 2 * (emul.float() - ref).abs().max().item() + FLOOR["bf16"]
+    assert (out.float() - ref).abs().max().item() <= tol, describe_mismatch(out, ref, tol, "padded out")
+    assert (buf[:, :, 0] == 7).all() and (buf[:, :, 6] == 7).all(), "the kernel wrote outside out's view"
+
+
 # ----------------------------------------------------------------------- validation (no GPU needed)
 
 def _cpu(shape, dtype=torch.bfloat16):

@@ -127,6 +127,13 @@
 #ifndef FA3_STEP04_EXP2_POLY
 #define FA3_STEP04_EXP2_POLY 0
 #endif
+// TMA-store epilogue where the smem has room for it (headdim 64, causal headdim 128): each consumer warpgroup
+// writes O into its own smem tile with stmatrix and one thread stores it with TMA (as FA3, which aliases O with
+// V's first stage; here the tile is separate, so the producer never waits for it). -DFA3_STEP04_TMA_STORE=0:
+// 4-byte global stores from the registers everywhere (A/B runs).
+#ifndef FA3_STEP04_TMA_STORE
+#define FA3_STEP04_TMA_STORE 1
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -164,13 +171,18 @@ struct Config {
   static constexpr int kProducerRegs = kClusterM > 1 ? 40 : 24;
   static constexpr int kConsumerRegs = kClusterM > 1 ? 232 : kNumConsumers == 3 ? 160 : 240;
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
+  static constexpr int kOBytes = kNumConsumers * 64 * kHeadDim * sizeof(T);  // (kBlockM, kHeadDim) O tile
+  static constexpr int kSmemNoO = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
+  static constexpr bool kTmaStoreO = FA3_STEP04_TMA_STORE && kSmemNoO + kOBytes <= 227 * 1024;
+  static constexpr int kSmemBytes = kSmemNoO + (kTmaStoreO ? kOBytes : 0);
+  static constexpr int kEpiBarrier = kTurnBarrier + kNumConsumers;  // + c: warpgroup c's epilogue barrier
 };
 
 template <typename T, int kHeadDim, bool kCausal, bool kDyn>
 __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 1)
     fwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
-               const __grid_constant__ CUtensorMap tmap_v, const FwdParams p) {
+               const __grid_constant__ CUtensorMap tmap_v, const __grid_constant__ CUtensorMap tmap_o,
+               const FwdParams p) {
   using Cfg = Config<T, kHeadDim, kCausal, kDyn>;
   using Traits = ElemTraits<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
@@ -183,7 +195,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
-  uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
+  T* sO = sV + kStages * kTileElems;                               // (kBlockM, kHeadDim) if Cfg::kTmaStoreO
+  uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes +
+                                                 (Cfg::kTmaStoreO ? Cfg::kOBytes : 0));
   uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)
   uint64_t* full_k = empty_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
@@ -447,7 +461,28 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       T* o_base;
       float* lse_base;
       out_ptrs(o_base, lse_base);
-      store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+      if constexpr (Cfg::kTmaStoreO) {
+        // This warpgroup's O tile in smem: free once its previous TMA store has read it (bulk_wait_read by the
+        // thread that issued it, then the warpgroup's barrier); stmatrix; fence for the async proxy; barrier;
+        // one thread stores the kHeadDim/64 atoms and moves on without waiting for the writes.
+        T* s_o = sO + c * 64 * kHeadDim;
+        const bool issuer = threadIdx.x % 128 == 0;
+        if (issuer) bulk_wait_read<0>();
+        named_barrier_sync(Cfg::kEpiBarrier + c, 128);
+        write_o_smem<Traits, kHeadDim>(o, inv_sum, smem_u32(s_o));
+        fence_proxy_async();
+        named_barrier_sync(Cfg::kEpiBarrier + c, 128);
+        if (issuer) {
+          int m_, h_, b_;
+          decode(t, m_, h_, b_);
+#pragma unroll
+          for (int a = 0; a < kHeadDim / 64; ++a) tma_store_4d(&tmap_o, s_o + a * 64 * 64, 64 * a, row0, h_, b_);
+          bulk_commit();
+        }
+        store_lse(lse, lse_base, row0, p.seqlen_q);
+      } else {
+        store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+      }
     };
     if constexpr (Cfg::kDynamic) {
       for (int t = t_first(), n = 0; t < num_tiles; ++n) {
@@ -466,6 +501,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     } else {
       consume_tile(t_first());
     }
+    if constexpr (Cfg::kTmaStoreO)  // the last O stores have written before the CTA (and its smem) goes
+      if (threadIdx.x % 128 == 0) bulk_wait<0>();
     if (c == 0) wait_turn();  // matches the last consumer's last hand-over
     FA3_TRACE_FINISH(tr);
   }

@@ -19,6 +19,15 @@ template <typename Cfg, typename = void> struct IsPersistent : std::false_type {
 template <typename Cfg> struct IsPersistent<Cfg, std::void_t<decltype(Cfg::kPersistent)>>
     : std::integral_constant<bool, Cfg::kPersistent> {};
 
+// Kernels whose Cfg has kTmaStoreO (step 04) take a fourth tensor map, O's, after V's: built when
+// Cfg::kTmaStoreO (the TMA-store epilogue), else Q's map is passed in its place and not used.
+template <typename Cfg, typename = void> struct TakesTmapO : std::false_type {};
+template <typename Cfg> struct TakesTmapO<Cfg, std::void_t<decltype(Cfg::kTmaStoreO)>> : std::true_type {};
+template <typename Cfg> constexpr bool tma_store_o() {
+  if constexpr (TakesTmapO<Cfg>::value) return Cfg::kTmaStoreO;
+  else return false;
+}
+
 // SMs of the current device (queried once per device).
 inline int sm_count() {
   static int cached[64] = {0};
@@ -50,6 +59,11 @@ void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const ch
                                         p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN / kCluster);
   const CUtensorMap tv = make_tmap_bshd(p.v, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, p.v_row_stride,
                                         p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN / kCluster);
+  // O's map: boxes of (64 columns, 64 rows), one warpgroup's rows per atom
+  const CUtensorMap to = tma_store_o<Cfg>()
+                             ? make_tmap_bshd(p.o, p.dtype, p.headdim, p.seqlen_q, p.nheads, p.batch, p.o_row_stride,
+                                              p.o_head_stride, p.o_batch_stride, kAtomCols16, 64)
+                             : tq;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              (std::string("cudaFuncSetAttribute(") + name + ")").c_str());
   dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
@@ -68,11 +82,15 @@ void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const ch
     attr[0].val.clusterDim.z = 1;
     config.attrs = attr;
     config.numAttrs = 1;
-    check_cuda(cudaLaunchKernelEx(&config, kernel, tq, tk, tv, p), (std::string(name) + " launch").c_str());
+    if constexpr (TakesTmapO<Cfg>::value)
+      check_cuda(cudaLaunchKernelEx(&config, kernel, tq, tk, tv, to, p), (std::string(name) + " launch").c_str());
+    else
+      check_cuda(cudaLaunchKernelEx(&config, kernel, tq, tk, tv, p), (std::string(name) + " launch").c_str());
     return;
   }
   if constexpr (IsPersistent<Cfg>::value) grid = persistent_grid(grid);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
+  if constexpr (TakesTmapO<Cfg>::value) kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, to, p);
+  else kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
   check_cuda(cudaGetLastError(), (std::string(name) + " launch").c_str());
 }
 

@@ -120,6 +120,31 @@ __device__ __forceinline__ void tma_load_4d_multicast(void* smem_dst, const CUte
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_u32(bar)), "h"(cta_mask), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
+// Store one box from shared memory to a 4-D tensor (the reverse of tma_load_4d; rows past the tensor's end are
+// not written). Completion is tracked per thread in bulk async-groups: commit with bulk_commit(), then
+// bulk_wait_read<N>() (the smem may be reused) or bulk_wait<N>() (the writes are done). The smem writes
+// it reads must be ordered before it by fence_proxy_async() (PTX §9.7.9.25.5.2, §9.7.9.25.6).
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* tmap, const void* smem_src, int c0, int c1, int c2,
+                                             int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];"
+               ::"l"(reinterpret_cast<uint64_t>(tmap)), "r"(smem_u32(smem_src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory"); }
+
+// stmatrix (PTX §9.7.14.5.16): four 8×8 matrices of 16-bit elements from registers to shared memory. Register
+// j of thread t holds row t/4, columns 2·(t%4) and +1 of matrix j (the mma accumulator layout); lane
+// 8·j + r gives the address of row r of matrix j (16 contiguous bytes).
+__device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(smem_addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* tmap) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
