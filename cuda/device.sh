@@ -98,20 +98,16 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_pack --step 4 --variant new= --variant packlast="$V1" --variant oldorder="$V2" --variant nolazy="$V3" \
         --headdims 64,128,256 --seqlens 2048,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_pack.tgz" fa3_lab/results/experiments/*/ab_pack_*.json ;;
-    ab_poly) V1="-DFA3_STEP04_EXP2_POLY=4 -DFA3_STEP05_EXP2_POLY=4"; V2="-DFA3_STEP04_EXP2_POLY=3 -DFA3_STEP05_EXP2_POLY=3"
-      V3="-DFA3_STEP04_EXP2_POLY=2 -DFA3_STEP05_EXP2_POLY=2"
-      for d in "$V1" "$V2" "$V3"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
-      echo "builds: $(( $(date +%s) - t0 )) s"
-      python3 cuda/tools/ab.py --name ab_poly --step 4 --variant mufu= --variant poly4="$V1" --variant poly3="$V2" --variant poly2="$V3" \
-        --headdims 64,128,256 --seqlens 2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -20
-      python3 cuda/tools/ab.py --name ab_fp8_poly --step 5 --variant mufu= --variant poly4="$V1" --variant poly3="$V2" --variant poly2="$V3" \
-        --headdims 128,256 --causal false --seqlens 4096,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -12
-      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_poly.tgz" fa3_lab/results/experiments/*/ab_poly_*.json fa3_lab/results/experiments/*/ab_fp8_poly_*.json ;;
     ab_tma) V1="-DFA3_STEP04_TMA_STORE=0"
       FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
       python3 cuda/tools/ab.py --name ab_tma --step 4 --variant tma= --variant notma="$V1" \
         --headdims 64,128 --seqlens 1024,2048,4096,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -18
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_tma.tgz" fa3_lab/results/experiments/*/ab_tma_*.json ;;
+    ab_bn160) V1="-DFA3_STEP04_BLOCK_N_HD128=176"; V2="-DFA3_STEP04_TMA_STORE=0"
+      for d in "$V1" "$V2"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
+      python3 cuda/tools/ab.py --name ab_bn160 --step 4 --variant bn160tma= --variant bn176="$V1" --variant bn160="$V2" \
+        --headdims 128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
+      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_bn160.tgz" fa3_lab/results/experiments/*/ab_bn160_*.json ;;
     ab_fp8kfirst) V1="-DFA3_STEP05_K_FIRST=0"
       FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
       python3 cuda/tools/ab.py --name ab_fp8_kfirst --step 5 --variant new= --variant old="$V1" \

@@ -17,13 +17,19 @@ STEPS = sorted(_build.step_sources())
 
 
 def block_n_hd128(step):
-    """Bc of a step's bf16 headdim-128 non-causal kernel: 128 for step 01, FA3_BLOCK_N_HD128 from 02 on."""
+    """Bc of a step's bf16 headdim-128 non-causal kernel: 128 for step 01, FA3_BLOCK_N_HD128 (block_info.h) for
+    02 and 03, FA3_STEP04_BLOCK_N_HD128 (the step's own file) for 04."""
     import re
 
     from fa3_lab import _env
 
-    header = (_env.CUDA_DIR / "include" / "fa3" / "block_info.h").read_text()
-    return 128 if step == 1 else int(re.search(r"#define FA3_BLOCK_N_HD128 (\d+)", header)[1])
+    if step == 1:
+        return 128
+    if step == 4:
+        source, name = _build.step_sources()[4].read_text(), "FA3_STEP04_BLOCK_N_HD128"
+    else:
+        source, name = (_env.CUDA_DIR / "include" / "fa3" / "block_info.h").read_text(), "FA3_BLOCK_N_HD128"
+    return int(re.search(rf"#define {name} (\d+)", source)[1])
 
 # -------------------------------------------------------------------------- analyzer on hand-written SASS
 # A loop that commits one group, issues two EX2 under it, waits (N = 0), then one EX2 after the wait;

@@ -84,6 +84,12 @@
 #ifndef FA3_BLOCK_N_HD64
 #define FA3_BLOCK_N_HD64 128
 #endif
+// Bc at non-causal headdim 128 in step 04: 160, so that the TMA-store epilogue's O tile fits beside Q and two
+// K/V stages (1 + 32 + 2·2·40 + 32 KB); steps 02–03 keep 176 (block_info.h). 160 with the TMA store measured
+// 1.01–1.06× 176 without it, 160 without it 0.95–1.02× (ab_bn160, NOTES.md). -DFA3_STEP04_BLOCK_N_HD128=176 for A/B.
+#ifndef FA3_STEP04_BLOCK_N_HD128
+#define FA3_STEP04_BLOCK_N_HD128 160
+#endif
 #ifndef FA3_BLOCK_N_HD128_CAUSAL
 #define FA3_BLOCK_N_HD128_CAUSAL 128
 #endif
@@ -122,11 +128,6 @@
 #ifndef FA3_STEP04_PACK_FIRST
 #define FA3_STEP04_PACK_FIRST 1
 #endif
-// Exponentials on two pipes (softmax.h, exp2_poly): one 8-column chunk of S in FA3_STEP04_EXP2_POLY takes a
-// polynomial exp2 on the FMA pipe, the rest MUFU.EX2 (0: all on the MUFU).
-#ifndef FA3_STEP04_EXP2_POLY
-#define FA3_STEP04_EXP2_POLY 0
-#endif
 // TMA-store epilogue where the smem has room for it (headdim 64, causal headdim 128): each consumer warpgroup
 // writes O into its own smem tile with stmatrix and one thread stores it with TMA (as FA3, which aliases O with
 // V's first stage; here the tile is separate, so the producer never waits for it). -DFA3_STEP04_TMA_STORE=0:
@@ -149,11 +150,10 @@ struct Config {
   static constexpr int kBlockM = 64 * kNumConsumers;                      // Br = consumers × 64 rows
   // Bc. Three consumers at headdim 64 keep 128: S 64 + P 32 + O 32 registers fit their 160.
   static constexpr int kBlockN = kHeadDim == 64 ? (kCausal || kNumConsumers == 3 ? 128 : FA3_BLOCK_N_HD64)
-                                : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_BLOCK_N_HD128) : 80;
+                                : kHeadDim == 128 ? (kCausal ? FA3_BLOCK_N_HD128_CAUSAL : FA3_STEP04_BLOCK_N_HD128) : 80;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;  // 3 at causal headdim 128 (fits): 0.98–1.02× (NOTES.md)
   static constexpr bool kKFirst = FA3_STEP04_K_FIRST;
-  static constexpr int kPolyEvery = FA3_STEP04_EXP2_POLY;
   static constexpr int kTurnBarrier = 1;     // named barriers 1 .. kNumConsumers (0 is __syncthreads)
   static constexpr int kAtoms = kHeadDim / kAtomCols16;
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         const int n_block = n_block_max - 1;
         if (blocks.needs_mask(n_block))
           apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-        softmax.update<kBlockN, Cfg::kPolyEvery>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
+        softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
         pack_p<Traits, kBlockN>(s, pa);
       }
       FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
@@ -412,8 +412,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         // 4. mask, softmax of S_next (under the P·V GEMM)
         if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
         bool rescale = true;
-        if constexpr (FA3_LAZY_RESCALE && !kEarlyRescale) rescale = softmax.update_lazy<kBlockN, Cfg::kPolyEvery>(s, p.scale_log2, corr);
-        else softmax.update<kBlockN, Cfg::kPolyEvery>(s, p.scale_log2, corr);
+        if constexpr (FA3_LAZY_RESCALE && !kEarlyRescale) rescale = softmax.update_lazy<kBlockN>(s, p.scale_log2, corr);
+        else softmax.update<kBlockN>(s, p.scale_log2, corr);
         // Pin P and corr before the wait, so the exponentials cannot sink below it.
         fence_regs(s);
         fence_regs(corr);

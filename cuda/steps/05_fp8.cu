@@ -57,11 +57,6 @@
 // K/V ring depth at headdim 64/128 (256 fits 2 stages of 64 KB beside Q); overridable for A/B runs.
 // Producer order K_{j+1} before V_j, and V_{j−1} waited for inside the turn after Q·K_jᵀ is issued (as
 // step 04); -DFA3_STEP05_K_FIRST=0 restores K_j, V_j and both waits before the turn (A/B runs).
-// Exponentials on two pipes (softmax.h, exp2_poly): one 8-column chunk of S in FA3_STEP05_EXP2_POLY takes a
-// polynomial exp2 on the FMA pipe, the rest MUFU.EX2 (0: all on the MUFU).
-#ifndef FA3_STEP05_EXP2_POLY
-#define FA3_STEP05_EXP2_POLY 0
-#endif
 #ifndef FA3_STEP05_K_FIRST
 #define FA3_STEP05_K_FIRST 1
 #endif
@@ -82,7 +77,6 @@ struct Config {
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim <= 128 ? FA3_STEP05_STAGES_HD128 : 2;  // K/V ring depth
   static constexpr bool kKFirst = FA3_STEP05_K_FIRST;  // producer order (producer.h, for_each_kv)
-  static constexpr int kPolyEvery = FA3_STEP05_EXP2_POLY;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static constexpr int kTurnBarrier = 1;  // named barriers 1, 2 (0 is __syncthreads)
@@ -268,7 +262,7 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
         if (blocks.needs_mask(n_block))
           apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
         float corr[2];
-        softmax.update<kBlockN, Cfg::kPolyEvery>(s, qk_scale_log2 * sk, kPLog2Scale, corr);  // O is still 0
+        softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);  // O is still 0
         pack_p_e4m3<kBlockN>(s, pa);
       }
       // One tile of the main loop; kMask as in step 04 (masked tiles first, their own loop).
@@ -298,7 +292,7 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
         // 4. mask, softmax of S_next (under the P·V GEMM)
         if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
         float corr[2];
-        softmax.update<kBlockN, Cfg::kPolyEvery>(s, qk_scale_log2 * sk, kPLog2Scale, corr);
+        softmax.update<kBlockN>(s, qk_scale_log2 * sk, kPLog2Scale, corr);
         fence_regs(s);
         fence_regs(corr);
         // 5. P·V done: release V_{j−1}; O into units of sv_j

@@ -28,23 +28,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^x on the FMA pipe instead of the MUFU (FlashAttention-4's exp2 emulation, "FlashAttention-4", Dao
-// et al. 2025, §4): x = n + f with n = round(x) and f ∈ [−½, ½]; 2^f by a degree-3 polynomial whose constant
-// term is exactly 1 (minimax relative error 1.01e−4 on [−½, ½], below the 16-bit rounding of P: 2^−9 for
-// bf16, 2^−11 for fp16; the fit is cuda/tools/fit_exp2_poly.py), and n added to the exponent field. The
-// rounding uses the 1.5·2^23 shifter: x + 1.5·2^23 holds n in its low mantissa bits, so (bits << 23) is
-// n·2^23. x is clamped at −127 first: exp2(−inf) (a masked score) gives f = 0, p = 1 and bits 0, exactly
-// +0, like ex2.approx.ftz; inputs in (−127, −126) give denormals (≤ 2^−126). Eight FMA/ALU-pipe
-// instructions (FMNMX, 3 FADD, 3 FFMA, LEA) against one MUFU.EX2 at a quarter of the FMA pipe's rate.
-__device__ __forceinline__ float exp2_poly(float x) {
-  constexpr float kShifter = 12582912.f;  // 1.5·2^23
-  x = fmaxf(x, -127.f);
-  const float t = __fadd_rn(x, kShifter);
-  const float f = __fsub_rn(x, __fsub_rn(t, kShifter));
-  const float p = fmaf(fmaf(fmaf(0.05500893f, f, 0.24221095f), f, 0.69328290f), f, 1.f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
@@ -86,20 +69,16 @@ __device__ __forceinline__ void thread_row_max(const float (&s)[kN / 2], float (
 }
 
 // S → P = exp2(S·scale_log2 − offset[row]) in place (one FFMA + MUFU.EX2 per element); this thread's row
-// sums of P into sum. kPolyEvery > 0: one 8-column chunk in kPolyEvery takes exp2_poly (FMA pipe) instead
-// of the MUFU, which the rest keep — the two pipes then share the exponentials.
-template <int kN, int kPolyEvery = 0>
+// sums of P into sum.
+template <int kN>
 __device__ __forceinline__ void exp2_rows(float (&s)[kN / 2], float scale_log2, const float (&offset)[2],
                                           float (&sum)[2]) {
 #pragma unroll
   for (int c = 0; c < kN / 8; ++c) {
-    constexpr bool kAnyPoly = kPolyEvery > 0;
-    const bool poly = kAnyPoly && (c % (kAnyPoly ? kPolyEvery : 1)) == (kAnyPoly ? kPolyEvery : 1) - 1;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = i >> 1;
-      const float x = fmaf(s[4 * c + i], scale_log2, -offset[r]);
-      s[4 * c + i] = poly ? exp2_poly(x) : fast_exp2(x);
+      s[4 * c + i] = fast_exp2(fmaf(s[4 * c + i], scale_log2, -offset[r]));
       sum[r] += s[4 * c + i];
     }
   }
@@ -118,7 +97,7 @@ struct OnlineSoftmax {
 
   // S → P in place (fp32, unnormalized); returns corr = exp2((m_old − m_new)·scale_log2) per row,
   // the factor O and ℓ must be rescaled by (paper Alg. 1 line 11).
-  template <int kN, int kPolyEvery = 0>
+  template <int kN>
   __device__ __forceinline__ void update(float (&s)[kN / 2], float scale_log2, float (&corr)[2]) {
     float m_new[2] = {row_max[0], row_max[1]};
     thread_row_max<kN>(s, m_new);
@@ -131,7 +110,7 @@ struct OnlineSoftmax {
       row_max[r] = m_new[r];
     }
     float sum[2] = {0.f, 0.f};
-    exp2_rows<kN, kPolyEvery>(s, scale_log2, offset, sum);
+    exp2_rows<kN>(s, scale_log2, offset, sum);
     row_sum[0] = row_sum[0] * corr[0] + sum[0];
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
   }
@@ -143,7 +122,7 @@ struct OnlineSoftmax {
   // and lse = m + log2 ℓ are unchanged (the max is only a shift). Returns whether any row of this
   // warp moved its max (warp-uniform): the caller multiplies O by corr only then; corr is 1 for rows
   // that did not move.
-  template <int kN, int kPolyEvery = 0, int kThreshold = 8>
+  template <int kN, int kThreshold = 8>
   __device__ __forceinline__ bool update_lazy(float (&s)[kN / 2], float scale_log2, float (&corr)[2]) {
     float m_new[2] = {row_max[0], row_max[1]};
     thread_row_max<kN>(s, m_new);
@@ -161,7 +140,7 @@ struct OnlineSoftmax {
       offset[r] = (row_max[r] == kNegInf) ? 0.f : row_max[r] * scale_log2;
     }
     float sum[2] = {0.f, 0.f};
-    exp2_rows<kN, kPolyEvery>(s, scale_log2, offset, sum);
+    exp2_rows<kN>(s, scale_log2, offset, sum);
     row_sum[0] = row_sum[0] * corr[0] + sum[0];
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
     return __any_sync(0xffffffffu, moved);
@@ -192,7 +171,7 @@ struct OnlineSoftmaxScaled {
     row_max[0] = row_max[1] = kNegInf;
     row_sum[0] = row_sum[1] = 0.f;
   }
-  template <int kN, int kPolyEvery = 0>
+  template <int kN>
   __device__ __forceinline__ void update(float (&s)[kN / 2], float scale_log2, float bias, float (&corr)[2]) {
     float m_tile[2] = {kNegInf, kNegInf};
     thread_row_max<kN>(s, m_tile);
@@ -207,7 +186,7 @@ struct OnlineSoftmaxScaled {
       offset[r] -= bias;
     }
     float sum[2] = {0.f, 0.f};
-    exp2_rows<kN, kPolyEvery>(s, scale_log2, offset, sum);
+    exp2_rows<kN>(s, scale_log2, offset, sum);
     row_sum[0] = row_sum[0] * corr[0] + sum[0];
     row_sum[1] = row_sum[1] * corr[1] + sum[1];
   }
