@@ -37,6 +37,10 @@ if 4 in steps:  # step 04's persistent grid: more tiles than SMs, and causal til
     case((2, 1200, 16, 64), (2, 600, 4, 64), causals=(False,), step=4)
     # causal beyond FA3_DYNAMIC_MAX_SEQLEN keys: one CTA per tile instead of the dynamic scheduler
     case((1, 300, 4, 128), (1, 8300, 2, 128), step=4)
+    # headdim 256 with one CTA per tile: O is staged for its TMA store in the K ring (non-causal; causal
+    # beyond FA3_DYNAMIC_MAX_SEQLEN keys)
+    case((1, 203, 4, 256), (1, 333, 2, 256), causals=(False,), step=4)
+    case((1, 200, 2, 256), (1, 8300, 1, 256), step=4)
 if fp8:
     for d in (64, 128, 256):
         case((1, 203, 4, d), (1, 333, 2, d))

@@ -173,8 +173,12 @@ struct Config {
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
   static constexpr int kOBytes = kNumConsumers * 64 * kHeadDim * sizeof(T);  // (kBlockM, kHeadDim) O tile
   static constexpr int kSmemNoO = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
-  static constexpr bool kTmaStoreO = FA3_STEP04_TMA_STORE && kSmemNoO + kOBytes <= 227 * 1024;
-  static constexpr int kSmemBytes = kSmemNoO + (kTmaStoreO ? kOBytes : 0);
+  // O's smem tile for the TMA-store epilogue: its own region where it fits; else, in a CTA that runs one tile
+  // (headdim 256 non-causal), the K ring, which is free once every consumer warp has released its last K.
+  static constexpr bool kOwnO = FA3_STEP04_TMA_STORE && kSmemNoO + kOBytes <= 227 * 1024;
+  static constexpr bool kOInK = FA3_STEP04_TMA_STORE && !kOwnO && !kPersistent && kStages * kKVBytes >= kOBytes;
+  static constexpr bool kTmaStoreO = kOwnO || kOInK;
+  static constexpr int kSmemBytes = kSmemNoO + (kOwnO ? kOBytes : 0);
   static constexpr int kEpiBarrier = kTurnBarrier + kNumConsumers;  // + c: warpgroup c's epilogue barrier
 };
 
@@ -195,9 +199,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
-  T* sO = sV + kStages * kTileElems;                               // (kBlockM, kHeadDim) if Cfg::kTmaStoreO
+  T* sO = Cfg::kOInK ? sK : sV + kStages * kTileElems;            // (kBlockM, kHeadDim) if Cfg::kTmaStoreO
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes +
-                                                 (Cfg::kTmaStoreO ? Cfg::kOBytes : 0));
+                                                 (Cfg::kOwnO ? Cfg::kOBytes : 0));
   uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)
   uint64_t* full_k = empty_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
@@ -463,12 +467,21 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       out_ptrs(o_base, lse_base);
       if constexpr (Cfg::kTmaStoreO) {
         // This warpgroup's O tile in smem: free once its previous TMA store has read it (bulk_wait_read by the
-        // thread that issued it, then the warpgroup's barrier); stmatrix; fence for the async proxy; barrier;
-        // one thread stores the kHeadDim/64 atoms and moves on without waiting for the writes.
+        // thread that issued it, then the warpgroup's barrier) — or, in the K ring, once every consumer warp
+        // of the CTA has released the last K tile of each stage (the empty barriers' last phases); stmatrix;
+        // fence for the async proxy; barrier; one thread stores the kHeadDim/64 atoms and moves on.
         T* s_o = sO + c * 64 * kHeadDim;
         const bool issuer = threadIdx.x % 128 == 0;
-        if (issuer) bulk_wait_read<0>();
-        named_barrier_sync(Cfg::kEpiBarrier + c, 128);
+        if constexpr (Cfg::kOInK) {
+#pragma unroll
+          for (int st = 0; st < kStages; ++st) {  // the last K tile i that went through stage st
+            const int i = n_block_max - 1 - (((kv0 + n_block_max - 1 - st) % kStages) + kStages) % kStages;
+            if (i >= 0) mbarrier_wait(&empty_k[st], phase_of(i));
+          }
+        } else {
+          if (issuer) bulk_wait_read<0>();
+          named_barrier_sync(Cfg::kEpiBarrier + c, 128);
+        }
         write_o_smem<Traits, kHeadDim>(o, inv_sum, smem_u32(s_o));
         fence_proxy_async();
         named_barrier_sync(Cfg::kEpiBarrier + c, 128);
