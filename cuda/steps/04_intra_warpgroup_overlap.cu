@@ -170,14 +170,19 @@ struct Config {
   // consumers' main loop is the same length at 232.
   static constexpr int kProducerRegs = kClusterM > 1 ? 40 : 24;
   static constexpr int kConsumerRegs = kClusterM > 1 ? 232 : kNumConsumers == 3 ? 160 : 240;
-  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 4);  // + sched_full[2], sched_empty[2]
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 5);  // + sched_full[2], sched_empty[2], o_free
   static constexpr int kOBytes = kNumConsumers * 64 * kHeadDim * sizeof(T);  // (kBlockM, kHeadDim) O tile
   static constexpr int kSmemNoO = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
   // O's smem tile for the TMA-store epilogue: its own region where it fits; else, in a CTA that runs one tile
   // (headdim 256 non-causal), the K ring, which is free once every consumer warp has released its last K.
   static constexpr bool kOwnO = FA3_STEP04_TMA_STORE && kSmemNoO + kOBytes <= 227 * 1024;
   static constexpr bool kOInK = FA3_STEP04_TMA_STORE && !kOwnO && !kPersistent && kStages * kKVBytes >= kOBytes;
-  static constexpr bool kTmaStoreO = kOwnO || kOInK;
+  // Persistent with two consumers and no room (headdim 256, causal): in the V ring, as FA3 — warpgroup c
+  // in the stage of V tile n − 2 + c (every consumer warp released it), and the producer holds the next
+  // tile's first V until both stores have read their tiles (o_free, producer.h produce_tile).
+  static constexpr bool kOInV = FA3_STEP04_TMA_STORE && !kOwnO && !kOInK && kPersistent && kNumConsumers == 2 &&
+                                kClusterM == 1 && kKVBytes >= 64 * kHeadDim * static_cast<int>(sizeof(T));
+  static constexpr bool kTmaStoreO = kOwnO || kOInK || kOInV;
   static constexpr int kSmemBytes = kSmemNoO + (kOwnO ? kOBytes : 0);
   static constexpr int kEpiBarrier = kTurnBarrier + kNumConsumers;  // + c: warpgroup c's epilogue barrier
 };
@@ -212,7 +217,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   // (2) the next work tile; written and read with shared-memory atomics (ordered by the mbarriers above:
   // the atomics only tell compute-sanitizer's racecheck, which does not model mbarrier ordering of
   // ordinary accesses, that these are not plain loads and stores)
-  int* tile_slot = reinterpret_cast<int*>(sched_empty + 2);
+  uint64_t* o_free = sched_empty + 2;  // Cfg::kOInV: both warpgroups' O stores have read the V ring
+  int* tile_slot = reinterpret_cast<int*>(o_free + 1);
 
   // Work tiles t = (b, h, m_block), m_block fastest and walked from the last (the longest, causal) down,
   // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
@@ -261,6 +267,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     mbarrier_init(&sched_full[1], 1);
     mbarrier_init(&sched_empty[0], 4 * Cfg::kNumConsumers);
     mbarrier_init(&sched_empty[1], 4 * Cfg::kNumConsumers);
+    mbarrier_init(o_free, Cfg::kNumConsumers);
     fence_barrier_init();
   }
   if constexpr (kCluster > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
@@ -286,7 +293,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
         if (blocks.n_block_max > 0) {
           produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
-                               empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter);
+                               empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter,
+                               Cfg::kOInV ? o_free : nullptr);
           kv += blocks.n_block_max;
           ++q_iter;
         }
@@ -472,7 +480,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         // fence for the async proxy; barrier; one thread stores the kHeadDim/64 atoms and moves on.
         T* s_o = sO + c * 64 * kHeadDim;
         const bool issuer = threadIdx.x % 128 == 0;
-        if constexpr (Cfg::kOInK) {
+        if constexpr (Cfg::kOInV) {
+          const int i = n_block_max - 2 + c;  // V tile whose stage takes this warpgroup's O
+          const int st = ((kv0 + i) % kStages + kStages) % kStages;
+          s_o = sV + st * kTileElems;
+          if (i >= 0) mbarrier_wait(&empty_v[st], phase_of(i));  // (i < 0: last used by the previous tile)
+        } else if constexpr (Cfg::kOInK) {
 #pragma unroll
           for (int st = 0; st < kStages; ++st) {  // the last K tile i that went through stage st
             const int i = n_block_max - 1 - (((kv0 + n_block_max - 1 - st) % kStages) + kStages) % kStages;
@@ -491,6 +504,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
 #pragma unroll
           for (int a = 0; a < kHeadDim / 64; ++a) tma_store_4d(&tmap_o, s_o + a * 64 * 64, 64 * a, row0, h_, b_);
           bulk_commit();
+          if constexpr (Cfg::kOInV) {  // the V ring may be refilled once the store has read it
+            bulk_wait_read<0>();
+            mbarrier_arrive(o_free);
+          }
         }
         store_lse(lse, lse_base, row0, p.seqlen_q);
       } else {

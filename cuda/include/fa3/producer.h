@@ -157,12 +157,15 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
 // through the ring so far in this CTA (slot kv % kStages, pass kv / kStages); `q_iter` counts the work
 // tiles so far. Q has its own empty barrier: the consumers release it after their last Q·Kᵀ of a
 // tile, so the next tile's Q lands while they still run the last P·V and the epilogue.
+// o_free (step 04, headdim 256 causal): the consumers stage the previous work tile's O in the V ring for its
+// TMA store, so this tile's first V waits until both warpgroups' stores have read it (one arrival each per
+// work tile; phase q_iter − 1, a fresh barrier reads as released) — FA3's barrier_O.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
                                              const CUtensorMap* tmap_v, T* sQ, T* sK, T* sV, uint64_t* full_q,
                                              uint64_t* empty_q, uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k,
                                              uint64_t* empty_v, int m_block, int h, int h_kv, int b, int n_block_max,
-                                             int kv, int q_iter) {
+                                             int kv, int q_iter, uint64_t* o_free = nullptr) {
   constexpr int kBlockM = Cfg::kBlockM;
   mbarrier_wait(empty_q, (q_iter & 1) ^ 1);  // a fresh barrier reads as released
   mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
@@ -170,7 +173,9 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
   for (int a = 0; a < Cfg::kAtoms; ++a)
     tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
   produce_kv<T, Cfg>(tmap_k, tmap_v, sK, sV, full_k, full_v, empty_k, empty_v, h_kv, b, n_block_max, kv,
-                     [](bool, int) {});
+                     [&](bool is_v, int i) {
+                       if (o_free != nullptr && is_v && i == 0) mbarrier_wait(o_free, (q_iter & 1) ^ 1);
+                     });
 }
 
 // A consumer warp's release of a ring slot (lane 0): its own CTA's empty barrier, and with a cluster
