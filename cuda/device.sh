@@ -113,6 +113,11 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_tma256 --step 4 --variant tma= --variant notma="$V1" \
         --headdims 256 --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -12
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_tma256.tgz" fa3_lab/results/experiments/*/ab_tma256_*.json ;;
+    ab_oinv128) V1="-DFA3_STEP04_BLOCK_N_HD128=176 -DFA3_STEP04_CLUSTER=0"; V2="-DFA3_STEP04_CLUSTER=0"
+      for d in "$V1" "$V2"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
+      python3 cuda/tools/ab.py --name ab_oinv128 --step 4 --variant own160cl= --variant inv176="$V1" --variant own160="$V2" \
+        --headdims 128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
+      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_oinv128.tgz" fa3_lab/results/experiments/*/ab_oinv128_*.json ;;
     ab_fp8kfirst) V1="-DFA3_STEP05_K_FIRST=0"
       FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
       python3 cuda/tools/ab.py --name ab_fp8_kfirst --step 5 --variant new= --variant old="$V1" \
