@@ -17,7 +17,7 @@
 //   5. wgmma.wait_group 0: P·V done; release stage s_{j−1}; O *= corr_j    (Alg. 2 line 12)
 //   6. P_j → 16-bit A fragments for the next turn
 // The price is registers: S_next (fp32) and P_{j−1} (16-bit, read asynchronously by the RS WGMMA
-// until step 5) are live at once. Prologue and epilogue as in step 03.
+// until step 5) are live at once. Prologue as in step 03; the epilogue is below.
 // Persistent grid (non-causal, headdim 64/128): min(tiles, SMs) CTAs stride over the work tiles; the
 // K/V ring, the pingpong turns and Q (own empty barrier, released after a tile's last Q·Kᵀ) carry over
 // from tile to tile, so the next tile's Q and K/V land while this tile's last P·V and epilogue run.
@@ -30,14 +30,19 @@
 // Non-causal headdim 128 runs clusters of two CTAs on adjacent row blocks of one head; each loads half of
 // every K/V tile and multicasts it to both (producer.h), so the pair reads each tile from L2 once (FA3's
 // cluster shape there). The producer loads K_{j+1} before V_j (producer.h, for_each_kv).
-// Measured (NVIDIA H100 80GB HBM3, bf16, commit 725ae75, 2026-11-22, medians of rotating rounds;
-// fa3_lab/results/nvidia-h100-80gb-hbm3/): Table 2 shape (4, 8448, 16, 128) 654 TFLOPs/s (FA3 643, cuDNN 600,
-// same run; FA3 measured 643–740 across this session's runs); seqlen 16k: hd64 523, hd128 635, hd128 causal
-// 621, hd256 649 (FA3 510 / 643 / 631 / 730). Analysis: cuda/NOTES.md.
+// Epilogue (as FA3): each consumer warpgroup writes O / ℓ into shared memory with stmatrix and one thread
+// stores it with TMA (epilogue.h) — in an O tile of its own where smem has room (headdim 64, headdim 128
+// with Bc = 128 causal / 160 non-causal), else in the K ring (headdim 256, one CTA per tile) or the V ring
+// (headdim 256 causal, persistent: the producer holds the next tile's first V until the stores have read it).
+// Measured (NVIDIA H100 80GB HBM3, bf16, commit 6866ce8, 2026-11-22, medians of rotating rounds;
+// fa3_lab/results/nvidia-h100-80gb-hbm3/): Table 2 shape (4, 8448, 16, 128) 670 TFLOPs/s (FA3 726, cuDNN 600,
+// same run; FA3 measured 643–740 across these sessions' runs); seqlen 16k: hd64 536, hd128 647, hd128 causal
+// 626, hd256 687, hd256 causal 710 (FA3 537 / 711 / 661 / 752 / 673). Analysis: cuda/NOTES.md.
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials; forcing all of
 // them under P·V (-DFA3_WAIT_AFTER_SOFTMAX=1, ptx.h) measured 0–9 % slower, so it stays off. Headdim 256
-// non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 128 trails
-// FA3 most (0.92–0.99×): its softmax phase is longer than FA3's (ncu source view, NOTES.md, session 5).
+// non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 128 non-causal
+// trails FA3 most (0.91–1.00× at 2k–16k): its softmax phase is longer than FA3's (ncu source view, NOTES.md,
+// session 5), and at 16k its rounds move by up to 7 % where FA3's agree to 0.1 %.
 // This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
