@@ -154,7 +154,8 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
             fastest measured step for the headdim).
         return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for rows
             that see no key).
-        out: optional preallocated output, shape and dtype of q (tests poison it first).
+        out: optional preallocated output, shape and dtype of q (tests poison it first); any strides with
+            a contiguous last dim and a 16-byte aligned base and strides (step 04 stores O with TMA).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim), dtype of q; and lse if ``return_lse``.
@@ -177,6 +178,10 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out: expected a tensor of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}")
+        if out.stride(3) != 1 or any((st * out.element_size()) % 16 for st in out.stride()[:3]) \
+                or (_has_storage(out) and out.data_ptr() % 16):
+            raise ValueError(f"out: TMA needs a contiguous last dim and a 16-byte aligned base and strides, "
+                             f"got strides {out.stride()}")
     from . import ops  # torch.library custom ops (compile-friendly; the extension is loaded lazily)
     o, lse = ops.forward(q, k, v, bool(causal), scale, step, out)
     return (o, lse) if return_lse else o

@@ -182,6 +182,17 @@ def test_out_view_with_padded_strides(headdim, causal):
     assert (buf[:, :, 0] == 7).all() and (buf[:, :, 6] == 7).all(), "the kernel wrote outside out's view"
 
 
+@pytest.mark.gpu
+def test_out_with_unaligned_strides_is_refused():
+    """out= whose head stride is 129 elements (258 bytes) cannot be a TMA store target: a ValueError naming
+    out, and nothing written."""
+    q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.bfloat16)
+    buf = torch.full((1, 64, 2, 129), 7.0, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"out: TMA needs .*16-byte aligned base and strides, got strides \(16512, 258, 129, 1\)"):
+        fa3_lab.flash_attn_func(q, q, q, out=buf[..., :128])
+    assert (buf == 7).all()
+
+
 # ----------------------------------------------------------------------- validation (no GPU needed)
 
 def _cpu(shape, dtype=torch.bfloat16):
