@@ -133,9 +133,9 @@
 #ifndef FA3_STEP04_PACK_FIRST
 #define FA3_STEP04_PACK_FIRST 1
 #endif
-// TMA-store epilogue where the smem has room for it (headdim 64, causal headdim 128): each consumer warpgroup
-// writes O into its own smem tile with stmatrix and one thread stores it with TMA (as FA3, which aliases O with
-// V's first stage; here the tile is separate, so the producer never waits for it). -DFA3_STEP04_TMA_STORE=0:
+// TMA-store epilogue (as FA3): each consumer warpgroup writes O into a smem tile with stmatrix and one thread
+// stores it with TMA — a tile of its own where smem has room (headdim 64 and 128), else the K ring (headdim 256,
+// one CTA per tile) or the V ring (headdim 256 causal, persistent; Config::kOInV). -DFA3_STEP04_TMA_STORE=0:
 // 4-byte global stores from the registers everywhere (A/B runs).
 #ifndef FA3_STEP04_TMA_STORE
 #define FA3_STEP04_TMA_STORE 1
@@ -479,10 +479,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       float* lse_base;
       out_ptrs(o_base, lse_base);
       if constexpr (Cfg::kTmaStoreO) {
-        // This warpgroup's O tile in smem: free once its previous TMA store has read it (bulk_wait_read by the
-        // thread that issued it, then the warpgroup's barrier) — or, in the K ring, once every consumer warp
-        // of the CTA has released the last K tile of each stage (the empty barriers' last phases); stmatrix;
-        // fence for the async proxy; barrier; one thread stores the kHeadDim/64 atoms and moves on.
+        // This warpgroup's O tile in smem is free: its own tile once its previous TMA store has read it
+        // (bulk_wait_read by the thread that issued it, then the warpgroup's barrier); in the K ring once every
+        // consumer warp of the CTA has released the last K tile of each stage, in the V ring once every one has
+        // released the V tile of that stage (the empty barriers' last phases). Then stmatrix; fence for the
+        // async proxy; barrier; one thread stores the kHeadDim/64 atoms and (V ring: after their reads, which
+        // it signals on o_free) moves on.
         T* s_o = sO + c * 64 * kHeadDim;
         const bool issuer = threadIdx.x % 128 == 0;
         if constexpr (Cfg::kOInV) {
