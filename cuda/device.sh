@@ -23,7 +23,7 @@ for what in "$@"; do
     memcheck|racecheck|synccheck)
       compute-sanitizer --tool "$what" --print-limit 20 python3 cuda/sanitize_case.py 2>&1 | tail -15 | tee "$OUT/$what.log" ;;
     trace) for st in 1 2 3 4; do python3 -m fa3_lab trace --step $st --out "$OUT/pack/traces" 2>&1 | tail -3; done ;;
-    bench_ab128) FA3_LAB_DEFINES=-DFA3_BLOCK_N_HD128=128 python3 -m fa3_lab bench --headdims 128 --dtypes bf16 --seqlens 2048,8192,16384 --name bench_bn128 2>&1 | tail -12 ;;
+    bench_ab128) FA3_LAB_DEFINES="-DFA3_BLOCK_N_HD128=128 -DFA3_STEP04_BLOCK_N_HD128=128" python3 -m fa3_lab bench --headdims 128 --dtypes bf16 --seqlens 2048,8192,16384 --name bench_bn128 2>&1 | tail -12 ;;
     pack) mkdir -p "$OUT/pack" && cp -r fa3_lab/results/nvidia-* "$OUT/pack/" 2>/dev/null; tar -C "$OUT/pack" -cf "$OUT/run.tar" . && rm -rf "$OUT/pack" && tar -tf "$OUT/run.tar" ;;
     gputests) python3 -m pytest -o addopts="" -p no:cacheprovider tests/test_kernel.py tests/test_integration.py tests/test_grading.py -q -m gpu -rs 2>&1 | tail -25 | tee "$OUT/gputests.log" ;;
     prefill) mkdir -p "$OUT/pack/experiments" && python3 -m fa3_lab.examples.llama_prefill --out "$OUT/pack/experiments/llama_prefill.json" 2>&1 | tail -40 ;;
@@ -80,11 +80,6 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
         | grep -E "^\s+(gpu__|sm__|smsp__)|Error|==WARN|==ERR|device_kernel|fwd_kernel" | cut -c1-200 ; done 2>&1 | tee "$OUT/ncu_causal.log" ;;
     ab_issue) python3 cuda/tools/ab.py --name ab_issue --step 4 --variant new= --variant nolazy=-DFA3_LAZY_RESCALE=0 --headdims 64,128,256 --seqlens 2048,8192,16384 \
       --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -22; mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_issue_*.json "$OUT/r/" ;;
-    ab_q) python3 cuda/tools/ab.py --name ab_q_stages --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
-      --headdims 64,128 --causal true --seqlens 1024,2048,4096,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
-      python3 cuda/tools/ab.py --name ab_q_stages_nc --step 4 --variant q2= --variant q1=-DFA3_STEP04_Q_STAGES=1 \
-      --headdims 64 --causal false --seqlens 1024,2048,8192 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -5
-      mkdir -p "$OUT/r" && cp fa3_lab/results/experiments/*/ab_q_stages_q*.json fa3_lab/results/experiments/*/ab_q_stages_nc_q*.json "$OUT/r/" ;;
     ab_kfirst) V1="-DFA3_STEP04_K_FIRST=0 -DFA3_STEP04_WAIT_V_LATE=0"; V2="-DFA3_STEP04_WAIT_V_LATE=0"
       # (its s3 variant, -DFA3_STEP04_STAGES_HD128_CAUSAL=3 before 700ecb6, is gone: 3 stages were not adopted)
       for d in "" "$V1" "$V2"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait

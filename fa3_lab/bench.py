@@ -120,6 +120,24 @@ def rotating_rounds(jobs, rounds, on_error=None):
     return values, dropped
 
 
+def round_timer(fn, warm_every_round=False):
+    """A :func:`rotating_rounds` job timing ``fn``: a warm-up call and a device sync before the first round
+    (every round with ``warm_every_round``, as cuda/tools/ab.py), then one :func:`time_ms`."""
+    def run(first):
+        if first or warm_every_round:
+            import torch
+
+            fn()
+            torch.cuda.synchronize()
+        return time_ms(fn)
+    return run
+
+
+def _check_rounds(rounds):
+    if rounds < 1:
+        raise UsageError(f"--rounds: expected a positive integer, got {rounds}")
+
+
 def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     """Time every (impl, config); returns rows in the DESIGN.md schema.
 
@@ -132,8 +150,7 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     Raises:
         UsageError: rounds < 1.
     """
-    if rounds < 1:
-        raise UsageError(f"--rounds: expected a positive integer, got {rounds}")
+    _check_rounds(rounds)
     import torch
 
     import fa3_lab
@@ -153,20 +170,12 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
             if name == "sdpa_math" and b * h * s * s * 4 * 3 > 20e9:
                 continue  # S and P in fp32 would not fit comfortably
             impls[name] = lambda fn=fn: fn(q, k, v, cfg["causal"])
-        def measure(fn):
-            def run(first):
-                if first:
-                    fn()
-                    torch.cuda.synchronize()
-                return time_ms(fn)
-            return run
-
         def skipped(impl, e):  # a peer that does not support this config: say so, no row
             if progress:
                 progress(f"{impl} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             torch.cuda.synchronize()
 
-        times, dropped = rotating_rounds({impl: measure(fn) for impl, fn in impls.items()}, rounds, skipped)
+        times, dropped = rotating_rounds({impl: round_timer(fn) for impl, fn in impls.items()}, rounds, skipped)
         for impl in impls:
             if impl in dropped or not times[impl]:
                 continue
@@ -307,8 +316,7 @@ def run_fp8(console, args):
     peer = peers().get("fa3")
     rows = []
     rounds = args.rounds
-    if rounds < 1:
-        raise UsageError(f"--rounds: expected a positive integer, got {rounds}")
+    _check_rounds(rounds)
     for d in headdims:
         for s in FP8_SEQLENS:
             b, h = max(1, TOTAL_TOKENS // s), HIDDEN // d
@@ -321,13 +329,6 @@ def run_fp8(console, args):
                 q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
                 impls["fa3_e4m3"] = ("fa3", "e4m3", lambda: peer(q8, k8, v8, False))
             # rounds in rotating order (as run_grid): step 05 with its quantize timings, the peers
-            def measure(fn):
-                def run(first):
-                    if first:
-                        fn()
-                    return time_ms(fn)
-                return run
-
             def skipped(key, e):
                 if key == "step05":  # our kernel failing is an error, not a skipped row
                     raise e
@@ -336,7 +337,7 @@ def run_fp8(console, args):
                               f"{str(e)[:100]}[/dim]")
 
             jobs = {"step05": lambda first: fp8.time_quantize_vs_kernel(b, s, h, d, False)}
-            jobs.update({key: measure(fn) for key, (_, _, fn) in impls.items()})
+            jobs.update({key: round_timer(fn) for key, (_, _, fn) in impls.items()})
             times, dropped = rotating_rounds(jobs, rounds, skipped)
             rows.append(_median_fp8_row(times["step05"], fl))
             for key, (impl, dtype, _) in impls.items():

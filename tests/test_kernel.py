@@ -167,9 +167,9 @@ def test_noncontiguous_strides():
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_out_view_with_padded_strides(headdim, causal):
-    """out= a view into a larger buffer (heads padded 5 → 7, rows padded by one head): the TMA-store epilogue
-    (headdim 64, causal 128) writes through O's own tensor map with these strides, and nothing outside the
-    view is touched. 200 query rows: the last row block is partial (TMA clips the rows past seqlen_q)."""
+    """out= a view into a larger buffer (heads padded 5 → 7, rows padded by one head): step 04's TMA-store
+    epilogue (O staged in its own tile at headdims 64/128, in the K or V ring at 256) writes through O's own
+    tensor map with these strides, and nothing outside the view is touched. 200 query rows: the last row block is partial (TMA clips the rows past seqlen_q)."""
     g = torch.Generator(device="cuda").manual_seed(headdim + causal)
     q, k, v = (torch.randn(2, 200, 5, headdim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     buf = torch.full((2, 200, 7, headdim), 7.0, device="cuda", dtype=torch.bfloat16)

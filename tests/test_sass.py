@@ -251,11 +251,12 @@ def test_qgmma_in_step05(analyzed):
 def test_step04_overlaps_the_softmax_with_the_gemm(analyzed):
     """Step 04 issues part of the softmax's MUFU.EX2 while P·V is in flight; step 02 none.
 
-    Thresholds from the real kernels (nvcc 13.0, bf16, headdim 128, Bc 176) with a margin: measured
-    step02 = 0.00 (0/90 EX2), step03 = 0.00, step04 = 0.13 (12/90). History: 25/90 until session 4;
-    17/90 after the lazy O rescale and the per-k-slice descriptor adds; 10/90 once session 5 packed P
-    before O's conditional rescale, so that ptxas interleaves the F2FPs with the exponentials after
-    the wait; 12/90 with the K/V multicast's cluster build — each change measured no slower or faster
+    Thresholds from the real kernels (nvcc 13.0, bf16, headdim 128; Bc 176 in steps 02–03, 160 in step 04)
+    with a margin: measured step02 = 0.00 (0/90 EX2), step03 = 0.00, step04 = 0.13 (11/82). History: 25/90
+    until session 4; 17/90 after the lazy O rescale and the per-k-slice descriptor adds; 10/90 once session 5
+    packed P before O's conditional rescale, so that ptxas interleaves the F2FPs with the exponentials after
+    the wait; 12/90 with the K/V multicast's cluster build; 11/82 at Bc = 160 (session 6, for the TMA-store
+    epilogue's O tile) — each change measured no slower or faster
     in interleaved A/B runs (cuda/NOTES.md). ptxas
     places WARPGROUP.DEPBAR.LE gsb0, 0x0 before most of the exponentials, so the overlap inside one
     warpgroup is partial (the rest runs under the other warpgroup's GEMMs); forcing all of them under

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
-  T* sO = Cfg::kOInK ? sK : sV + kStages * kTileElems;            // (kBlockM, kHeadDim) if Cfg::kTmaStoreO
+  T* sO = Cfg::kOInK ? sK : sV + kStages * kTileElems;  // O tiles: own (kOwnO) or K ring (kOInK); V ring: per tile
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes +
                                                  (Cfg::kOwnO ? Cfg::kOBytes : 0));
   uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)

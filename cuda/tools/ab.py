@@ -99,14 +99,8 @@ def main(argv=None) -> int:
                    for label, (_, ext) in variants.items()}
             if peer:
                 fns["fa3"] = lambda: peer(q, k, v, causal)
-        def measure(fn):
-            def run(first):
-                fn()
-                torch.cuda.synchronize()
-                return bench.time_ms(fn)
-            return run
-
-        times, _ = bench.rotating_rounds({label: measure(fns[label]) for label in labels}, args.rounds)
+        jobs = {label: bench.round_timer(fns[label], warm_every_round=True) for label in labels}
+        times, _ = bench.rotating_rounds(jobs, args.rounds)
         # the variants must agree with the first one (a faster wrong kernel is no result)
         ref_out = fns[first]()[0].float()
         worst = max(float((fns[label]()[0].float() - ref_out).abs().max()) for label in variants)

@@ -49,7 +49,7 @@ __device__ __forceinline__ void write_o_smem(const float (&o)[kHeadDim / 2], con
   }
 }
 
-// lse only (the TMA-store epilogue writes O separately).
+// lse only (the TMA-store epilogue writes O separately; store_o_lse writes it beside O, in the same row loop).
 __device__ __forceinline__ void store_lse(const float (&lse)[2], float* lse_base, int row0, int seqlen_q) {
   if (threadIdx.x % 4 != 0) return;
 #pragma unroll

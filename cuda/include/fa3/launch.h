@@ -67,30 +67,31 @@ void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const ch
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              (std::string("cudaFuncSetAttribute(") + name + ")").c_str());
   dim3 grid(ceil_div_host(p.seqlen_q, Cfg::kBlockM), p.nheads, p.batch);
-  if constexpr (kCluster > 1) {
-    // Persistent clusters: each cluster takes kCluster adjacent row blocks of one (batch, head) at a time.
-    static_assert(IsPersistent<Cfg>::value, "K/V multicast is built for the persistent grid");
-    cudaLaunchConfig_t config = {};
-    config.gridDim = persistent_grid(grid, kCluster);
-    config.blockDim = dim3(Cfg::kThreads, 1, 1);
-    config.dynamicSmemBytes = Cfg::kSmemBytes;
-    config.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kCluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    if constexpr (TakesTmapO<Cfg>::value)
-      check_cuda(cudaLaunchKernelEx(&config, kernel, tq, tk, tv, to, p), (std::string(name) + " launch").c_str());
-    else
-      check_cuda(cudaLaunchKernelEx(&config, kernel, tq, tk, tv, p), (std::string(name) + " launch").c_str());
-    return;
-  }
-  if constexpr (IsPersistent<Cfg>::value) grid = persistent_grid(grid);
-  if constexpr (TakesTmapO<Cfg>::value) kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, to, p);
-  else kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, p);
+  // The kernel's arguments: the tensor maps (O's only where the kernel takes it), then the params.
+  auto launch = [&](const auto&... maps) {
+    if constexpr (kCluster > 1) {
+      // Persistent clusters: each cluster takes kCluster adjacent row blocks of one (batch, head) at a time.
+      static_assert(IsPersistent<Cfg>::value, "K/V multicast is built for the persistent grid");
+      cudaLaunchConfig_t config = {};
+      config.gridDim = persistent_grid(grid, kCluster);
+      config.blockDim = dim3(Cfg::kThreads, 1, 1);
+      config.dynamicSmemBytes = Cfg::kSmemBytes;
+      config.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = kCluster;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      check_cuda(cudaLaunchKernelEx(&config, kernel, maps..., p), (std::string(name) + " launch").c_str());
+    } else {
+      if constexpr (IsPersistent<Cfg>::value) grid = persistent_grid(grid);
+      kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(maps..., p);
+    }
+  };
+  if constexpr (TakesTmapO<Cfg>::value) launch(tq, tk, tv, to);
+  else launch(tq, tk, tv);
   check_cuda(cudaGetLastError(), (std::string(name) + " launch").c_str());
 }
 
