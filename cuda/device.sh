@@ -137,6 +137,7 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       ncu -i /tmp/ncu_$tag.ncu-rep --page details --csv > /tmp/src/${tag}_details.csv 2>&1
       wc -c /tmp/src/$tag.csv; head -c 600 /tmp/src/$tag.err; done
       mkdir -p "$OUT/r" && tar -C /tmp -czf "$OUT/r/ncu_src.tgz" src && ls -la "$OUT/r" ;;
+    regime) python3 cuda/tools/regime.py --out "$OUT/regime.json" 2>&1 | tee "$OUT/regime.log" ;;
     table3) python3 -m fa3_lab table3 --emulate 2>&1 | tail -20 ;;
     sanitize234) for tool in racecheck synccheck memcheck; do echo "== $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 cuda/sanitize_case.py 2 3 4 2>&1 | tail -4; done 2>&1 | tee "$OUT/sanitize234.log" ;;
