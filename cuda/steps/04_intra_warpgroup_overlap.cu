@@ -140,6 +140,12 @@
 #ifndef FA3_STEP04_TMA_STORE
 #define FA3_STEP04_TMA_STORE 1
 #endif
+// L2 prefetch (producer.h, prefetch_tile_l2) of the next work tile's Q and first K/V tiles, issued a work tile
+// ahead (static persistent grid) or once the next tile is claimed (dynamic scheduler); -DFA3_STEP04_PREFETCH=0
+// for A/B runs.
+#ifndef FA3_STEP04_PREFETCH
+#define FA3_STEP04_PREFETCH 1
+#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -264,6 +270,21 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   };
   auto t_stride = [&]() -> int { return kCluster > 1 ? num_clusters_x() : gridDim.x; };
   const int wg = warpgroup_id();
+  // L2 prefetch of work tile t's loads, ahead of its turn (persistent; FA3_STEP04_PREFETCH): by the producer
+  // once it has claimed t (dynamic scheduler), else by consumer warpgroup 0 when it starts the tile before t
+  // (there, in the producer, the cluster producer's 40 registers spilled).
+  auto prefetch = [&](int t) {
+    if constexpr (FA3_STEP04_PREFETCH && Cfg::kPersistent) {
+      if (t < num_tiles) {
+        int m_block, h, b;
+        decode(t, m_block, h, b);
+        const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+        if (blocks.n_block_max > 0)
+          prefetch_tile_l2<Cfg>(&tmap_q, &tmap_k, &tmap_v, m_block, h, h / (p.nheads / p.nheads_kv), b,
+                                blocks.n_block_max);
+      }
+    }
+  };
 
   if (threadIdx.x == 0) {
     init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers * kCluster);
@@ -307,6 +328,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
           // The next tile, claimed once this one's loads are all issued (so a CTA that finishes early
           // claims early), and handed to the consumers through tile_slot[n % 2].
           const int t_next = atomicAdd(p.tile_counter, 1) + static_cast<int>(gridDim.x);
+          prefetch(t_next);  // this tile's last loads are issued: about kStages K/V tiles ahead of t_next's
           mbarrier_wait(&sched_empty[n & 1], ((n >> 1) & 1) ^ 1);  // a fresh barrier reads as released
           atomicExch(&tile_slot[n & 1], t_next);
           mbarrier_arrive(&sched_full[n & 1]);  // release: the slot's write is seen by the waiters
@@ -534,7 +556,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
       }
     } else if constexpr (Cfg::kPersistent) {
-      for (int t = t_first(); t < num_tiles; t += t_stride()) consume_tile(t);
+      for (int t = t_first(); t < num_tiles; t += t_stride()) {
+        if (c == 0 && threadIdx.x % 128 == 0) prefetch(t + t_stride());  // a whole work tile ahead
+        consume_tile(t);
+      }
     } else {
       consume_tile(t_first());
     }

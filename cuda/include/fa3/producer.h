@@ -178,6 +178,25 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
                      });
 }
 
+// L2 prefetch of a work tile that this CTA takes later (step 04, persistent): its Q tile and its first K and V
+// tiles (this CTA's rows of them, with a cluster), so that the loads at the boundary between two work tiles
+// hit L2 instead of waiting on DRAM. A hint only: no smem, no barrier.
+template <typename Cfg>
+__device__ __forceinline__ void prefetch_tile_l2(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
+                                                 const CUtensorMap* tmap_v, int m_block, int h, int h_kv, int b,
+                                                 int n_block_max) {
+  constexpr int kCluster = ClusterM<Cfg>::value;
+  constexpr int kRows = Cfg::kBlockN / kCluster;
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+  const int row = (n_block_max - 1) * Cfg::kBlockN + rank * kRows;
+#pragma unroll
+  for (int a = 0; a < Cfg::kAtoms; ++a) {
+    tma_prefetch_l2_4d(tmap_q, a * kAtomCols16, m_block * Cfg::kBlockM, h, b);
+    tma_prefetch_l2_4d(tmap_k, a * kAtomCols16, row, h_kv, b);
+    tma_prefetch_l2_4d(tmap_v, a * kAtomCols16, row, h_kv, b);
+  }
+}
+
 // A consumer warp's release of a ring slot (lane 0): its own CTA's empty barrier, and with a cluster
 // (ClusterM<Cfg> > 1) the same barrier in every other CTA of the cluster, whose producer multicasts into
 // this CTA's slot too.
