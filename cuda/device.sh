@@ -103,20 +103,6 @@ print(path, 'executed')" 2>&1 | grep -v WARNING
       python3 cuda/tools/ab.py --name ab_bn160 --step 4 --variant bn160tma= --variant bn176="$V1" --variant bn160="$V2" \
         --headdims 128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -10
       mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_bn160.tgz" fa3_lab/results/experiments/*/ab_bn160_*.json ;;
-    ab_prefetch) V1="-DFA3_STEP04_PREFETCH=0"
-      FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
-      python3 cuda/tools/ab.py --name ab_prefetch --step 4 --variant pf= --variant nopf="$V1" \
-        --headdims 64,128 --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -24
-      python3 cuda/tools/ab.py --name ab_prefetch_fp16 --dtype fp16 --no-peer --step 4 --variant pf= --variant nopf="$V1" \
-        --headdims 128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -8
-      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_prefetch.tgz" fa3_lab/results/experiments/*/ab_prefetch*.json ;;
-    ab_merge) V1="-DFA3_STEP04_MERGE=0"; V2="-DFA3_STEP04_PREFETCH=0"
-      for d in "$V1" "$V2"; do FA3_LAB_DEFINES="$d" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1 & done; wait
-      python3 cuda/tools/ab.py --name ab_merge --step 4 --variant merge= --variant nomerge="$V1" --variant mergenopf="$V2" \
-        --headdims 64,128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -12
-      python3 cuda/tools/ab.py --name ab_merge_fp16 --dtype fp16 --no-peer --step 4 --variant merge= --variant nomerge="$V1" \
-        --headdims 128 --causal false --seqlens 1024,2048,4096,8192,16384 --rounds 3 2>&1 | grep -v "^fa3_lab: compiling" | tail -7
-      mkdir -p "$OUT/r" && tar -czf "$OUT/r/ab_merge.tgz" fa3_lab/results/experiments/*/ab_merge*.json ;;
     ab_tma256) V1="-DFA3_STEP04_TMA_STORE=0"
       FA3_LAB_DEFINES="$V1" python3 -c "from fa3_lab import _build; _build.load()" >/dev/null 2>&1
       python3 cuda/tools/ab.py --name ab_tma256 --step 4 --variant tma= --variant notma="$V1" \

@@ -140,18 +140,6 @@
 #ifndef FA3_STEP04_TMA_STORE
 #define FA3_STEP04_TMA_STORE 1
 #endif
-// L2 prefetch (producer.h, prefetch_tile_l2) of the next work tile's Q and first K/V tiles, issued a work tile
-// ahead (static persistent grid) or once the next tile is claimed (dynamic scheduler); -DFA3_STEP04_PREFETCH=0
-// for A/B runs.
-#ifndef FA3_STEP04_PREFETCH
-#define FA3_STEP04_PREFETCH 1
-#endif
-// The last turn of a work tile also issues the next work tile's first Q·Kᵀ (persistent, non-causal): the
-// softmax of that tile's first K/V tile runs under this tile's last P·V, and a turn per work tile goes;
-// -DFA3_STEP04_MERGE=0 keeps the two turns apart (A/B runs).
-#ifndef FA3_STEP04_MERGE
-#define FA3_STEP04_MERGE 1
-#endif
 #ifndef FA3_SCHED_L2_MB  // L2 budget (MB) of one section of the dynamic tile order
 #define FA3_SCHED_L2_MB 32
 #endif
@@ -187,14 +175,7 @@ struct Config {
   // consumers' main loop is the same length at 232.
   static constexpr int kProducerRegs = kClusterM > 1 ? 40 : 24;
   static constexpr int kConsumerRegs = kClusterM > 1 ? 232 : kNumConsumers == 3 ? 160 : 240;
-  // Persistent: Q in kNumConsumers boxes of 64 rows with a full and an empty barrier each, so warpgroup c's rows
-  // of the next work tile load once c (not every warpgroup) has issued its last Q·Kᵀ.
-  static constexpr bool kQSplit = kPersistent;
-  static constexpr int kNumQ = kQSplit ? kNumConsumers : 1;
-  static constexpr int kQBoxRows = kBlockM / kNumQ;
-  // The next work tile's first Q·Kᵀ in this one's last turn (static persistent grid: the next tile is known).
-  static constexpr bool kMerge = FA3_STEP04_MERGE && kPersistent && !kDynamic;
-  static constexpr int kBarrierBytes = 8 * (2 * kNumQ + 4 * kStages + 5);  // + sched_full[2], sched_empty[2], o_free
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages + 5);  // + sched_full[2], sched_empty[2], o_free
   static constexpr int kOBytes = kNumConsumers * 64 * kHeadDim * sizeof(T);  // (kBlockM, kHeadDim) O tile
   static constexpr int kSmemNoO = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 2 * sizeof(int);
   // O's smem tile for the TMA-store epilogue: its own region where it fits; else, in a CTA that runs one tile
@@ -231,9 +212,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   T* sO = Cfg::kOInK ? sK : sV + kStages * kTileElems;  // O tiles: own (kOwnO) or K ring (kOInK); V ring: per tile
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes +
                                                  (Cfg::kOwnO ? Cfg::kOBytes : 0));
-  // (kNumQ each) Q's rows of warpgroup c landed / released by c (persistent: the next tile's rows may land)
-  uint64_t* empty_q = full_q + Cfg::kNumQ;
-  uint64_t* full_k = empty_q + Cfg::kNumQ;  // (kStages)
+  uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)
+  uint64_t* full_k = empty_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
   uint64_t* empty_k = full_v + kStages;  // (kStages)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
@@ -284,28 +264,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
   };
   auto t_stride = [&]() -> int { return kCluster > 1 ? num_clusters_x() : gridDim.x; };
   const int wg = warpgroup_id();
-  // L2 prefetch of work tile t's loads, ahead of its turn (persistent; FA3_STEP04_PREFETCH): by the producer
-  // once it has claimed t (dynamic scheduler), else by consumer warpgroup 0 when it starts the tile before t
-  // (there, in the producer, the cluster producer's 40 registers spilled).
-  auto prefetch = [&](int t) {
-    if constexpr (FA3_STEP04_PREFETCH && Cfg::kPersistent) {
-      if (t < num_tiles) {
-        int m_block, h, b;
-        decode(t, m_block, h, b);
-        const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
-        if (blocks.n_block_max > 0)
-          prefetch_tile_l2<Cfg>(&tmap_q, &tmap_k, &tmap_v, m_block, h, h / (p.nheads / p.nheads_kv), b,
-                                blocks.n_block_max);
-      }
-    }
-  };
 
   if (threadIdx.x == 0) {
     init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers * kCluster);
-    for (int q = 0; q < Cfg::kNumQ; ++q) {
-      if (q > 0) mbarrier_init(&full_q[q], 1);
-      mbarrier_init(&empty_q[q], 4 * Cfg::kNumConsumers / Cfg::kNumQ);
-    }
+    mbarrier_init(empty_q, 4 * Cfg::kNumConsumers);
     mbarrier_init(&sched_full[0], 1);
     mbarrier_init(&sched_full[1], 1);
     mbarrier_init(&sched_empty[0], 4 * Cfg::kNumConsumers);
@@ -345,7 +307,6 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
           // The next tile, claimed once this one's loads are all issued (so a CTA that finishes early
           // claims early), and handed to the consumers through tile_slot[n % 2].
           const int t_next = atomicAdd(p.tile_counter, 1) + static_cast<int>(gridDim.x);
-          prefetch(t_next);  // this tile's last loads are issued: about kStages K/V tiles ahead of t_next's
           mbarrier_wait(&sched_empty[n & 1], ((n >> 1) & 1) ^ 1);  // a fresh barrier reads as released
           atomicExch(&tile_slot[n & 1], t_next);
           mbarrier_arrive(&sched_full[n & 1]);  // release: the slot's write is seen by the waiters
@@ -372,18 +333,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
     if (c == kNumConsumers - 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
     const uint32_t sQ_addr = smem_u32(sQ);
     int kv = 0, q_iter = 0;  // as the producer's
-    uint64_t* const my_full_q = full_q + (Cfg::kQSplit ? c : 0);    // this warpgroup's Q rows landed
-    uint64_t* const my_empty_q = empty_q + (Cfg::kQSplit ? c : 0);  // … and released by it
-    // Carried from one work tile to the next when its last turn also ran the next tile's first Q·Kᵀ and
-    // softmax (Cfg::kMerge; `primed`): the softmax state and the P fragments of that first K/V tile.
-    OnlineSoftmax softmax;
-    float o[kHeadDim / 2];          // (64, kHeadDim) fp32 accumulator fragment, registers
-    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
-    uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
-    float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
-    bool primed = false;
 
-    // Work tile t (then, with Cfg::kMerge, t + t_stride()).
     auto consume_tile = [&](int t) {
       int m_block, h, b;
       decode(t, m_block, h, b);
@@ -406,42 +356,45 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
                                       threadIdx.x % 128, 128);
         return;
       }
+      OnlineSoftmax softmax;
+      softmax.init();
+      float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+      mbarrier_wait(full_q, q_iter & 1);
       const int kv0 = kv;
       auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
       auto phase_of = [&](int i) { return static_cast<uint32_t>(((kv0 + i) / kStages) & 1); };
       auto release_q_after = [&](int i) {  // the tile's last Q·Kᵀ is done: Q's slot may be refilled
         if constexpr (Cfg::kPersistent)  // one tile per CTA: nobody refills Q
-          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(my_empty_q);
+          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
       };
 
-      // prologue, tile 0: S = Q·K_0ᵀ (primed: done in the previous work tile's last turn)
-      if (!primed) {
-        softmax.init();
-#pragma unroll
-        for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-        mbarrier_wait(my_full_q, q_iter & 1);
-        mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
-        wait_turn();
-        FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
-        wgmma_fence();
-        gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage_of(0) * kTileElems), false);
-        wgmma_commit();
-        pass_turn();
-        wgmma_wait<0>();
-        fence_regs(s);
-        FA3_TRACE_STAMP(tr, kGemm0Done, 0);
-        FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
-        if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_k[stage_of(0)]);  // K_0 read: release its slot
-        release_q_after(0);
-        {
-          const int n_block = n_block_max - 1;
-          if (blocks.needs_mask(n_block))
-            apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-          softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
-          pack_p<Traits, kBlockN>(s, pa);
-        }
-        FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
+      float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
+      uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+      float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
+      // prologue, tile 0: S = Q·K_0ᵀ
+      mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
+      wait_turn();
+      FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
+      wgmma_fence();
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage_of(0) * kTileElems), false);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      fence_regs(s);
+      FA3_TRACE_STAMP(tr, kGemm0Done, 0);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
+      if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_k[stage_of(0)]);  // K_0 read: release its slot
+      release_q_after(0);
+      {
+        const int n_block = n_block_max - 1;
+        if (blocks.needs_mask(n_block))
+          apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
+        pack_p<Traits, kBlockN>(s, pa);
       }
+      FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
       // One tile of the main loop. kMask is a compile-time flag: the tiles that cross seqlen_k or the
       // diagonal come first (we walk the tiles backwards) and get their own loop, so the overlapped region
       // of the unmasked loop has no branch — ptxas otherwise places wgmma.wait_group 0 at the branch's
@@ -501,53 +454,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       int i = 1;
       for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
       for (; i < n_block_max; ++i) tile(i, std::false_type{});
-      // The last turn: O += P_last·V_last. Merged (Cfg::kMerge, a next tile): the same turn first issues the
-      // next tile's S = Q'·K'_0ᵀ, whose mask and softmax then run under P_last·V_last, as in the main loop; its
-      // P' waits in pa for the next tile's first main-loop turn, and this tile's O is stored meanwhile.
-      float inv_sum[2], lse[2];
-      bool merged = false;
-      if constexpr (Cfg::kMerge) {
-        const int t_next = t + t_stride();  // (derived here: held across the main loop it cost registers)
-        if (t_next < num_tiles) {
-          merged = true;
-          static_assert(!kCausal, "merged turns assume every work tile has the same K/V tiles (non-causal)");
-          const int kv1 = kv0 + n_block_max;  // the next tile's first K/V tile in the ring
-          const int st1 = kv1 % kStages;
-          const int last = stage_of(n_block_max - 1);
-          mbarrier_wait(my_full_q, (q_iter + 1) & 1);
-          mbarrier_wait(&full_k[st1], static_cast<uint32_t>((kv1 / kStages) & 1));
-          wait_turn();
-          wgmma_fence();
-          gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + st1 * kTileElems), false);
-          wgmma_commit();
-          rescale_rows<kHeadDim>(o, corr);
-          mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
-          wgmma_fence();
-          gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
-          wgmma_commit();
-          pass_turn();
-          softmax.finalize(p.scale_log2, inv_sum, lse);  // this tile's rows, before the next tile's softmax
-          wgmma_wait<1>();
-          fence_regs(s);
-          if (threadIdx.x % 32 == 0) {
-            release_slot<Cfg>(&empty_k[st1]);
-            if (n_block_max == 1) mbarrier_arrive(my_empty_q);  // the next tile's last Q·Kᵀ too
-          }
-          softmax.init();
-          // non-causal: the next tile's K/V tiles and mask are this one's
-          if (blocks.needs_mask(n_block_max - 1))
-            apply_mask<kBlockN, kCausal>(s, row0, (n_block_max - 1) * kBlockN, p.seqlen_k, blocks.causal_offset);
-          softmax.update<kBlockN>(s, p.scale_log2, corr);  // applied to the next tile's O = 0: harmless
-          fence_regs(s);
-          fence_regs(corr);
-          wgmma_wait_after<0>(softmax.row_sum[0] + softmax.row_sum[1]);
-          fence_regs(o);
-          fence_regs_u32(pa);
-          if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_v[last]);
-          pack_p<Traits, kBlockN>(s, pa);
-        }
-      }
-      if (!merged) {
+      // epilogue turn: O += P_last·V_last
+      {
         const int last = stage_of(n_block_max - 1);
         mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
         wait_turn();
@@ -561,11 +469,12 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         fence_regs(o);
         FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
         if (threadIdx.x % 32 == 0) release_slot<Cfg>(&empty_v[last]);
-        softmax.finalize(p.scale_log2, inv_sum, lse);
       }
       kv += n_block_max;
       ++q_iter;
       // 7. epilogue
+      float inv_sum[2], lse[2];
+      softmax.finalize(p.scale_log2, inv_sum, lse);
       T* o_base;
       float* lse_base;
       out_ptrs(o_base, lse_base);
@@ -611,13 +520,6 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
       } else {
         store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
       }
-      if constexpr (Cfg::kMerge) {
-        if (merged) {  // the next tile's O starts from 0; its first P waits in pa
-#pragma unroll
-          for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-        }
-        primed = merged;
-      }
     };
     if constexpr (Cfg::kDynamic) {
       for (int t = t_first(), n = 0; t < num_tiles; ++n) {
@@ -632,10 +534,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
         if (threadIdx.x % 32 == 0) mbarrier_arrive(&sched_empty[n & 1]);  // slot read by this warp
       }
     } else if constexpr (Cfg::kPersistent) {
-      for (int t = t_first(); t < num_tiles; t += t_stride()) {
-        if (c == 0 && threadIdx.x % 128 == 0) prefetch(t + t_stride());  // a whole work tile ahead
-        consume_tile(t);
-      }
+      for (int t = t_first(); t < num_tiles; t += t_stride()) consume_tile(t);
     } else {
       consume_tile(t_first());
     }

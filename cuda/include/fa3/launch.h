@@ -28,12 +28,6 @@ template <typename Cfg> constexpr bool tma_store_o() {
   else return false;
 }
 
-// Rows of Q's TMA box: Cfg::kQBoxRows if the config has it (step 04's persistent configs load Q per consumer
-// warpgroup), else the whole tile, Cfg::kBlockM.
-template <typename Cfg, typename = void> struct QBoxRows : std::integral_constant<int, Cfg::kBlockM> {};
-template <typename Cfg> struct QBoxRows<Cfg, std::void_t<decltype(Cfg::kQBoxRows)>>
-    : std::integral_constant<int, Cfg::kQBoxRows> {};
-
 // SMs of the current device (queried once per device).
 inline int sm_count() {
   static int cached[64] = {0};
@@ -59,7 +53,7 @@ inline dim3 persistent_grid(dim3 per_tile, int cluster = 1) {
 template <typename Cfg, typename Kernel>
 void launch_fwd(Kernel kernel, const FwdParams& p, cudaStream_t stream, const char* name) {
   const CUtensorMap tq = make_tmap_bshd(p.q, p.dtype, p.headdim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                                        p.q_head_stride, p.q_batch_stride, kAtomCols16, QBoxRows<Cfg>::value);
+                                        p.q_head_stride, p.q_batch_stride, kAtomCols16, Cfg::kBlockM);
   constexpr int kCluster = ClusterM<Cfg>::value;  // with a cluster, each CTA loads 1/kCluster of a K/V tile
   const CUtensorMap tk = make_tmap_bshd(p.k, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, p.k_row_stride,
                                         p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN / kCluster);

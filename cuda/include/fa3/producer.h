@@ -155,10 +155,8 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
 // Persistent variant (step 04): one elected thread of warp 0 loads the Q tile and every K/V tile of one
 // work tile, continuing the ring where the previous work tile left it. `kv` counts the K/V tiles put
 // through the ring so far in this CTA (slot kv % kStages, pass kv / kStages); `q_iter` counts the work
-// tiles so far. Q comes in Cfg::kNumQ boxes of Cfg::kQBoxRows rows (one per consumer warpgroup), each with
-// its own full and empty barrier: warpgroup c releases its rows after its last Q·Kᵀ of a tile, so the next
-// tile's rows land while it still runs the last P·V and the epilogue. Warpgroup 0's rows go first, then
-// K_0, then the other rows (warpgroup 0 is the first to need the next tile, with its first K tile).
+// tiles so far. Q has its own empty barrier: the consumers release it after their last Q·Kᵀ of a
+// tile, so the next tile's Q lands while they still run the last P·V and the epilogue.
 // o_free (step 04, headdim 256 causal): the consumers stage the previous work tile's O in the V ring for its
 // TMA store, so this tile's first V waits until both warpgroups' stores have read it (one arrival each per
 // work tile; phase q_iter − 1, a fresh barrier reads as released) — FA3's barrier_O.
@@ -168,46 +166,16 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_q, const CU
                                              uint64_t* empty_q, uint64_t* full_k, uint64_t* full_v, uint64_t* empty_k,
                                              uint64_t* empty_v, int m_block, int h, int h_kv, int b, int n_block_max,
                                              int kv, int q_iter, uint64_t* o_free = nullptr) {
-  constexpr int kBlockM = Cfg::kBlockM, kNumQ = Cfg::kNumQ, kRows = Cfg::kQBoxRows;
-  auto load_q = [&](int part) {  // rows [part·kRows, (part + 1)·kRows) of the Q tile
-    mbarrier_wait(&empty_q[part], (q_iter & 1) ^ 1);  // a fresh barrier reads as released
-    mbarrier_arrive_expect_tx(&full_q[part], Cfg::kQBytes / kNumQ);
+  constexpr int kBlockM = Cfg::kBlockM;
+  mbarrier_wait(empty_q, (q_iter & 1) ^ 1);  // a fresh barrier reads as released
+  mbarrier_arrive_expect_tx(full_q, Cfg::kQBytes);
 #pragma unroll
-    for (int a = 0; a < Cfg::kAtoms; ++a)
-      tma_load_4d(sQ + a * kBlockM * kAtomCols16 + part * kRows * kAtomCols16, tmap_q, &full_q[part],
-                  a * kAtomCols16, m_block * kBlockM + part * kRows, h, b);
-  };
-  load_q(0);
+  for (int a = 0; a < Cfg::kAtoms; ++a)
+    tma_load_4d(sQ + a * kBlockM * kAtomCols16, tmap_q, full_q, a * kAtomCols16, m_block * kBlockM, h, b);
   produce_kv<T, Cfg>(tmap_k, tmap_v, sK, sV, full_k, full_v, empty_k, empty_v, h_kv, b, n_block_max, kv,
                      [&](bool is_v, int i) {
-                       // the other rows of Q: at the first load after K_0's
-                       const bool after_k0 = KFirst<Cfg>::value ? (is_v ? i == 0 && n_block_max == 1 : i == 1)
-                                                                : (is_v && i == 0);
-                       if (kNumQ > 1 && after_k0)
-                         for (int part = 1; part < kNumQ; ++part) load_q(part);
                        if (o_free != nullptr && is_v && i == 0) mbarrier_wait(o_free, (q_iter & 1) ^ 1);
                      });
-}
-
-// L2 prefetch of a work tile that this CTA takes later (step 04, persistent): its Q tile and its first K and V
-// tiles (this CTA's rows of them, with a cluster), so that the loads at the boundary between two work tiles
-// hit L2 instead of waiting on DRAM. A hint only: no smem, no barrier.
-template <typename Cfg>
-__device__ __forceinline__ void prefetch_tile_l2(const CUtensorMap* tmap_q, const CUtensorMap* tmap_k,
-                                                 const CUtensorMap* tmap_v, int m_block, int h, int h_kv, int b,
-                                                 int n_block_max) {
-  constexpr int kCluster = ClusterM<Cfg>::value;
-  constexpr int kRows = Cfg::kBlockN / kCluster;
-  const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
-  const int row = (n_block_max - 1) * Cfg::kBlockN + rank * kRows;
-#pragma unroll
-  for (int a = 0; a < Cfg::kAtoms; ++a) {
-#pragma unroll
-    for (int part = 0; part < Cfg::kNumQ; ++part)  // Q's boxes are Cfg::kQBoxRows rows
-      tma_prefetch_l2_4d(tmap_q, a * kAtomCols16, m_block * Cfg::kBlockM + part * Cfg::kQBoxRows, h, b);
-    tma_prefetch_l2_4d(tmap_k, a * kAtomCols16, row, h_kv, b);
-    tma_prefetch_l2_4d(tmap_v, a * kAtomCols16, row, h_kv, b);
-  }
 }
 
 // A consumer warp's release of a ring slot (lane 0): its own CTA's empty barrier, and with a cluster

@@ -149,14 +149,6 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* tmap)
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
 
-// cp.async.bulk.prefetch.tensor (PTX §9.7.9.25.5.3): bring one box of a tensor map into L2, no smem, no
-// barrier — a hint; the later tma_load_4d of the same box then hits L2.
-__device__ __forceinline__ void tma_prefetch_l2_4d(const CUtensorMap* tmap, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];"
-               ::"l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-               : "memory");
-}
-
 // ---------------------------------------------------------------- WGMMA sync (PTX §9.7.15.6–8)
 // fence: registers used as accumulators/A operands were last written by ordinary instructions.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
