@@ -24,7 +24,10 @@ HIDDEN = 2048
 # Timing rounds per configuration. One do_bench per implementation, run one after the other, moved by
 # 3–15 % between grid runs on the same GPU (clocks and temperature drift within a run; NOTES.md, session 4);
 # rounds in rotating order put every implementation through the same drift, as cuda/tools/ab.py does.
-ROUNDS = 3
+# 5, not 3: at the 700 W limit a kernel slows by 9–13 % within the first 130 ms of back-to-back calls
+# (cuda/tools/regime.py, experiments/…/regime_e31e1b7.txt), so one do_bench median depends on what ran
+# before it; with 3 rounds one such round moved a grid ratio by up to 4 % (NOTES.md, session 7).
+ROUNDS = 5
 ABLATION_ROUNDS = 5  # one shape per dtype: more rounds for the same time (3 rounds left 15 % between them)
 ABLATION = dict(batch=4, seqlen=8448, nheads=16, headdim=128)  # paper Table 2
 PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 661}  # see NOTES.md
