@@ -34,15 +34,16 @@
 // stores it with TMA (epilogue.h) — in an O tile of its own where smem has room (headdim 64, headdim 128
 // with Bc = 128 causal / 160 non-causal), else in the K ring (headdim 256, one CTA per tile) or the V ring
 // (headdim 256 causal, persistent: the producer holds the next tile's first V until the stores have read it).
-// Measured (NVIDIA H100 80GB HBM3, bf16, commit 6866ce8, 2026-11-22, medians of rotating rounds;
-// fa3_lab/results/nvidia-h100-80gb-hbm3/): Table 2 shape (4, 8448, 16, 128) 670 TFLOPs/s (FA3 726, cuDNN 600,
-// same run; FA3 measured 643–740 across these sessions' runs); seqlen 16k: hd64 536, hd128 647, hd128 causal
-// 626, hd256 687, hd256 causal 710 (FA3 537 / 711 / 661 / 752 / 673). Analysis: cuda/NOTES.md.
+// Measured (NVIDIA H100 80GB HBM3, bf16, medians of rotating rounds; fa3_lab/results/nvidia-h100-80gb-hbm3/):
+// Table 2 shape (4, 8448, 16, 128) 670 TFLOPs/s (FA3 726, cuDNN 600, same run; commit 6866ce8; FA3 measured
+// 643–740 across these sessions' runs); seqlen 16k (commit 442eb1e, same SASS, 5 rounds): hd64 521, hd128 650,
+// hd128 causal 625, hd256 731, hd256 causal 678 (FA3 497 / 618 / 618 / 692 / 649). Analysis: cuda/NOTES.md.
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials; forcing all of
 // them under P·V (-DFA3_WAIT_AFTER_SOFTMAX=1, ptx.h) measured 0–9 % slower, so it stays off. Headdim 256
 // non-causal keeps one CTA per tile (a static persistent grid measured 5–7 % slower). Headdim 128 non-causal
-// trails FA3 most (0.91–1.00× at 2k–16k): its softmax phase is longer than FA3's (ncu source view, NOTES.md,
-// session 5), and at 16k its rounds move by up to 7 % where FA3's agree to 0.1 %.
+// trails FA3 most at 2k–8k (0.98–1.01×): its softmax phase is longer than FA3's (ncu source view, NOTES.md,
+// session 5). Carrying a tile's last P·V into the next tile's first turn, and an L2 prefetch of the next
+// tile's loads, measured neutral (NOTES.md, sessions 5 and 7).
 // This is flash_attn_func's default step.
 // ============================================================================================
 #include <cuda_bf16.h>
