@@ -26,9 +26,9 @@ HIDDEN = 2048
 # rounds in rotating order put every implementation through the same drift, as cuda/tools/ab.py does.
 # 5, not 3: at the 700 W limit a kernel slows by 9–13 % within the first 130 ms of back-to-back calls
 # (cuda/tools/regime.py, experiments/…/regime_e31e1b7.txt), so one do_bench median depends on what ran
-# before it; with 3 rounds one such round moved a grid ratio by up to 4 % (NOTES.md, session 7).
+# before it; with 3 rounds one such round moved a grid ratio by up to 4 % (NOTES.md, session 7). The
+# ablation (one shape per dtype) used 5 before the grid did: 3 rounds left 15 % between them there.
 ROUNDS = 5
-ABLATION_ROUNDS = 5  # one shape per dtype: more rounds for the same time (3 rounds left 15 % between them)
 ABLATION = dict(batch=4, seqlen=8448, nheads=16, headdim=128)  # paper Table 2
 PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 661}  # see NOTES.md
 
@@ -44,9 +44,9 @@ def add_arguments(p):
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     p.add_argument("--steps", default=None, help="comma list of step ids (default all 16-bit steps)")
     p.add_argument("--no-peers", action="store_true", help="time only our steps")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=int, default=ROUNDS,
                    help=f"interleaved rounds per config, implementations in rotating order; ms is the median of the "
-                        f"rounds' do_bench medians (default {ROUNDS}; --ablation {ABLATION_ROUNDS})")
+                        f"rounds' do_bench medians (default {ROUNDS})")
     p.add_argument("--name", default=None, help="results file name (default bench / bench_quick / ablation)")
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
 
@@ -241,8 +241,6 @@ def run(args):
     if args.steps:
         step_ids = _int_list(args.steps, "steps", allowed=tuple(step_ids))
     headdims = _int_list(args.headdims, "headdims", allowed=(64, 128, 256))
-    if args.rounds is None:
-        args.rounds = ABLATION_ROUNDS if args.ablation else ROUNDS
     if args.fp8:
         return run_fp8(console, args)
     if args.ablation:

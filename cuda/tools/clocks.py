@@ -8,13 +8,12 @@ window, the median SM clock (MHz), power (W), temperature (C) and the TFLOPs/s o
 Reads only; changes no clock or power setting.
 """
 import argparse
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from regime import smi_start, smi_stop  # noqa: E402  (cuda/tools, the script's own folder)
 
 
 def main(argv=None) -> int:
@@ -43,8 +42,7 @@ def main(argv=None) -> int:
     print(f"{'impl':<8} {'SM MHz':>7} {'W':>6} {'C':>4} {'TFLOPs/s':>9} {'samples':>8}")
     for name in ("step04", "fa3", "step04", "fa3"):
         fn = impls[name]
-        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
-                                "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        smi = smi_start(100)
         time.sleep(0.3)
         n, t0 = 0, time.time()
         start = torch.cuda.Event(enable_timing=True)
@@ -58,12 +56,8 @@ def main(argv=None) -> int:
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / n
-        smi.terminate()
-        out = smi.communicate()[0]
-        rows = [[float(x) for x in line.split(",")] for line in out.strip().splitlines() if line.count(",") == 2]
-        rows = rows[3:-1] or rows  # drop the samples at the edges of the window
-        med = [statistics.median(c) for c in zip(*rows)]
-        print(f"{name:<8} {med[0]:>7.0f} {med[1]:>6.0f} {med[2]:>4.0f} {fl / ms / 1e9:>9.0f} {len(rows):>8}")
+        med, samples = smi_stop(smi, trim=True)  # the samples at the edges of the window dropped
+        print(f"{name:<8} {med[0]:>7.0f} {med[1]:>6.0f} {med[2]:>4.0f} {fl / ms / 1e9:>9.0f} {samples:>8}")
         time.sleep(1.0)
     return 0
 

@@ -24,16 +24,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def _smi():
+def smi_start(interval_ms: int):
+    """Start sampling SM clock (MHz), power (W) and temperature (C) with ``nvidia-smi -lms``."""
     return subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
-                             "--format=csv,noheader,nounits", "-lms", "20"], stdout=subprocess.PIPE, text=True)
+                             "--format=csv,noheader,nounits", "-lms", str(interval_ms)], stdout=subprocess.PIPE,
+                            text=True)
 
 
-def _smi_stop(proc):
+def smi_stop(proc, trim: bool = False):
+    """Stop ``smi_start``'s sampler; ([MHz, W, C] medians of its samples, NaN if none; the sample count).
+    ``trim`` drops the first three and the last sample (the edges of the window), where there are more."""
     proc.terminate()
     out = proc.communicate()[0]
     rows = [[float(x) for x in line.split(",")] for line in out.strip().splitlines() if line.count(",") == 2]
-    return [statistics.median(c) for c in zip(*rows)] if rows else [float("nan")] * 3
+    if trim:
+        rows = rows[3:-1] or rows
+    return ([statistics.median(c) for c in zip(*rows)] if rows else [float("nan")] * 3), len(rows)
 
 
 def _block(fn, calls, flush_buf):
@@ -60,8 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    if args.calls < 10 or args.blocks < 1:
-        raise SystemExit(f"--calls: expected >= 10, got {args.calls}; --blocks: expected >= 1, got {args.blocks}")
+    if args.calls < 10:
+        ap.error(f"--calls: expected >= 10 (first and last five calls are reported), got {args.calls}")
+    if args.blocks < 1:
+        ap.error(f"--blocks: expected >= 1, got {args.blocks}")
     import torch
 
     import fa3_lab
@@ -94,10 +102,10 @@ def main(argv=None) -> int:
                 for name in names[blk % len(names):] + names[:blk % len(names)]:
                     for regime in ("flush", "steady"):
                         _block(impls[name], 3, None)  # warm
-                        smi = _smi()
+                        smi = smi_start(20)
                         time.sleep(0.1)
                         ms = _block(impls[name], args.calls, flush_buf if regime == "flush" else None)
-                        mhz, watts, temp = _smi_stop(smi)
+                        (mhz, watts, temp), _ = smi_stop(smi)
                         med = statistics.median(ms)
                         print(f"{dtype:<5} {s:>6} {name:<7} {regime:<6} {blk:>3} {med:>8.4f} "
                               f"{statistics.median(ms[:5]):>8.4f} {statistics.median(ms[-5:]):>8.4f} "
