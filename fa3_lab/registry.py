@@ -1,0 +1,130 @@
+"""The one id scheme of the lab: kernel steps, their NumPy twins, the notebooks (chapters) and markers.
+
+This module is the single source every other file is checked against (``tests/test_ids.py``):
+
+* a **step** is one kernel file, ``cuda/steps/NN_name.cu`` (forward series) or
+  ``cuda/steps/bwd/NN_name.cu`` (backward series), holding one idea on top of its ``parent``;
+  its id ``NN`` is also its pytest marker ``stepNN`` and the ``step=`` argument of
+  :func:`fa3_lab.flash_attn_func`;
+* its **twin** is the NumPy model in ``reference/`` that uses the kernel's names in the kernel's
+  order (None where no NumPy model says anything the kernel does not);
+* a **chapter** is a notebook ``notebooks/NN_name.ipynb``; it names the steps it covers.
+
+Plain data, no imports beyond the standard library: the README table, the docs and the tests read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One kernel step.
+
+    Attributes:
+        id: two-digit step id (marker ``step{id:02d}``).
+        name: file stem, e.g. ``"04_intra_warpgroup_overlap"``.
+        series: ``"fwd"`` (``cuda/steps/``) or ``"bwd"`` (``cuda/steps/bwd/``).
+        parent: the step this one extends (its diff from the parent is the lesson), or None for the
+            first step of a series.
+        adds: the one idea, in a line.
+        paper: where the idea is in the paper ("beyond the paper" for the fast kernel's own ideas).
+        twin: ``"reference/module.py"`` (optionally ``::function``) or None.
+        dtypes: the input dtypes the step runs.
+    """
+
+    id: int
+    name: str
+    series: str
+    parent: int | None
+    adds: str
+    paper: str
+    twin: str | None
+    dtypes: tuple = ("fp16", "bf16")
+
+    @property
+    def marker(self) -> str:
+        return f"step{self.id:02d}"
+
+    @property
+    def path(self) -> str:
+        folder = "cuda/steps/" if self.series == "fwd" else "cuda/steps/bwd/"
+        return f"{folder}{self.name}.cu"
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """One notebook: ``notebooks/{name}.ipynb``, covering ``steps`` (ids; empty for NumPy-only chapters)."""
+
+    id: int
+    name: str
+    title: str
+    steps: tuple = ()
+
+
+STEPS: tuple[StepInfo, ...] = (
+    StepInfo(1, "01_tma_wgmma", "fwd", None,
+             "TMA loads + WGMMA GEMMs (SS for QKᵀ, RS for PV), two consumer warpgroups, no specialization",
+             "§4.2 Table 2 row 1", "reference/flash_forward.py::flash_attention_forward"),
+    StepInfo(2, "02_warp_specialized", "fwd", 1,
+             "producer warpgroup, s-stage K/V ring with full/empty mbarriers, setmaxnreg",
+             "§3.1 Alg. 1", "reference/fa3_pipeline.py::warp_specialized_forward"),
+    StepInfo(3, "03_pingpong", "fwd", 2,
+             "named-barrier pingpong of the two consumer warpgroups",
+             "§3.1 Fig. 1", "reference/fa3_pipeline.py::warp_specialized_forward"),
+    StepInfo(4, "04_intra_warpgroup_overlap", "fwd", 3,
+             "softmax of tile j under the PV GEMM of tile j−1 (two-stage GEMM-softmax pipeline)",
+             "§3.2 Alg. 2", "reference/fa3_pipeline.py::pipelined_forward"),
+    StepInfo(5, "05_fp8", "fwd", 4,
+             "e4m3 operands, per-block descales, V k-major (keys permuted, no P shuffle)",
+             "§3.3", "reference/fp8.py::fp8_attention", dtypes=("e4m3",)),
+    StepInfo(6, "06_persistent", "fwd", 4,
+             "persistent grid: min(tiles, SMs) CTAs stride over the work tiles (static tile scheduler)",
+             "beyond the paper", "reference/scheduler.py::static_schedule"),
+    StepInfo(7, "07_causal_scheduler", "fwd", 6,
+             "causal: dynamic tile scheduler, longest tiles first within L2-sized sections of heads",
+             "beyond the paper", "reference/scheduler.py::dynamic_schedule"),
+    StepInfo(8, "08_tma_store_epilogue", "fwd", 7,
+             "epilogue through shared memory: stmatrix, then one TMA store per warpgroup",
+             "beyond the paper", None),
+    StepInfo(9, "09_three_warpgroups", "fwd", 8,
+             "headdim 64: three consumer warpgroups on 192-row tiles, turns rotating over three",
+             "beyond the paper", "reference/fa3_pipeline.py::pipelined_forward"),
+    StepInfo(10, "10_kv_multicast", "fwd", 9,
+             "clusters of two CTAs share each K/V tile by TMA multicast",
+             "beyond the paper", None),
+)
+
+CHAPTERS: tuple[Chapter, ...] = (
+    Chapter(0, "00_setup_and_roofline", "the machine, rates, arithmetic intensity and roofline"),
+    Chapter(1, "01_attention_and_online_softmax", "standard attention, the online softmax and lse"),
+    Chapter(2, "02_tiled_flash_attention", "the tiled forward (the loop every kernel step runs)", (1,)),
+    Chapter(3, "03_producer_consumer", "warp specialization, the K/V ring, mbarrier phases", (2,)),
+    Chapter(4, "04_pingpong_and_overlap", "pingpong and Algorithm 2's GEMM-softmax overlap", (3, 4)),
+    Chapter(5, "05_fp8_quantization", "e4m3, block quantization, incoherent processing, Table 3", (5,)),
+    Chapter(6, "06_hopper_kernel", "TMA, mbarrier, swizzle, WGMMA; the kernel against its peers", (1, 10)),
+    Chapter(7, "07_sass_overlap", "reading the SASS: is the softmax under the GEMM?", (4, 10)),
+    Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
+            (1, 2, 3, 4, 6, 7, 8, 9, 10)),
+)
+
+#: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
+DEFAULT_STEP = 10
+FP8_STEP = 5
+
+
+def step(step_id: int) -> StepInfo:
+    """The :class:`StepInfo` of ``step_id``.
+
+    Raises:
+        ValueError: no step has that id.
+    """
+    for s in STEPS:
+        if s.id == step_id:
+            return s
+    raise ValueError(f"step: expected one of {[s.id for s in STEPS]}, got {step_id!r}")
+
+
+def series(name: str) -> tuple[StepInfo, ...]:
+    """The steps of one series (``"fwd"`` or ``"bwd"``), in order."""
+    return tuple(s for s in STEPS if s.series == name)
