@@ -249,7 +249,7 @@ def test_quantize_bytes_counts_one_read_and_one_write():
 
 @pytest.mark.sass
 def test_quantize_kernel_compiles_without_spills():
-    from fa3_lab import sass
+    from fa3_lab.lab import sass
 
     _, log = sass.compile_source(_build.QUANTIZE_SOURCE)
     rows = [r for r in _build.ptxas_report(log) if "quantize_kernel" in r["kernel"]]
@@ -544,9 +544,11 @@ def test_fused_path_output_equals_torch_path_output(block_quant, incoherent):
 
 @pytest.mark.gpu
 def test_time_quantize_vs_kernel_row_is_a_valid_result():
-    from fa3_lab import results
+    from fa3_lab.lab import results
 
-    row = F.time_quantize_vs_kernel(1, 1024, 4, 128, causal=True, nheads_kv=2)
+    from fa3_lab.lab.bench import time_quantize_vs_kernel
+
+    row = time_quantize_vs_kernel(1, 1024, 4, 128, causal=True, nheads_kv=2)
     for key in ("ms", "tflops", "quantize_ms", "quantize_gbps", "tflops_with_quantize", "quantize_torch_ms",
                 "v_layout_ms"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])

@@ -170,14 +170,15 @@ def time_attention(model, batch: int, seqlen: int, seed: int = SEED):
         (hf_rows, rows): hf_rows — transformers' ``sdpa_attention_forward`` and our
         ``fa3_lab.hf.attention_forward`` on the (batch, heads, seqlen, headdim) tensors a layer hands
         them, each {impl, ms, tflops}, plus the SDPA backend picked; rows — our kernel step and the
-        peers (``fa3_lab.bench.peers``: SDPA flash/cuDNN/efficient, official FA3 if installed) on
+        peers (``fa3_lab.lab.bench.peers``: SDPA flash/cuDNN/efficient, official FA3 if installed) on
         BSHD inputs, in the DESIGN.md results schema. Our step is the default one (the HF backend's).
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .. import api, bench, hf
-    from ..results import flops
+    from .. import api, hf
+    from ..lab import bench
+    from ..lab.results import flops
 
     cfg = model.config
     h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -239,7 +240,8 @@ def run(console, *, batch: int = BATCH, seqlen: int = SEQLEN, out=None, seed: in
     import torch
     from rich.table import Table
 
-    from .. import _env, bench, results
+    from .. import _env
+    from ..lab import bench, results
 
     reason = _env.why_no_sm90()
     if reason:

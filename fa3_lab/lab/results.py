@@ -35,8 +35,8 @@ ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k
             "nheads", "nheads_kv", "ms", "tflops")
 
 #: Folders of ``fa3_lab/results/`` that hold records of another kind (not timing runs), skipped by
-#: :func:`load_all`: ``sass/`` (fa3_lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
-#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.trace timelines) and ``experiments/``
+#: :func:`load_all`: ``sass/`` (fa3_lab.lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
+#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.lab.trace timelines) and ``experiments/``
 #: (timing runs of A/B builds, e.g. another tile size; cuda/NOTES.md cites them). Every other folder
 #: is a GPU and must hold timing runs of the default build.
 OTHER_RECORD_DIRS = ("sass", "cpu", "traces", "experiments")
@@ -192,7 +192,7 @@ def _check_row(i: int, row) -> None:
     expected = tflops(row)
     if abs(row["tflops"] - expected) > TFLOPS_RTOL * expected:
         raise SchemaError(f"{where}.tflops: {row['tflops']} does not match flops()/ms = {expected:.1f} "
-                          f"(tolerance {TFLOPS_RTOL:.0%}); compute it with fa3_lab.results.flops")
+                          f"(tolerance {TFLOPS_RTOL:.0%}); compute it with fa3_lab.lab.results.flops")
 
 
 def validate(doc) -> dict:
