@@ -1,4 +1,4 @@
-"""Public API: FlashAttention's conventions on top of the lab's Hopper kernels (DESIGN.md).
+"""Public API: FlashAttention's conventions on top of the lab's Hopper kernels (docs/design.md).
 
 Layout BSHD: ``q (batch, seqlen_q, nheads, headdim)``, ``k, v (batch, seqlen_k, nheads_kv, headdim)``,
 ``nheads % nheads_kv == 0``; ``lse (batch, nheads, seqlen_q)`` float32, natural log. Causal masks are

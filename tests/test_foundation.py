@@ -221,7 +221,7 @@ def test_flops_hand_counts():
     assert results.flops(1, 1, 5, 2, 1, True) == 4 * (0 + 0 + 0 + 1 + 2)
     # seqlen 1: one pair
     assert results.flops(1, 1, 1, 1, 128, True) == 4 * 128
-    # DESIGN.md's ablation config, non-causal: 4·b·h·s²·d
+    # docs/design.md's ablation config, non-causal: 4·b·h·s²·d
     assert results.flops(4, 16, 8448, 8448, 128, False) == 4 * 4 * 16 * 8448 ** 2 * 128
 
 
@@ -268,7 +268,7 @@ def test_validate_accepts_a_good_doc():
     doc = {"meta": _meta(), "rows": [_row(), _row("fa3", 0.85), _row("cudnn", 0.9, causal=True),
                                      _row("step05", 0.5, dtype="e4m3", nheads_kv=4)]}
     assert results.validate(doc) is doc
-    # the example row of DESIGN.md: 4·4·16·4096²·128 = 549755813888 FLOPs in 0.81 ms = 678.7 TFLOPs/s;
+    # the example row of docs/design.md: 4·4·16·4096²·128 = 549755813888 FLOPs in 0.81 ms = 678.7 TFLOPs/s;
     # the 678.2 written there is within the 1% rounding tolerance, a typed 700 is not
     assert _row()["tflops"] == 678.7
     results.validate({"meta": _meta(), "rows": [_row(tflops=678.2)]})

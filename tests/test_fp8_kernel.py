@@ -366,7 +366,7 @@ def _kernel_vs_emulation(headdim, causal, seqlen_q, seqlen_k, block_quant, incoh
                          batch=1, nheads=4, nheads_kv=2, softmax_scale=None, device="cuda"):
     """Run the kernel on the emulation's own e4m3 inputs and check it against both.
 
-    Tolerance (FA3's rule, DESIGN.md): ``ref64`` is float64 attention of the *dequantized* inputs
+    Tolerance (FA3's rule, docs/design.md): ``ref64`` is float64 attention of the *dequantized* inputs
     the kernel reads (q8·q_descale, …), so quantization of Q, K, V is common to all three and
     ``err_emul = max|emul − ref64|`` is what the contract itself loses: P rounded to e4m3 after
     the 2^8 scaling, fp32 accumulation, the bf16 output. ``tol = 2·err_emul + 1e-2·max|ref64|``.

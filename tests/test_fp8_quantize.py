@@ -498,7 +498,7 @@ def test_fused_detects_nan_and_inf(block_quant):
 ])
 def test_flash_attn_fp8_func_end_to_end_close_to_emulation(headdim, causal, sq, sk, h, hkv, dtype,
                                                            block_quant, incoherent):
-    """FA3's rule (DESIGN.md): max|out − ref| ≤ 2·max|emul − ref| + 1 % of max|ref|, ref = float64
+    """FA3's rule (docs/design.md): max|out − ref| ≤ 2·max|emul − ref| + 1 % of max|ref|, ref = float64
     attention of the same 16-bit inputs, emul = reference.fp8.fp8_attention (the kernel contract);
     lse within 1e-3 of the emulation's."""
     rng = np.random.default_rng(headdim + sq + sk)

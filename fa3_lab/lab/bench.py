@@ -1,4 +1,4 @@
-"""`python -m fa3_lab bench` — our kernel steps against the peers, DESIGN.md's timing protocol.
+"""`python -m fa3_lab bench` — our kernel steps against the peers, docs/design.md's timing protocol.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median of many runs); inputs fresh from
 N(0, 1) per shape; every implementation in the same process on the same inputs. Peers: PyTorch SDPA
@@ -142,7 +142,7 @@ def _check_rounds(rounds):
 
 
 def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
-    """Time every (impl, config); returns rows in the DESIGN.md schema.
+    """Time every (impl, config); returns rows in the docs/design.md schema.
 
     configs: iterable of dicts with dtype, headdim, causal, batch, seqlen, nheads, nheads_kv.
     rounds: per config, every implementation is timed once per round (``time_ms``: a do_bench median),
@@ -387,7 +387,7 @@ def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nhe
     rotation uses seed 0 as :func:`fa3_lab.flash_attn_fp8_func` does.
 
     Returns:
-        A row in the results schema (DESIGN.md): impl "step05", dtype "e4m3", the shape, ``ms``
+        A row in the results schema (docs/design.md): impl "step05", dtype "e4m3", the shape, ``ms``
         and ``tflops`` of the attention kernel alone, plus ``quantize_ms`` (fused kernel),
         ``quantize_gbps`` (:func:`fa3_lab.fp8.quantize_bytes` / quantize_ms), ``tflops_with_quantize`` (FLOPs
         / (ms + quantize_ms)), ``quantize_torch_ms`` and ``v_layout_ms`` (the torch path),

@@ -204,7 +204,7 @@ def check_flash_intensity(flash_intensity, *, seed: int = 2024, cases: int = 25)
 
     Expected: ``4·headdim·pairs / (element_bytes·headdim·2·(seqlen_q + seqlen_k))`` as a Python float,
     pairs = seqlen_q·seqlen_k, or the exact count of the bottom-right causal mask
-    (``reference._validate.causal_visible``). Source: paper §2.3; DESIGN.md "Numbers everyone uses".
+    (``reference._validate.causal_visible``). Source: paper §2.3; docs/design.md "Numbers everyone uses".
 
     Raises:
         AssertionError: a wrong value or type (message: case, arguments, error, how to reproduce).
@@ -933,7 +933,7 @@ CUDA_EXERCISE_SHAPES = (
 def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CUDA_EXERCISE_SHAPES) -> None:
     """Check a built CUDA exercise (``build_exercise(...)``) against ``fa3_lab.torch_ref.attention_ref``.
 
-    FA3's tolerance rule (DESIGN.md, Tests): max |out − ref| ≤ 2 · max |emulation − ref| + 1e-3 (ref in
+    FA3's tolerance rule (docs/design.md, Tests): max |out − ref| ≤ 2 · max |emulation − ref| + 1e-3 (ref in
     float32, emulation = standard attention in ``dtype``); lse to 1e-3 absolute where finite, +inf where
     a row sees no key. The output is poisoned with NaN before each call.
 

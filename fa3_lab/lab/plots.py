@@ -1,11 +1,11 @@
 """Figures from recorded GPU runs: the paper's Figure 5 layout and its Table 2 ablation.
 
-Both functions read rows in the one results schema (DESIGN.md, "Timing protocol";
+Both functions read rows in the one results schema (docs/design.md, "Timing protocol";
 :mod:`fa3_lab.lab.results`) and draw with Matplotlib only. Nothing is random and nothing is measured
 here, so the same JSON gives the same picture. Every figure carries a title line naming the GPU,
 the date and the commit of the run it shows (taken from the run's ``meta``, never typed).
 
-Numbers from different runs are never put side by side (DESIGN.md: "never compare numbers taken on
+Numbers from different runs are never put side by side (docs/design.md: "never compare numbers taken on
 different GPUs or in different runs"): each function takes one run, or rows without a ``meta``.
 """
 from __future__ import annotations

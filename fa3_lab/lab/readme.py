@@ -1,7 +1,7 @@
 """`python -m fa3_lab.lab.readme [--check]` — regenerate README.md's results table from recorded runs.
 
 The table lives between ``<!-- results:begin -->`` and ``<!-- results:end -->``. One table per
-recorded run (one GPU, one commit, one process — DESIGN.md forbids comparing across runs): TFLOPs/s
+recorded run (one GPU, one commit, one process — docs/design.md forbids comparing across runs): TFLOPs/s
 of each implementation per (dtype, headdim, mask, seqlen), then our best step divided by each peer.
 ``--check`` changes nothing and exits 1 if README.md differs from what would be generated (a test
 runs it, so the README never shows numbers that are not in ``fa3_lab/results/``).

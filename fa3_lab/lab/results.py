@@ -1,6 +1,6 @@
 """Recorded GPU runs: the one JSON schema every benchmark writes and every table/plot reads.
 
-DESIGN.md, "Timing protocol"::
+docs/design.md, "Timing protocol"::
 
     {"meta": {"gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command"},
      "rows": [{"impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
@@ -24,7 +24,7 @@ from fa3_lab import _env
 #: Where runs are recorded (inside the package, so an installed copy still finds them).
 RESULTS_DIR = _env.RESULTS_DIR
 
-#: Our kernel steps (cuda/steps/NN_*.cu) and the peers of DESIGN.md "Numbers everyone uses".
+#: Our kernel steps (cuda/steps/NN_*.cu) and the peers of docs/design.md "Numbers everyone uses".
 STEP_IMPLS = ("step01", "step02", "step03", "step04", "step05")
 PEER_IMPLS = ("fa3", "cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 IMPLS = STEP_IMPLS + PEER_IMPLS
@@ -112,7 +112,7 @@ def flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, c
     """Forward FLOPs of attention: 4 · batch · nheads · (visible query-key pairs) · headdim.
 
     Two matmuls per visible pair (QKᵀ and PV), each headdim multiply-adds = 2·headdim FLOPs. Without
-    a mask that is 4·b·h·sq·sk·d (DESIGN.md, "Numbers everyone uses"); with the causal mask
+    a mask that is 4·b·h·sq·sk·d (docs/design.md, "Numbers everyone uses"); with the causal mask
     (bottom-right aligned) it uses the exact number of visible pairs (:func:`visible_pairs`), i.e.
     the exact average number of keys per query row, not "half". Softmax FLOPs are not counted (the
     convention of FlashAttention 1-3). Backward is 2.5× this.

@@ -3,7 +3,7 @@
 The layer: a Llama-3-8B attention layer at prefill — 32 query heads, 8 KV heads (GQA), headdim 128,
 seqlen 4096, bf16, causal, batch 1. Each kernel step is checked against the NumPy float64 reference
 (`reference.attention.standard_attention`) with FA3's tolerance rule (max error ≤ 2 × the error of
-bf16 standard attention + 1e-3), then timed with the peers (DESIGN.md timing protocol). Last, a
+bf16 standard attention + 1e-3), then timed with the peers (docs/design.md timing protocol). Last, a
 Llama-style model built from a config (random weights, no download) runs its prefill with our kernel
 through transformers' attention interface and with SDPA (fa3_lab.examples.llama_prefill).
 """
