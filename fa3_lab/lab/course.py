@@ -299,7 +299,6 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
         UsageError: nbgrader missing, ``outdir`` not empty, an unknown notebook.
         RuntimeError: nbgrader generate_assignment failed (nothing is left in ``outdir``).
     """
-    require_nbgrader("python -m fa3_lab course")
     import nbformat
     import numpy as np
 
@@ -309,6 +308,7 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
     outdir = Path(outdir)
     check_outdir(outdir, hint=" (a kit holds the gradebook: build a new one elsewhere)")
     paths = exercise_notebooks(notebooks)
+    require_nbgrader()
     rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
     summary = {"assignments": {}, "cuda": None}
     with staged(outdir) as root:

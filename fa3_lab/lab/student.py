@@ -141,12 +141,12 @@ def cuda_exercises() -> list[Path]:
     return sorted(EXERCISES_DIR.glob("ex*.cu"))
 
 
-def require_nbgrader(what: str) -> None:
+def require_nbgrader() -> None:
     """Raise UsageError (one line, exit 2) naming the extra to install when nbgrader is missing."""
     try:
         import nbgrader  # noqa: F401
     except ImportError:
-        raise UsageError(f"{what} needs nbgrader: pip install -e '.[lab]' (or pip install nbgrader)") from None
+        raise UsageError("needs nbgrader, which the 'lab' extra installs: pip install -e '.[lab]'") from None
 
 
 def check_outdir(outdir: Path, force: bool = False, hint: str = "") -> None:
@@ -207,12 +207,12 @@ def write_student_copies(outdir, notebooks=None, *, force: bool = False, cuda: b
         UsageError: nbgrader is missing; ``outdir`` is a file, or exists and is not empty without
             ``force``; an unknown notebook. Nothing is written then, nor after any other failure.
     """
-    require_nbgrader("python -m fa3_lab student")
     import nbformat
 
     outdir = Path(outdir)
     check_outdir(outdir, force, hint=" (use --force to write into it)")
     paths = resolve_notebooks(notebooks)
+    require_nbgrader()
     written = []
     with staged(outdir) as tmp:
         (tmp / "notebooks").mkdir()
