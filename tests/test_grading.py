@@ -341,3 +341,50 @@ def test_cuda_exercise_stub_fails_clearly(tmp_path):
     module = grading.build_exercise(student)
     with pytest.raises(AssertionError, match="NaN everywhere.*stub"):
         grading.check_cuda_exercise(module, shapes=grading.CUDA_EXERCISE_SHAPES[:1])
+
+
+# ---------------------------------------------------------------- check_cuda_exercise's logic, on the CPU
+
+
+class _StandIn:
+    """A built exercise stand-in: attention with torch on the CPU, optionally spoiled."""
+
+    def __init__(self, spoil=None):
+        self.spoil = spoil
+
+    def fwd(self, q, k, v, causal, scale, out=None):
+        from fa3_lab.torch_ref import attention_ref
+
+        ref, lse = attention_ref(q, k, v, causal, scale)
+        out.copy_(ref.to(q.dtype))
+        if self.spoil == "nan":
+            out.fill_(float("nan"))
+        elif self.spoil == "out":
+            out[0, -1, 0, 0] += 0.5
+        elif self.spoil == "lse":
+            lse = lse.clone()
+            lse[0, 0, -1] += 0.01
+        return out, lse
+
+
+@pytest.mark.parametrize("spoil, message", [(None, None), ("nan", "NaN everywhere"),
+                                            ("out", "out differs from attention_ref"),
+                                            ("lse", "lse differs from attention_ref")])
+def test_check_cuda_exercise_on_cpu_with_a_stand_in(spoil, message, capsys):
+    shapes = grading.CUDA_EXERCISE_SHAPES[:2]
+    if message is None:
+        grading.check_cuda_exercise(_StandIn(), shapes=shapes, device="cpu", dtype="fp16")
+        assert "check_cuda_exercise: ok" in capsys.readouterr().out
+        return
+    with pytest.raises(AssertionError, match=message) as err:
+        grading.check_cuda_exercise(_StandIn(spoil), shapes=shapes, device="cpu")
+    assert "reproduce:" in str(err.value)
+
+
+def test_poisoned_include(tmp_path):
+    folder = grading.poisoned_include(tmp_path / "p", ("update", "rescale_rows"))
+    text = (folder / "fa3" / "softmax.h").read_text()
+    assert f'#include "{(grading.CUDA_DIR / "include" / "fa3" / "softmax.h").resolve()}"' in text
+    assert text.rstrip().endswith("#pragma GCC poison update rescale_rows")
+    with pytest.raises(ValueError, match="not a C\\+\\+ identifier"):
+        grading.poisoned_include(tmp_path / "q", ("update; system(x)",))

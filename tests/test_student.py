@@ -1,4 +1,8 @@
-"""`python -m fa3_lab student`: student copies hold no solution, no output, and their checks fail helpfully."""
+"""`python -m fa3_lab student`: student copies hold no solution, no output, and their checks fail helpfully.
+
+Writing copies needs nbgrader (the ``lab`` extra): those tests skip without it. Without nbgrader the
+command says so in one line and writes nothing (tests/test_course.py checks that for both commands).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +31,7 @@ SOLUTION_ONLY = {
 
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
+    pytest.importorskip("nbgrader")
     out = tmp_path_factory.mktemp("student") / "course"
     assert cli.main(["student", str(out)]) == 0
     return out
@@ -152,6 +157,7 @@ def _main(argv, capsys):
 
 
 def test_cli_refuses_a_non_empty_outdir(tmp_path, capsys):
+    pytest.importorskip("nbgrader")
     (tmp_path / "keep.txt").write_text("x")
     rc, out = _main(["student", str(tmp_path)], capsys)
     assert rc == 2 and out.err.count("\n") == 1 and "exists and is not empty" in out.err and "--force" in out.err
@@ -161,17 +167,38 @@ def test_cli_refuses_a_non_empty_outdir(tmp_path, capsys):
     rc, out = _main(["student", str(tmp_path), "--force", "--notebooks", "03", "--no-cuda"], capsys)
     assert rc == 0 and sorted(p.name for p in (tmp_path / "notebooks").iterdir()) == ["03_producer_consumer.ipynb"]
     assert not (tmp_path / "cuda").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "notebooks"]   # no staging folder left
+    assert (tmp_path / "keep.txt").read_text() == "x"
 
 
 def test_cli_unknown_notebook(tmp_path, capsys):
+    pytest.importorskip("nbgrader")
     rc, out = _main(["student", str(tmp_path / "new"), "--notebooks", "99"], capsys)
     assert rc == 2 and "--notebooks" in out.err and "'99'" in out.err
     assert not (tmp_path / "new").exists()
 
 
 def test_notebooks_by_name_and_path(tmp_path, capsys):
+    pytest.importorskip("nbgrader")
     nb = student.all_notebooks()[5]
     rc, _ = _main(["student", str(tmp_path / "o"), "--notebooks", nb.stem, str(student.all_notebooks()[0])], capsys)
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "o" / "notebooks").iterdir()) == \
         sorted([nb.name, student.all_notebooks()[0].name])
+
+
+def test_a_failure_midway_leaves_nothing_and_the_retry_works(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("nbgrader")
+    calls = []
+
+    def broken(text, name="source"):
+        calls.append(name)
+        raise ValueError(f"{name}:1: '// ### BEGIN SOLUTION' is never closed")
+
+    monkeypatch.setattr(student, "strip_cuda_solution", broken)
+    with pytest.raises(ValueError, match="never closed"):
+        student.write_student_copies(tmp_path / "out", ["01"])
+    assert calls and list(tmp_path.iterdir()) == []                  # notebooks were written, then removed
+    monkeypatch.undo()
+    rc, _ = _main(["student", str(tmp_path / "out"), "--notebooks", "01"], capsys)
+    assert rc == 0 and (tmp_path / "out" / "cuda" / "exercises" / grading.CUDA_EXERCISE.name).is_file()

@@ -17,7 +17,7 @@ import importlib
 import sys
 
 # Subcommand name -> module.  Order is the order of `python -m fa3_lab --help`.
-SUBCOMMANDS = ["info", "tour", "bench", "table3", "sass", "trace", "student"]
+SUBCOMMANDS = ["info", "tour", "bench", "table3", "sass", "trace", "student", "course"]
 
 
 class UsageError(Exception):

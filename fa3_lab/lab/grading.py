@@ -870,7 +870,7 @@ def exercise_source_problems(path) -> list[str]:
     return problems
 
 
-def build_exercise(path=None, *, verbose: bool = False):
+def build_exercise(path=None, *, verbose: bool = False, unavailable=()):
     """Compile a CUDA exercise source (solution or student copy) into its own torch extension.
 
     The extension holds ``path`` plus ``cuda/exercises/exercise_binding.cpp`` and exposes
@@ -880,6 +880,9 @@ def build_exercise(path=None, *, verbose: bool = False):
 
     Args:
         path: the exercise ``.cu`` file; default ``cuda/exercises/ex01_online_softmax.cu``.
+        unavailable: identifiers of ``fa3/softmax.h`` that the source may not use (the course kit's
+            grading passes the answers: ``update``, ``rescale_rows`` …): the build sees a
+            ``fa3/softmax.h`` that ends with ``#pragma GCC poison`` of them, so a call does not compile.
 
     Returns:
         the loaded extension module.
@@ -905,19 +908,46 @@ def build_exercise(path=None, *, verbose: bool = False):
     h.update(EXERCISE_BINDING.read_bytes())
     for header in sorted((CUDA_DIR / "include").rglob("*.h")):
         h.update(header.read_bytes())
+    h.update(" ".join(unavailable).encode())
     digest = h.hexdigest()[:16]
     build_dir = _build.cache_dir() / f"exercise-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    includes = [str(CUDA_DIR / "include")]
+    if unavailable:
+        includes.insert(0, str(poisoned_include(build_dir / "poisoned", unavailable)))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     return cpp_ext.load(
         name=f"fa3_lab_exercise_{digest}",
         sources=[str(EXERCISE_BINDING), str(path)],
-        extra_include_paths=[str(CUDA_DIR / "include")],
+        extra_include_paths=includes,
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=list(_build.NVCC_FLAGS),
         build_directory=str(build_dir),
         verbose=verbose,
     )
+
+
+def poisoned_include(folder, unavailable) -> Path:
+    """Write ``folder/fa3/softmax.h``: the real header, then ``#pragma GCC poison`` of ``unavailable``.
+
+    Put ``folder`` before ``cuda/include`` on the include path: ``#include "fa3/softmax.h"`` then finds
+    this file, and any later use of a poisoned identifier is a compile error ("attempt to use poisoned").
+    Returns ``folder``.
+    """
+    import re
+
+    for name in unavailable:
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise ValueError(f"unavailable: {name!r} is not a C++ identifier")
+    folder = Path(folder)
+    (folder / "fa3").mkdir(parents=True, exist_ok=True)
+    real = (CUDA_DIR / "include" / "fa3" / "softmax.h").resolve()
+    (folder / "fa3" / "softmax.h").write_text(
+        "// fa3/softmax.h as the course kit's grader sees it: the answers to the exercise are unavailable.\n"
+        "#pragma once\n"
+        f'#include "{real}"\n'
+        f"#pragma GCC poison {' '.join(unavailable)}\n")
+    return folder
 
 
 #: (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, causal) of :func:`check_cuda_exercise`.
@@ -930,12 +960,15 @@ CUDA_EXERCISE_SHAPES = (
 )
 
 
-def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CUDA_EXERCISE_SHAPES) -> None:
+def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CUDA_EXERCISE_SHAPES,
+                        device: str = "cuda") -> None:
     """Check a built CUDA exercise (``build_exercise(...)``) against ``fa3_lab.torch_ref.attention_ref``.
 
     FA3's tolerance rule (docs/design.md, Tests): max |out − ref| ≤ 2 · max |emulation − ref| + 1e-3 (ref in
     float32, emulation = standard attention in ``dtype``); lse to 1e-3 absolute where finite, +inf where
     a row sees no key. The output is poisoned with NaN before each call.
+
+    ``device`` is where the inputs live ("cuda"; the tests pass "cpu" with a stand-in module).
 
     Raises:
         AssertionError: a mismatch (message: shape, first bad index, max/mean error, tolerance, seed;
@@ -946,18 +979,19 @@ def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CU
     from ..torch_ref import attention_ref
 
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for b, sq, sk, h, hkv, d, causal in shapes:
         what = f"batch={b} seqlen_q={sq} seqlen_k={sk} nheads={h} nheads_kv={hkv} headdim={d} causal={causal} {dtype}"
-        q = torch.randn(b, sq, h, d, device="cuda", dtype=tdtype, generator=gen)
-        k = torch.randn(b, sk, hkv, d, device="cuda", dtype=tdtype, generator=gen)
-        v = torch.randn(b, sk, hkv, d, device="cuda", dtype=tdtype, generator=gen)
+        q = torch.randn(b, sq, h, d, device=device, dtype=tdtype, generator=gen)
+        k = torch.randn(b, sk, hkv, d, device=device, dtype=tdtype, generator=gen)
+        v = torch.randn(b, sk, hkv, d, device=device, dtype=tdtype, generator=gen)
         scale = d ** -0.5
         ref, ref_lse = attention_ref(q, k, v, causal, scale)
         emu, _ = attention_ref(q, k, v, causal, scale, upcast=False)
         out = torch.full_like(q, float("nan"))
         out, lse = module.fwd(q, k, v, causal, scale, out)
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         err = (out.float() - ref).abs()
         tol = 2 * (emu.float() - ref).abs().max().item() + 1e-3
         repro = f"reproduce: fa3_lab.lab.grading.check_cuda_exercise(fa3_lab.lab.grading.build_exercise(PATH), seed={seed})"

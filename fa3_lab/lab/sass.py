@@ -496,7 +496,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
 
     from .. import _env
 
-    path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
+    path = Path(path) if path else Path(__file__).resolve().parents[1] / RECORDED  # fa3_lab/results/
     data = {"meta": {"nvcc": _env.nvcc_version(), "commit": _env.git_commit(),
                      "date": datetime.date.today().isoformat(),
                      "command": "python -c 'from fa3_lab import sass; sass.record()'"},
@@ -516,7 +516,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
 
 def load_recorded(path: Path | None = None) -> dict:
     """The JSON written by :func:`record` (``{"meta", "steps": {"02": analysis, …}, "probe"}``)."""
-    path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
+    path = Path(path) if path else Path(__file__).resolve().parents[1] / RECORDED  # fa3_lab/results/
     return json.loads(path.read_text())
 
 

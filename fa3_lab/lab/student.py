@@ -17,7 +17,10 @@ Layout of OUTDIR::
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .._env import CUDA_DIR, REPO_ROOT
@@ -138,6 +141,59 @@ def cuda_exercises() -> list[Path]:
     return sorted(EXERCISES_DIR.glob("ex*.cu"))
 
 
+def require_nbgrader() -> None:
+    """Raise UsageError (one line, exit 2) naming the extra to install when nbgrader is missing."""
+    try:
+        import nbgrader  # noqa: F401
+    except ImportError:
+        raise UsageError("needs nbgrader, which the 'lab' extra installs: pip install -e '.[lab]'") from None
+
+
+def check_outdir(outdir: Path, force: bool = False, hint: str = "") -> None:
+    """OUTDIR must be absent or an empty folder (or any folder with ``force``)."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"OUTDIR: {outdir} exists and is not a directory")
+    if outdir.is_dir() and any(outdir.iterdir()) and not force:
+        raise UsageError(f"OUTDIR: {outdir} exists and is not empty{hint}")
+
+
+@contextlib.contextmanager
+def staged(outdir: Path):
+    """Yield a fresh folder beside ``outdir``; on success its files land in ``outdir``, on failure nothing is left.
+
+    ``outdir`` may be absent, empty, or (``--force``) hold files, which are replaced file by file.
+    """
+    outdir = Path(outdir)
+    missing = []
+    parent = outdir.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for d in reversed(missing):
+        d.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)                     # mkdtemp's 0700 would become OUTDIR's mode
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in missing:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    if not outdir.exists():
+        os.rename(tmp, outdir)
+        return
+    for src in sorted(tmp.rglob("*")):
+        if src.is_file():
+            dst = outdir / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_student_copies(outdir, notebooks=None, *, force: bool = False, cuda: bool = True) -> list[Path]:
     """Write the student copies into ``outdir``; returns the files written.
 
@@ -148,32 +204,29 @@ def write_student_copies(outdir, notebooks=None, *, force: bool = False, cuda: b
         cuda: also write the stripped CUDA exercise(s) and the binding.
 
     Raises:
-        UsageError: ``outdir`` is a file, or exists and is not empty without ``force``; an unknown notebook.
+        UsageError: nbgrader is missing; ``outdir`` is a file, or exists and is not empty without
+            ``force``; an unknown notebook. Nothing is written then, nor after any other failure.
     """
     import nbformat
 
     outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"OUTDIR: {outdir} exists and is not a directory")
-    if outdir.is_dir() and any(outdir.iterdir()) and not force:
-        raise UsageError(f"OUTDIR: {outdir} exists and is not empty (use --force to write into it)")
+    check_outdir(outdir, force, hint=" (use --force to write into it)")
     paths = resolve_notebooks(notebooks)
+    require_nbgrader()
     written = []
-    (outdir / "notebooks").mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        nb = student_notebook(nbformat.read(path, as_version=4))
-        target = outdir / "notebooks" / path.name
-        nbformat.write(nb, target)
-        written.append(target)
-    if cuda:
-        (outdir / "cuda" / "exercises").mkdir(parents=True, exist_ok=True)
-        for src in cuda_exercises():
-            target = outdir / "cuda" / "exercises" / src.name
-            target.write_text(strip_cuda_solution(src.read_text(), src.name))
-            written.append(target)
-        binding = EXERCISES_DIR / "exercise_binding.cpp"
-        shutil.copyfile(binding, outdir / "cuda" / "exercises" / binding.name)
-        written.append(outdir / "cuda" / "exercises" / binding.name)
+    with staged(outdir) as tmp:
+        (tmp / "notebooks").mkdir()
+        for path in paths:
+            nbformat.write(student_notebook(nbformat.read(path, as_version=4)), tmp / "notebooks" / path.name)
+            written.append(outdir / "notebooks" / path.name)
+        if cuda:
+            (tmp / "cuda" / "exercises").mkdir(parents=True)
+            for src in cuda_exercises():
+                (tmp / "cuda" / "exercises" / src.name).write_text(strip_cuda_solution(src.read_text(), src.name))
+                written.append(outdir / "cuda" / "exercises" / src.name)
+            binding = EXERCISES_DIR / "exercise_binding.cpp"
+            shutil.copyfile(binding, tmp / "cuda" / "exercises" / binding.name)
+            written.append(outdir / "cuda" / "exercises" / binding.name)
     return written
 
 
@@ -182,6 +235,6 @@ def run(args) -> int:
     for path in written:
         print(path)
     print(f"{len(written)} files written to {args.outdir}; solutions and outputs removed. "
-          f"Grade: run the check cells (fa3_lab.lab.grading), and on a GPU "
-          f"FA3_EXERCISE=<copy>.cu pytest tests/test_grading.py -k cuda_exercise")
+          f"Students run the check cells (fa3_lab.lab.grading). For an nbgrader course with points and "
+          f"hidden tests: python -m fa3_lab course OUTDIR (docs/teaching.md)")
     return 0
