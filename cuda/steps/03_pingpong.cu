@@ -48,7 +48,7 @@ namespace step03 {
 template <typename T, int kHeadDim, bool kCausal>
 struct Config {
   static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : FA3_BLOCK_N_HD128) : 80;  // Bc
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : 176) : 80;  // Bc (176: FA3's non-causal hd128 choice)
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
