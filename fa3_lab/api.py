@@ -7,66 +7,40 @@ bottom-right aligned when seqlen_q != seqlen_k (row i sees keys j <= i + seqlen_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 
-from . import _build
+from . import _build, registry
 
 HEADDIMS = (64, 128, 256)
 
 
-@dataclass(frozen=True)
-class Step:
-    id: int
-    name: str
-    adds: str
-    paper: str
-    dtypes: tuple = ("fp16", "bf16")
-    features: tuple = field(default=("causal", "gqa", "any seqlen", "headdim 64/128/256"))
-
-
-_ALL_STEPS = (
-    Step(1, "01_tma_wgmma", "TMA loads + WGMMA (SS for QKᵀ, RS for PV), no warp specialization", "§4.2 Table 2 row 1"),
-    Step(2, "02_warp_specialized", "producer warpgroup, s-stage K/V ring with full/empty mbarriers, setmaxnreg",
-         "§3.1 Alg. 1"),
-    Step(3, "03_pingpong", "named-barrier pingpong of the two consumer warpgroups", "§3.1, Fig. 1"),
-    Step(4, "04_intra_warpgroup_overlap", "softmax of tile j+1 under the PV GEMM of tile j", "§3.2 Alg. 2"),
-    Step(5, "05_fp8", "e4m3 operands, per-block descales, V k-major (keys permuted, no P shuffle), incoherent processing",
-         "§3.3", dtypes=("e4m3",)),
-)
+#: One kernel step (fa3_lab/registry.py, the single source of ids, parents, twins and what each adds).
+Step = registry.StepInfo
 
 
 # torch.compile traces flash_attn_func's checks; the step files are fixed while a process runs, so
 # dynamo may call steps() once at trace time instead of tracing its directory glob (fa3_lab/ops.py).
 @torch.compiler.assume_constant_result
 def steps() -> list[Step]:
-    """The kernel steps whose source is present in ``cuda/steps/``, in order (id, name, what it adds)."""
+    """The forward kernel steps whose source is present in ``cuda/steps/``, in order (registry entries:
+    id, name, parent, what it adds, twin, dtypes)."""
     present = _build.step_sources()
-    return [s for s in _ALL_STEPS if s.id in present]
-
-
-#: The step :func:`flash_attn_func` runs when ``step`` is None, per headdim: the step that won most
-#: of the paper grid (seqlen >= 2k, bf16 and fp16, causal and not) in the recorded run
-#: fa3_lab/results/nvidia-h200/bench.json (commit e3e20a7): step 04 at every headdim (at 256 it ties
-#: with step 03, 8 points each), as DESIGN.md intends. Kept per headdim so a later tile change can
-#: pick differently from a measurement.
-DEFAULT_STEP_BY_HEADDIM = {64: 4, 128: 4, 256: 4}
+    return [s for s in registry.series("fwd") if s.id in present]
 
 
 def default_step(headdim: int = 128) -> int:
-    """The step :func:`flash_attn_func` runs for this headdim when ``step`` is None.
+    """The step :func:`flash_attn_func` runs for this headdim when ``step`` is None: ``registry.DEFAULT_STEP``
+    (the last 16-bit step), or the highest 16-bit step present if that one's source is missing.
 
     Raises:
         ValueError: headdim not in (64, 128, 256).
     """
-    if headdim not in DEFAULT_STEP_BY_HEADDIM:
-        raise ValueError(f"headdim: expected one of {tuple(DEFAULT_STEP_BY_HEADDIM)}, got {headdim}")
+    if headdim not in HEADDIMS:
+        raise ValueError(f"headdim: expected one of {HEADDIMS}, got {headdim}")
     ids = [s.id for s in steps() if "bf16" in s.dtypes]
     if not ids:
         raise RuntimeError("no 16-bit kernel step found in cuda/steps/")
-    best = DEFAULT_STEP_BY_HEADDIM[headdim]
-    return best if best in ids else max(ids)
+    return registry.DEFAULT_STEP if registry.DEFAULT_STEP in ids else max(ids)
 
 
 def _has_storage(t) -> bool:
@@ -150,12 +124,12 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
         k, v: (batch, seqlen_k, nheads_kv, headdim), same dtype/device; nheads % nheads_kv == 0.
         causal: bottom-right aligned causal mask (row i sees keys j <= i + seqlen_k - seqlen_q).
         softmax_scale: α, default 1/sqrt(headdim).
-        step: kernel step 1–4 (``fa3_lab.steps()``); default :data:`DEFAULT_STEP_BY_HEADDIM` (the
-            fastest measured step for the headdim).
+        step: a 16-bit kernel step id (``fa3_lab.steps()``); default ``registry.DEFAULT_STEP`` (10, the
+            last 16-bit step).
         return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for rows
             that see no key).
         out: optional preallocated output, shape and dtype of q (tests poison it first); any strides with
-            a contiguous last dim and a 16-byte aligned base and strides (step 04 stores O with TMA).
+            a contiguous last dim and a 16-byte aligned base and strides (steps 08+ store O with TMA).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim), dtype of q; and lse if ``return_lse``.
@@ -218,7 +192,7 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
 
     Source: paper §3.3 ("Block quantization", "Incoherent processing"), Table 3; ``reference/fp8.py``.
     """
-    if 5 not in _build.step_sources():
+    if registry.FP8_STEP not in _build.step_sources():
         raise RuntimeError("flash_attn_fp8_func: the FP8 kernel (cuda/steps/05_fp8.cu) is not built yet")
     from . import fp8
 

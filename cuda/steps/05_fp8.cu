@@ -1,10 +1,16 @@
 // ============================================================================================
-// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/):
-//   01_tma_wgmma               TMA loads + WGMMA GEMMs, one CTA = two consumer warpgroups
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/; the table: fa3_lab/registry.py):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, two consumer warpgroups, no specialization
 //   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg
 //   03_pingpong                + named-barrier pingpong of the two consumer warpgroups
-//   04_intra_warpgroup_overlap + softmax of tile j+1 under the P·V GEMM of tile j (paper Alg. 2)
-//   05_fp8                     + e4m3 operands, per-block descales, V k-major             <- this file
+//   04_intra_warpgroup_overlap + softmax of tile j under the P·V GEMM of tile j−1 (paper Alg. 2)
+//   05_fp8                     + (on 04) e4m3 operands, per-block descales, V k-major (paper §3.3)   <- this file
+//   06_persistent              + (on 04) persistent grid: CTAs stride over the work tiles
+//   07_causal_scheduler        + causal: dynamic tile scheduler, longest tiles first
+//   08_tma_store_epilogue      + O through shared memory: stmatrix, then one TMA store
+//   09_three_warpgroups        + headdim 64: three consumer warpgroups on 192-row tiles
+//   10_kv_multicast            + clusters of two CTAs share each K/V tile by TMA multicast
+//   bwd/11_…                   the backward (paper App. B.1), a series of its own
 // ============================================================================================
 //
 // Step 05: the FP8 forward of paper §3.3, built on step 04: producer warpgroup with the K/V ring,
@@ -28,13 +34,16 @@
 //   6. P_j → e4m3 A fragments for the next turn
 //   7. epilogue: O · sv_last / ℓ → bf16; lse = (m − 8)·ln2 + ln ℓ
 // Persistent grid (non-causal, headdim 64/128) as step 04: measured within noise of one CTA per tile
-// (cuda/NOTES.md, session 3), kept so that steps 04 and 05 share one structure.
+// (docs/performance.md, session 3), kept so that steps 04 and 05 share one structure.
 // Measured (NVIDIA H100 80GB HBM3, commit 428551d, 2026-11-22, medians of 3 rotating rounds;
 // fa3_lab/results/nvidia-h100-80gb-hbm3/bench_fp8.json), kernel alone, non-causal, seqlen 4k/8k/16k: hd128
 // 832/836/842 TFLOPs/s (0.96/0.92/0.91× FA3 e4m3), hd256 1112/1157/1183 (0.99/1.01/1.00×; 1.54× our bf16
 // step 04 at 16k). The producer loads K_{j+1} before V_j (as step 04; +1–5 % at hd128). On step 02's
-// structure it was 0.86–0.91× FA3 (H200). Analysis: cuda/NOTES.md ("Step 05", session 5).
-// Known limit: V is laid out k-major by the fused quantize kernel (cuda/fp8_quantize.cu: the same pass
+// structure it was 0.86–0.91× FA3 (H200). Analysis: docs/performance.md ("Step 05", session 5).
+// Twin: reference/fp8.py::fp8_attention (same block_m = block_n = 128, P·2^8, descales).
+// Tried (docs/performance.md): 4 K/V stages at headdim 128: 796/808/830 vs 788/810/815 TFLOPs/s at 4k/8k/16k
+//   (noise, kept 2); one CTA per tile instead of the persistent grid: within noise (session 3).
+// Known limit (also: its diff from step 04 is over the 250-line rule; see docs/performance.md): V is laid out k-major by the fused quantize kernel (cuda/fp8_quantize.cu: the same pass
 // that quantizes V writes it transposed and key-permuted, at no extra traffic), not transposed in shared
 // memory with ldmatrix/stmatrix as the paper does; callers with e4m3 V in BSHD pay one copy
 // (fa3_lab.fp8.kernel_v_layout).
@@ -54,15 +63,6 @@
 #include "fa3/softmax.h"
 #include "fa3/wgmma.h"
 
-// K/V ring depth at headdim 64/128 (256 fits 2 stages of 64 KB beside Q); overridable for A/B runs.
-// Producer order K_{j+1} before V_j, and V_{j−1} waited for inside the turn after Q·K_jᵀ is issued (as
-// step 04); -DFA3_STEP05_K_FIRST=0 restores K_j, V_j and both waits before the turn (A/B runs).
-#ifndef FA3_STEP05_K_FIRST
-#define FA3_STEP05_K_FIRST 1
-#endif
-#ifndef FA3_STEP05_STAGES_HD128
-#define FA3_STEP05_STAGES_HD128 2
-#endif
 
 namespace fa3 {
 namespace step05 {
@@ -75,8 +75,8 @@ struct Config {
   static constexpr int kBlockN = 128;  // = the quantization block of K and V
   static constexpr int kNumConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kNumConsumers);
-  static constexpr int kStages = kHeadDim <= 128 ? FA3_STEP05_STAGES_HD128 : 2;  // K/V ring depth
-  static constexpr bool kKFirst = FA3_STEP05_K_FIRST;  // producer order (producer.h, for_each_kv)
+  static constexpr int kStages = 2;  // K/V ring depth (4 at headdim 128: noise, docs/performance.md)
+  static constexpr bool kKFirst = true;  // producer order K_{j+1} before V_j (producer.h, for_each_kv)
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static constexpr int kTurnBarrier = 1;  // named barriers 1, 2 (0 is __syncthreads)
@@ -89,14 +89,10 @@ struct Config {
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes;
 };
 
-// Persistent grid (non-causal, headdim 64/128), as step 04: min(tiles, SMs) CTAs stride over the work
+// Persistent grid (non-causal, headdim 64/128), as step 06: min(tiles, SMs) CTAs stride over the work
 // tiles; the K/V ring, the pingpong turns and Q (own empty barrier) carry over from tile to tile.
-// -DFA3_STEP05_PERSISTENT=0 builds one CTA per tile (A/B runs).
-#ifndef FA3_STEP05_PERSISTENT
-#define FA3_STEP05_PERSISTENT 1
-#endif
 template <int kHeadDim, bool kCausal>
-constexpr bool kPersistent = FA3_STEP05_PERSISTENT && kHeadDim <= 128 && !kCausal;
+constexpr bool kPersistent = kHeadDim <= 128 && !kCausal;
 
 // TIn: the input element type (__nv_fp8_e4m3), named like steps 01–04's T so tools find the kernel.
 template <typename TIn, int kHeadDim, bool kCausal>
@@ -273,13 +269,12 @@ __global__ void __launch_bounds__(Config<kHeadDim>::kThreads, 1)
         const float sk = sk_row[n_block], sv = sv_row[n_block];  // issued early, used after the GEMMs
         // 1. operands ready; my turn
         mbarrier_wait(&full_k[stage], phase_of(i));
-        if constexpr (!FA3_STEP05_K_FIRST) mbarrier_wait(&full_v[prev], phase_of(i - 1));
         wait_turn();
         // 2. S_next = Q8·K8_jᵀ (group 1);  O += P8_{j−1}·V8_{j−1} (group 2);  hand over
         wgmma_fence();
         gemm_ss_e4m3<kBlockN, kHeadDim, kBlockM, kBlockN, kSw>(s, sQ_addr, c * 64, smem_u32(sK + stage * Cfg::kKBytes));
         wgmma_commit();
-        if constexpr (FA3_STEP05_K_FIRST) mbarrier_wait(&full_v[prev], phase_of(i - 1));
+        mbarrier_wait(&full_v[prev], phase_of(i - 1));
         wgmma_fence();
         gemm_rs_e4m3<kHeadDim, kBlockN>(o, pa, smem_u32(sVt + prev * Cfg::kVBytes));
         wgmma_commit();

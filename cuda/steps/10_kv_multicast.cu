@@ -20,14 +20,14 @@
 //      slot of both CTAs (producer.h, produce_kv), so the pair reads each K/V tile from L2 once;
 //   3. a slot is released in both CTAs (release_slot arrives on the peer's empty barrier too), and no CTA
 //      leaves while its peer may still write into its shared memory (cluster_sync).
-// The main loop is step 04's, per tile j (last to first), within a turn of the pingpong:
+// Main loop (step 04's), per K/V tile j, last to first, in a turn of the pingpong:
 //   1. wait full_k[s_j]; wait for the turn
 //   2. S_next = Q·K_jᵀ (group 1); wait full_v[s_{j−1}]; O += P_{j−1}·V_{j−1} (group 2); hand the turn over
-//   3. wgmma.wait_group 1: S_next ready; release K_j (and, after the tile's last Q·Kᵀ, Q)
-//   4. mask; online softmax of S_next → P_j, corr_j, under the P·V GEMM
-//   5. wgmma.wait_group 0: P·V done; release V_{j−1}
-//   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved
-// then the last turn O += P_last·V_last, and 7. the epilogue (O / ℓ by stmatrix + TMA store, lse).
+//   3. wgmma.wait_group 1: S_next ready, P·V still running; release K_j               (Alg. 2 line 9)
+//   4. mask; online softmax of S_next → P_j, corr_j, under the P·V GEMM              (Alg. 2 lines 10–11)
+//   5. wgmma.wait_group 0: P·V done; release V_{j−1}                                 (Alg. 2 line 12)
+//   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
+// then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: none — the multicast changes where K/V bytes come from, not what any warpgroup computes; the
 // schedule is reference/fa3_pipeline.py::pipelined_forward's.
 // Measured (NVIDIA H200, bf16, commit cfb378a = this kernel before the split, 2026-12-02; DESIGN.md):
@@ -470,7 +470,7 @@ struct Launch {
         launch_fwd<Config<T, kHeadDim, kCausal>>(fwd_kernel<T, kHeadDim, kCausal, false>, p, stream, "step10");
         return;
       }
-      if (p.tile_counter == nullptr) throw std::runtime_error("step04: causal needs p.tile_counter (a zeroed int32)");
+      if (p.tile_counter == nullptr) throw std::runtime_error("step10: causal needs p.tile_counter (a zeroed int32)");
       // (batch, head) pairs per section: their K and V together take at most kSchedL2Bytes of the 50 MB L2.
       FwdParams q = p;
       const long long kv_bytes = 2LL * p.seqlen_k * kHeadDim * static_cast<long long>(sizeof(T));
