@@ -5,7 +5,7 @@ The extension holds every step in ``cuda/steps/NN_*.cu`` plus ``cuda/binding.cpp
 directory is ``$FA3_LAB_CACHE`` (default ``~/.cache/fa3_lab``) / ``<name>-<hash of all sources>``, so
 editing any kernel source rebuilds, and an unchanged tree loads in a second.
 
-Flags (DESIGN.md, kernel conventions): ``-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo
+Flags (docs/design.md, kernel conventions): ``-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo
 -Xptxas=--warn-on-spills``. ``traced=True`` adds ``-DFA3_TRACE`` (the timeline build); ``$FA3_LAB_DEFINES`` adds
 more ``-D`` flags (tile-size A/B builds), part of the cache key.
 """

@@ -61,7 +61,7 @@ def _check_real(q, k, v):
     Raises:
         TypeError: not CUDA; dtype not fp16/bf16 or mixed.  ValueError: headdim, heads, base alignment.
     """
-    from .api import HEADDIMS
+    from ._validate import HEADDIMS
 
     if not (q.device.type == k.device.type == v.device.type == "cuda"):
         raise TypeError(f"q, k, v: expected CUDA tensors (on an sm_90 GPU), got {q.device}, {k.device}, {v.device}")

@@ -1,6 +1,6 @@
 """Pure NumPy references of FlashAttention-3's algorithms (Shah et al., 2024).
 
-One module per step of the lab (``DESIGN.md``):
+One module per step of the lab (``docs/design.md``):
 
 * :mod:`reference.attention`      — 01: standard attention, the exact answer (§2.3)
 * :mod:`reference.online_softmax` — 01: one-pass softmax with a running max and sum

@@ -1,11 +1,11 @@
-"""`python -m fa3_lab bench` — our kernel steps against the peers, DESIGN.md's timing protocol.
+"""`python -m fa3_lab bench` — our kernel steps against the peers, docs/design.md's timing protocol.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median of many runs); inputs fresh from
 N(0, 1) per shape; every implementation in the same process on the same inputs. Peers: PyTorch SDPA
 with the FLASH_ATTENTION backend (FlashAttention-2), CUDNN_ATTENTION (cuDNN), EFFICIENT_ATTENTION,
 MATH (standard attention, only where its S/P fit in memory), and the official FlashAttention-3
 forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs from
-:func:`fa3_lab.results.flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
+:func:`fa3_lab.lab.results.flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def _check_rounds(rounds):
 
 
 def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
-    """Time every (impl, config); returns rows in the DESIGN.md schema.
+    """Time every (impl, config); returns rows in the docs/design.md schema.
 
     configs: iterable of dicts with dtype, headdim, causal, batch, seqlen, nheads, nheads_kv.
     rounds: per config, every implementation is timed once per round (``time_ms``: a do_bench median),
@@ -227,7 +227,7 @@ def format_table(rows, title=""):
 def run(args):
     from rich.console import Console
 
-    from . import _env
+    from .. import _env
 
     console = Console()
     reason = _env.why_no_sm90()
@@ -235,7 +235,7 @@ def run(args):
         console.print(f"bench needs an sm_90 GPU: {reason}. Recorded results: fa3_lab/results/ "
                       f"(README table, notebook 06).")
         return 1
-    from . import api
+    from .. import api
 
     step_ids = [s.id for s in api.steps() if "bf16" in s.dtypes]
     if args.steps:
@@ -289,7 +289,7 @@ FP8_SEQLENS = (4096, 8192, 16384)
 
 
 def _median_fp8_row(rounds, fl):
-    """One step-05 row from the rounds' :func:`fa3_lab.fp8.time_quantize_vs_kernel` rows: every time
+    """One step-05 row from the rounds' :func:`fa3_lab.time_quantize_vs_kernel` rows: every time
     (``ms``, ``quantize_ms``, ``quantize_torch_ms``, ``v_layout_ms``) the median over rounds, and the
     rates recomputed from those medians (``quantize_gbps`` scaled by the quantize time's ratio)."""
     row = dict(rounds[0])
@@ -311,7 +311,8 @@ def run_fp8(console, args):
 
     import fa3_lab
 
-    from . import api, fp8, results
+    from .. import api, fp8
+    from . import results
 
     headdims = [d for d in _int_list(args.headdims, "headdims", allowed=(64, 128, 256)) if d in (128, 256)] or [128, 256]
     peer = peers().get("fa3")
@@ -337,7 +338,7 @@ def run_fp8(console, args):
                 console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: "
                               f"{str(e)[:100]}[/dim]")
 
-            jobs = {"step05": lambda first: fp8.time_quantize_vs_kernel(b, s, h, d, False)}
+            jobs = {"step05": lambda first: time_quantize_vs_kernel(b, s, h, d, False)}
             jobs.update({key: round_timer(fn) for key, (_, _, fn) in impls.items()})
             times, dropped = rotating_rounds(jobs, rounds, skipped)
             rows.append(_median_fp8_row(times["step05"], fl))
@@ -373,3 +374,55 @@ def run_fp8(console, args):
     if not args.no_save:
         console.print(f"saved {results.save(args.name or 'bench_fp8', rows, meta)}")
     return 0
+
+
+def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nheads_kv=None,
+                            block_quant=True, incoherent=True, seed=0) -> dict:
+    """Time the parts of :func:`fa3_lab.flash_attn_fp8_func` on fresh N(0,1) bf16 inputs (GPU only).
+
+    Median of ``triton.testing.do_bench`` (CUDA events) for: the fused quantize kernel
+    (``ext.quantize_fp8``, what :func:`fa3_lab.fp8.quantize_for_kernel` launches, without its inf/NaN
+    read-back), the torch path it replaces (:func:`fa3_lab.fp8.quantize`, then :func:`fa3_lab.fp8.kernel_v_layout` timed
+    separately) and the attention kernel ``ext.fwd_fp8`` alone. ``seed`` seeds the inputs; the
+    rotation uses seed 0 as :func:`fa3_lab.flash_attn_fp8_func` does.
+
+    Returns:
+        A row in the results schema (docs/design.md): impl "step05", dtype "e4m3", the shape, ``ms``
+        and ``tflops`` of the attention kernel alone, plus ``quantize_ms`` (fused kernel),
+        ``quantize_gbps`` (:func:`fa3_lab.fp8.quantize_bytes` / quantize_ms), ``tflops_with_quantize`` (FLOPs
+        / (ms + quantize_ms)), ``quantize_torch_ms`` and ``v_layout_ms`` (the torch path),
+        ``block_quant``, ``incoherent``.
+
+    Raises:
+        RuntimeError: no sm_90 GPU.  ValueError / TypeError: as :func:`fa3_lab.fp8.quantize_for_kernel`.
+    """
+    import torch
+
+    from ..fp8 import (BLOCK_M, BLOCK_N, _check_quantized, _load_ext, _signs_cpu, kernel_v_layout, quantize,
+                       quantize_bytes, quantize_for_kernel)
+    from .results import flops as attention_flops
+
+    nheads_kv = nheads if nheads_kv is None else nheads_kv
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = quantize_for_kernel(q, k, v, block_quant=block_quant, incoherent=incoherent)
+    scale = _check_quantized(*t[:6], None, None, vt=True, caller="time_quantize_vs_kernel")
+    ext = _load_ext("time_quantize_vs_kernel", need_fwd=True)
+    signs = _signs_cpu(headdim, 0) if incoherent else None
+    fused_ms = time_ms(lambda: ext.quantize_fp8(q, k, v, signs, block_quant))
+    torch_ms = time_ms(lambda: quantize(q, k, v, block_quant=block_quant, incoherent=incoherent))
+    v8 = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent).v8
+    layout_ms = time_ms(lambda: kernel_v_layout(v8))
+    kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale,
+                                            BLOCK_M, BLOCK_N, bool(causal), scale, None))
+    flops = attention_flops(batch, nheads, seqlen, seqlen, headdim, bool(causal))
+    nbytes = quantize_bytes(batch, seqlen, seqlen, nheads, nheads_kv, headdim)
+    return {"impl": "step05", "dtype": "e4m3", "headdim": headdim, "causal": bool(causal), "batch": batch,
+            "seqlen_q": seqlen, "seqlen_k": seqlen, "nheads": nheads, "nheads_kv": nheads_kv,
+            "ms": kernel_ms, "tflops": flops / (kernel_ms * 1e-3) / 1e12,
+            "quantize_ms": fused_ms, "quantize_gbps": nbytes / (fused_ms * 1e-3) / 1e9,
+            "tflops_with_quantize": flops / ((kernel_ms + fused_ms) * 1e-3) / 1e12,
+            "quantize_torch_ms": torch_ms, "v_layout_ms": layout_ms,
+            "block_quant": bool(block_quant), "incoherent": bool(incoherent)}
