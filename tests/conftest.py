@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from fa3_lab import _env
+from fa3_lab import _env, registry
+
+
+def pytest_configure(config):
+    """One marker per kernel step, from the registry: ``pytest -m step04`` runs step 04's tests and its twin's."""
+    for s in registry.STEPS:
+        config.addinivalue_line("markers", f"{s.marker}: tests of kernel step {s.id:02d} ({s.name}) and its twin")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fa3_lab import _env
+from fa3_lab import _env, registry
 
 #: Where runs are recorded (inside the package, so an installed copy still finds them).
 RESULTS_DIR = _env.RESULTS_DIR
 
 #: Our kernel steps (cuda/steps/NN_*.cu) and the peers of docs/design.md "Numbers everyone uses".
-STEP_IMPLS = ("step01", "step02", "step03", "step04", "step05")
+STEP_IMPLS = tuple(s.marker for s in registry.STEPS)  # "step01" … (fa3_lab/registry.py)
 PEER_IMPLS = ("fa3", "cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 IMPLS = STEP_IMPLS + PEER_IMPLS
 DTYPES = ("fp16", "bf16", "e4m3")

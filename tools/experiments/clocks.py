@@ -1,6 +1,6 @@
 """SM clock and power while one kernel runs back to back: ours (step 04) against the official FA3.
 
-    python cuda/tools/clocks.py [--headdim 128] [--seqlen 16384] [--seconds 4] [--causal]
+    python tools/experiments/clocks.py [--headdim 128] [--seqlen 16384] [--seconds 4] [--causal]
 
 Each implementation runs for ``--seconds`` in turn, twice (ours, FA3, ours, FA3: drift in temperature
 hits both), while ``nvidia-smi -lms 100`` samples clocks.sm, power.draw and temperature. Prints, per
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from regime import smi_start, smi_stop  # noqa: E402  (cuda/tools, the script's own folder)
+from regime import smi_start, smi_stop  # noqa: E402  (tools/experiments, the script's own folder)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """One forward on the paper grid's shape, for a profiler (ncu/nsys) to look at: our step or the official FA3.
 
     ncu --section SpeedOfLight -k regex:'fwd_kernel|Flash' --launch-skip 2 --launch-count 1 \\
-        python cuda/tools/profile_case.py --impl step04 --headdim 128 --seqlen 8192
+        python tools/experiments/profile_case.py --impl step04 --headdim 128 --seqlen 8192
 
 Runs the call three times (the profiler skips the first two: module load, caches). Inputs as
 ``python -m fa3_lab bench`` (16k tokens, hidden 2048, bf16, randn).

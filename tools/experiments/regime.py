@@ -1,6 +1,6 @@
 """Per-call times of ours (step 04), FA3 and cuDNN under two regimes, with the SM clock beside them.
 
-    python cuda/tools/regime.py [--dtypes bf16,fp16] [--seqlens 2048,16384] [--headdim 128] [--calls 40]
+    python tools/experiments/regime.py [--dtypes bf16,fp16] [--seqlens 2048,16384] [--headdim 128] [--calls 40]
                                 [--blocks 3] [--out FILE.json]
 
 Why: in the grid (do_bench: an L2 flush before every call) our rounds at headdim 128 non-causal move by up
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                         record.append(dict(dtype=dtype, seqlen=s, impl=name, regime=regime, block=blk, ms=ms,
                                            sm_mhz=mhz, power_w=watts, temp_c=temp))
     if args.out:
-        meta = results.collect_meta("python cuda/tools/regime.py " + " ".join(argv or sys.argv[1:]))
+        meta = results.collect_meta("python tools/experiments/regime.py " + " ".join(argv or sys.argv[1:]))
         Path(args.out).write_text(json.dumps(dict(meta=meta, calls=record)))
     return 0
 

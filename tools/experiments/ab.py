@@ -13,7 +13,7 @@ defines are in ``meta.command``).
 
 Usage (on the GPU machine, repo root)::
 
-    python cuda/tools/ab.py --name ab_overlap --step 4 \\
+    python tools/experiments/ab.py --name ab_overlap --step 4 \\
         --variant new= --variant base="-DFA3_WAIT_AFTER_SOFTMAX=0 -DFA3_STEP04_EARLY_RESCALE=0" \\
         --headdims 64,128,256 --causal both --seqlens 2048,8192 --rounds 3
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
               flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    command = "python cuda/tools/ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python tools/experiments/ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
     root = results.RESULTS_DIR / "experiments"
     for label in labels:
         defines = variants[label][0] if label in variants else ""
