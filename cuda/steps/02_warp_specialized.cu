@@ -1,10 +1,16 @@
 // ============================================================================================
-// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/):
-//   01_tma_wgmma               TMA loads + WGMMA GEMMs, one CTA = two consumer warpgroups
-//   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg  <- this file
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/; the table: fa3_lab/registry.py):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, two consumer warpgroups, no specialization
+//   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg   <- this file
 //   03_pingpong                + named-barrier pingpong of the two consumer warpgroups
-//   04_intra_warpgroup_overlap + softmax of tile j+1 under the P·V GEMM of tile j (paper Alg. 2)
-//   05_fp8                     + e4m3 operands, per-block descales, V transposed in smem
+//   04_intra_warpgroup_overlap + softmax of tile j under the P·V GEMM of tile j−1 (paper Alg. 2)
+//   05_fp8                     + (on 04) e4m3 operands, per-block descales, V k-major (paper §3.3)
+//   06_persistent              + (on 04) persistent grid: CTAs stride over the work tiles
+//   07_causal_scheduler        + causal: dynamic tile scheduler, longest tiles first
+//   08_tma_store_epilogue      + O through shared memory: stmatrix, then one TMA store
+//   09_three_warpgroups        + headdim 64: three consumer warpgroups on 192-row tiles
+//   10_kv_multicast            + clusters of two CTAs share each K/V tile by TMA multicast
+//   bwd/11_…                   the backward (paper App. B.1), a series of its own
 // ============================================================================================
 //
 // Step 02 extends 01 with warp specialization (paper §3.1, Algorithm 1): the CTA has THREE
@@ -27,10 +33,11 @@
 //
 // Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
 // (4, 8448, 16, 128) 575 TFLOPs/s; seqlen 16k: hd64 426, hd128 572, hd128 causal 561, hd256 630.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: docs/performance.md.
 // Known limits: the two consumer warpgroups still contend for the
 // tensor cores and the MUFU in no particular order (that is step 03), and within a warpgroup the
 // softmax waits for the GEMM (step 04).
+// Twin: reference/fa3_pipeline.py::warp_specialized_forward.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
