@@ -64,13 +64,13 @@ struct Config {
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
   static constexpr bool kKFirst = true;      // producer order K_{j+1} before V_j (producer.h, for_each_kv)
   static constexpr int kTurnBarrier = 1;     // named barriers 1, 2 (0 is __syncthreads)
-  static constexpr int kAtoms = kHeadDim / kAtomCols16;
+  static constexpr int kAtoms = kHeadDim / kAtomCols16;        // 64-column swizzle atoms per row
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
   static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
   static constexpr int kConsumerRegs = 240;
   static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
 template <typename T, int kHeadDim, bool kCausal>
@@ -85,98 +85,76 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle, kAtoms atoms
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
-  uint64_t* full_k = full_q + 1;        // (kStages)
+  uint64_t* full_k = full_q + 1;       // (kStages)
   uint64_t* full_v = full_k + kStages;  // (kStages)
   uint64_t* empty_k = full_v + kStages;  // (kStages)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
-  // This CTA's work tile: row block m_block (the grid walks them from the last down) of head h, batch b;
-  // read straight from blockIdx where needed (cheap to re-read: fewer live registers).
-  auto decode = [&](int& m_block, int& h, int& b) {
-    m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  };
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (p.nheads / p.nheads_kv);    // GQA/MQA by index arithmetic
   const int wg = warpgroup_id();
+  const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+  const int n_block_max = blocks.n_block_max;
 
-  if (threadIdx.x == 0) {
-    init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, kWarpsPerWarpgroup * Cfg::kNumConsumers);
-    fence_barrier_init();
+  T* o_base = reinterpret_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_base = p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q;
+  if (n_block_max <= 0) {
+    store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, m_block * kBlockM, (m_block + 1) * kBlockM,
+                                  p.seqlen_q);
+    return;
   }
+
+  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, kWarpsPerWarpgroup * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    int m_block, h, b;  // step 02's producer (and its trace observer)
-    decode(m_block, h, b);
-    const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
-    if (blocks.n_block_max > 0)
-      produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v,
-                           m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, p);
+    produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v, m_block, h,
+                         h_kv, b, n_block_max, p);
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
     FA3_TRACE_DECL(tr);
     FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % kThreadsPerWarpgroup == 0);
+    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0
+    // goes first; consumer 1 skips its final hand-over so every arrival is matched by a wait.
     const int c = wg - 1;
-    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0 goes
-    // first. Every turn of warpgroup 0 is preceded by a hand-over from warpgroup 1 (the first by the arrival
-    // here) and consumer 0 takes one last turn at the end, so every arrival is matched by a wait.
     auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * kThreadsPerWarpgroup); };
     auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * kThreadsPerWarpgroup); };
-    if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * kThreadsPerWarpgroup);
     const uint32_t sQ_addr = smem_u32(sQ);
-
-    auto consume_tile = [&]() {  // this CTA's work tile (step 06 runs it in a loop over many)
-      int m_block, h, b;
-      decode(m_block, h, b);
-      const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
-      const int n_block_max = blocks.n_block_max;
+    auto consume_tile = [&]() {  // the consumer's work on this CTA's tile (steps 06+ run it for many tiles)
       const int row0 = m_block * kBlockM + c * kRowsPerWarpgroup;  // this warpgroup's first query row
-      // Output pointers, computed where they are used (re-deriving h, b from t there keeps 4 registers
-      // free during the main loop: at headdim 256 they are the difference between 0 and 16 bytes of spill).
-      auto out_ptrs = [&](T*& o_base, float*& lse_base) {
-        int m_, h_, b_;
-        decode(m_, h_, b_);
-        o_base = reinterpret_cast<T*>(p.o) + b_ * p.o_batch_stride + h_ * p.o_head_stride;
-        lse_base = p.lse + (static_cast<int64_t>(b_) * p.nheads + h_) * p.seqlen_q;
-      };
-      if (n_block_max <= 0) {  // causal, seqlen_q > seqlen_k: these rows see no key
-        T* o_base;
-        float* lse_base;
-        out_ptrs(o_base, lse_base);
-        store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, row0, row0 + kRowsPerWarpgroup, p.seqlen_q,
-                                      threadIdx.x % kThreadsPerWarpgroup, kThreadsPerWarpgroup);
-        return;
-      }
       OnlineSoftmax softmax;
       softmax.init();
       float o[kHeadDim / 2];  // (kRowsPerWarpgroup, kHeadDim) fp32 accumulator fragment, registers
 #pragma unroll
       for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
       mbarrier_wait(full_q, 0);
+      if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * kThreadsPerWarpgroup);  // consumer 0 goes first
       auto stage_of = [&](int i) { return i % kStages; };  // K/V tile i: ring slot and pass parity
       auto phase_of = [&](int i) { return static_cast<uint32_t>((i / kStages) & 1); };
-
       float s[kBlockN / 2];           // (kRowsPerWarpgroup, kBlockN) fp32 fragment: S, then P, registers
       uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
       float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
       // prologue, tile 0: S = Q·K_0ᵀ
-      mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
+      mbarrier_wait(&full_k[0], 0);
       wait_turn();
       FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
       wgmma_fence();
-      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * kRowsPerWarpgroup, smem_u32(sK + stage_of(0) * kTileElems), false);
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * kRowsPerWarpgroup, smem_u32(sK), false);
       wgmma_commit();
       pass_turn();
       wgmma_wait<0>();
       fence_regs(s);
       FA3_TRACE_STAMP(tr, kGemm0Done, 0);
       FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);  // K_0 read: release its slot
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);  // K_0 read: release its slot
       {
         const int n_block = n_block_max - 1;
         if (blocks.needs_mask(n_block))
@@ -238,15 +216,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       for (; i < n_block_max; ++i) tile(i, std::false_type{});
       // epilogue turn: O += P_last·V_last
       {
-        const int last = stage_of(n_block_max - 1);
-        mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
+        const int last = (n_block_max - 1) % kStages;
+        mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
         wait_turn();
         rescale_rows<kHeadDim>(o, corr);
         FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
         wgmma_fence();
         gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
         wgmma_commit();
-        pass_turn();
+        if (c == 0) pass_turn();
         wgmma_wait<0>();
         fence_regs(o);
         FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
@@ -255,13 +233,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
       // 7. epilogue
       float inv_sum[2], lse[2];
       softmax.finalize(p.scale_log2, inv_sum, lse);
-      T* o_base;
-      float* lse_base;
-      out_ptrs(o_base, lse_base);
       store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
     };
     consume_tile();
-    if (c == 0) wait_turn();  // matches the last consumer's last hand-over
     FA3_TRACE_FINISH(tr);
   }
 }
@@ -275,6 +249,7 @@ struct Launch {
 
 }  // namespace step04
 
+// Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
 void run_fwd_step04(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step04::Launch>(p, stream, "step04"); }
 
 }  // namespace fa3

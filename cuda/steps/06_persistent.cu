@@ -62,7 +62,7 @@ struct Config {
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
   static constexpr bool kKFirst = true;      // producer order K_{j+1} before V_j (producer.h, for_each_kv)
   static constexpr int kTurnBarrier = 1;     // named barriers 1, 2 (0 is __syncthreads)
-  static constexpr int kAtoms = kHeadDim / kAtomCols16;
+  static constexpr int kAtoms = kHeadDim / kAtomCols16;        // 64-column swizzle atoms per row
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
   // Persistent: min(tiles, SMs) CTAs striding over the tiles, non-causal at headdim 64/128 (headdim 256 and
@@ -72,7 +72,7 @@ struct Config {
   static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
   static constexpr int kConsumerRegs = 240;
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
 template <typename T, int kHeadDim, bool kCausal>
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle, kAtoms atoms
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
@@ -324,6 +324,7 @@ struct Launch {
 
 }  // namespace step06
 
+// Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
 void run_fwd_step06(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step06::Launch>(p, stream, "step06"); }
 
 }  // namespace fa3

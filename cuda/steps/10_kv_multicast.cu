@@ -79,7 +79,7 @@ struct Config {
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
   static constexpr bool kKFirst = true;      // producer order K_{j+1} before V_j (producer.h, for_each_kv)
   static constexpr int kTurnBarrier = 1;     // named barriers 1 .. kNumConsumers (0 is __syncthreads)
-  static constexpr int kAtoms = kHeadDim / kAtomCols16;
+  static constexpr int kAtoms = kHeadDim / kAtomCols16;        // 64-column swizzle atoms per row
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
   // Persistent (step 06): min(tiles, SMs) CTAs striding over the tiles, non-causal at headdim 64/128.
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal, kDyn>::kThreads, 
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle, kAtoms atoms
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
   T* sO = Cfg::kOInK ? sK : sV + kStages * kTileElems;  // O tiles: own (kOwnO) or K ring (kOInK); V ring: per tile
@@ -485,6 +485,7 @@ struct Launch {
 
 }  // namespace step10
 
+// Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
 void run_fwd_step10(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step10::Launch>(p, stream, "step10"); }
 
 }  // namespace fa3
