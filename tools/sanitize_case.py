@@ -46,7 +46,7 @@ for step in steps:
 if args.fp8:
     for d in (64, 128, 256):
         case((1, 203, 4, d), (1, 333, 2, d))
-    for d in (64, 128):  # step 05's persistent grid (non-causal, headdim 64/128): more tiles than SMs
+    for d in (64, 128):  # more tiles than SMs, GQA
         case((2, 1100, 12, d), (2, 700, 4, d), causals=(False,))
     steps.append(5)
 print("sanitize case done for steps", steps)
