@@ -30,7 +30,7 @@
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: none — the multicast changes where K/V bytes come from, not what any warpgroup computes; the
 // schedule is reference/fa3_pipeline.py::pipelined_forward's.
-// Measured (NVIDIA H200, bf16, commit cfb378a = this kernel before the split, 2026-12-02; DESIGN.md):
+// Measured (NVIDIA H200, bf16, commit cfb378a = this kernel before the split, 2026-12-02; docs/design.md):
 // 0.98 / 0.97 / 1.00 × FA3 at headdim 128 non-causal 2k / 8k / 16k, 0.99 / 0.95 causal 8k / 16k; on the
 // H100 (6866ce8, fa3_lab/results/nvidia-h100-80gb-hbm3/) Table 2 shape (4, 8448, 16, 128) 670 TFLOPs/s.
 // The split's own grid against cfb378a: fa3_lab/results/nvidia-h200/grid_vs_cfb378a.json.
