@@ -8,21 +8,39 @@
 #include "fa3/params.h"
 
 namespace fa3 {
+// One launcher per 16-bit step (cuda/steps/NN_*.cu), declared where the step is built (FA3_HAS_STEPNN).
+#define FA3_DECLARE_STEP(NN) void run_fwd_step##NN(const FwdParams&, cudaStream_t);
 #ifdef FA3_HAS_STEP01
-void run_fwd_step01(const FwdParams&, cudaStream_t);
+FA3_DECLARE_STEP(01)
 #endif
 #ifdef FA3_HAS_STEP02
-void run_fwd_step02(const FwdParams&, cudaStream_t);
+FA3_DECLARE_STEP(02)
 #endif
 #ifdef FA3_HAS_STEP03
-void run_fwd_step03(const FwdParams&, cudaStream_t);
+FA3_DECLARE_STEP(03)
 #endif
 #ifdef FA3_HAS_STEP04
-void run_fwd_step04(const FwdParams&, cudaStream_t);
+FA3_DECLARE_STEP(04)
 #endif
 #ifdef FA3_HAS_STEP05
-void run_fwd_step05(const FwdParams&, cudaStream_t);
+FA3_DECLARE_STEP(05)
 #endif
+#ifdef FA3_HAS_STEP06
+FA3_DECLARE_STEP(06)
+#endif
+#ifdef FA3_HAS_STEP07
+FA3_DECLARE_STEP(07)
+#endif
+#ifdef FA3_HAS_STEP08
+FA3_DECLARE_STEP(08)
+#endif
+#ifdef FA3_HAS_STEP09
+FA3_DECLARE_STEP(09)
+#endif
+#ifdef FA3_HAS_STEP10
+FA3_DECLARE_STEP(10)
+#endif
+#undef FA3_DECLARE_STEP
 // cuda/fp8_quantize.cu (always built: it prepares step 05's inputs but needs none of the steps)
 cudaError_t run_quantize_fp8(const void* const src[3], const int64_t strides[3][3], const int sizes[3][2],
                              uint8_t* const dst[3], float* const descale[3], int batch, int headdim, bool bf16,
@@ -31,6 +49,9 @@ cudaError_t run_quantize_fp8(const void* const src[3], const int64_t strides[3][
 }  // namespace fa3
 
 namespace {
+
+// The steps whose causal launch takes its tiles from the dynamic scheduler (07 and the steps built on it).
+constexpr int64_t kFirstDynamicStep = 7, kLastDynamicStep = 10;
 
 void fill_common(fa3::FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                  at::Tensor& lse, bool causal, double softmax_scale) {
@@ -69,8 +90,10 @@ std::vector<at::Tensor> fwd(int64_t step, const at::Tensor& q, const at::Tensor&
     p.trace_ctas = static_cast<int>(trace_ctas);
     p.trace_capacity = static_cast<int>(trace_.value().size(-1) / 2);  // records of 2 int64
   }
-  at::Tensor tile_counter;  // step 04, causal, short enough: the dynamic tile scheduler's counter, zeroed per call
-  if (step == 4 && causal && k.size(1) <= FA3_DYNAMIC_MAX_SEQLEN && !trace_.has_value()) {
+  // Steps 07–10 (the dynamic tile scheduler), causal, short enough: the scheduler's counter, zeroed per call.
+  at::Tensor tile_counter;
+  if (step >= kFirstDynamicStep && step <= kLastDynamicStep && causal && k.size(1) <= fa3::kDynamicMaxSeqlen &&
+      !trace_.has_value()) {
     tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
     p.tile_counter = tile_counter.data_ptr<int>();
   }
@@ -87,6 +110,21 @@ std::vector<at::Tensor> fwd(int64_t step, const at::Tensor& q, const at::Tensor&
 #endif
 #ifdef FA3_HAS_STEP04
     case 4: fa3::run_fwd_step04(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP06
+    case 6: fa3::run_fwd_step06(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP07
+    case 7: fa3::run_fwd_step07(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP08
+    case 8: fa3::run_fwd_step08(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP09
+    case 9: fa3::run_fwd_step09(p, stream); break;
+#endif
+#ifdef FA3_HAS_STEP10
+    case 10: fa3::run_fwd_step10(p, stream); break;
 #endif
     default: TORCH_CHECK(false, "step ", step, " is not built into this extension");
   }

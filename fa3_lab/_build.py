@@ -34,12 +34,15 @@ NVCC_FLAGS = [
 
 @functools.lru_cache(None)
 def _step_files() -> tuple:
-    return tuple((int(path.name[:2]), path) for path in sorted((CUDA_DIR / "steps").glob("[0-9][0-9]_*.cu")))
+    steps = CUDA_DIR / "steps"
+    paths = sorted(steps.glob("[0-9][0-9]_*.cu")) + sorted((steps / "bwd").glob("[0-9][0-9]_*.cu"))
+    return tuple((int(path.name[:2]), path) for path in paths)
 
 
 def step_sources() -> dict[int, Path]:
-    """{step number: path} of the step files present in cuda/steps/ (scanned once per process: every
-    flash_attn_func call asks, through fa3_lab.steps())."""
+    """{step id: path} of the step files present: the forward series in cuda/steps/ and the backward series
+    in cuda/steps/bwd/ (fa3_lab/registry.py names them; scanned once per process: every flash_attn_func call
+    asks, through fa3_lab.steps())."""
     return dict(_step_files())
 
 

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.step05  # the FP8 kernel step, its quantize kernel and its twin's layout helpers
+
 torch = pytest.importorskip("torch")
 
 from fa3_lab import fp8 as F  # noqa: E402
@@ -439,10 +441,9 @@ def test_kernel_matches_emulation_batch_mha_and_scale():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("headdim", [64, 128])
-def test_kernel_persistent_grid_more_tiles_than_sms(headdim):
-    """Non-causal step 05 at headdim 64/128 launches min(tiles, SMs) CTAs that stride over the work
-    tiles (the K/V ring, Q's empty barrier, the pingpong turns and the per-tile descales carry over):
-    2 × 12 heads × 9 row blocks = 216 tiles, more than the SMs, several K/V tiles each, GQA."""
+def test_kernel_more_tiles_than_sms(headdim):
+    """Step 05 (one CTA per tile) with more work tiles than SMs, several K/V tiles each, GQA: every CTA reads
+    its own per-block descales. 2 × 12 heads × 9 row blocks = 216 tiles."""
     batch, seqlen, nheads = 2, 1100, 12
     assert batch * nheads * -(-seqlen // 128) > torch.cuda.get_device_properties(0).multi_processor_count
     _kernel_vs_emulation(headdim, False, seqlen, 900, True, True, seed=17 + headdim, batch=batch, nheads=nheads,

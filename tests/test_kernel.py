@@ -19,6 +19,16 @@ from fa3_lab import api  # noqa: E402
 from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
 STEPS16 = [s.id for s in api.steps() if "bf16" in s.dtypes]
+
+
+def step_params(ids):
+    """The step ids as pytest params, each with its marker ``stepNN`` (``pytest -m step04`` runs step 04's)."""
+    return [pytest.param(s, marks=getattr(pytest.mark, f"step{s:02d}"), id=f"step{s:02d}") for s in ids]
+
+
+PERSISTENT = [s for s in STEPS16 if s >= 6]   # persistent grid (06+)
+DYNAMIC = [s for s in STEPS16 if s >= 7]      # dynamic causal scheduler (07+)
+TMA_STORE = [s for s in STEPS16 if s >= 8]    # TMA-store epilogue (08+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FLOOR = {"bf16": 1e-3, "fp16": 2e-4}
 
@@ -73,7 +83,7 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_kv)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", STEPS16)
+@pytest.mark.parametrize("step", step_params(STEPS16))
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
@@ -85,7 +95,7 @@ def test_forward_matches_reference(step, dtype_name, headdim, causal, shape):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("step", STEPS16)
+@pytest.mark.parametrize("step", step_params(STEPS16))
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_table2_length(step, causal):
     """The paper's ablation length (8448, not a multiple of any tile) at headdim 128."""
@@ -93,32 +103,34 @@ def test_forward_table2_length(step, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("step", step_params(PERSISTENT))
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_persistent_grid_more_tiles_than_sms(headdim, causal):
-    """Step 04 launches min(tiles, SMs) CTAs that stride over the work tiles: the K/V ring, Q's empty
+def test_persistent_grid_more_tiles_than_sms(step, headdim, causal):
+    """Steps 06+ launch min(tiles, SMs) CTAs that stride over the work tiles: the K/V ring, Q's empty
     barrier and the pingpong turns carry over from one tile to the next. 4 × 8 heads × 11 row blocks
     of 192 (headdim 64, three consumer warpgroups) or 16 of 128 = 352 or 512 tiles (over 2 per SM);
     seqlen_q > seqlen_k makes causal tiles whose rows see no key sit between tiles that do (O = 0,
     lse = +inf there)."""
     batch, seqlen_q, seqlen_k, nheads = 4, 2000, 700, 8
-    block_m = 192 if headdim == 64 else 128  # Br of step 04 (cuda/steps/04_intra_warpgroup_overlap.cu)
+    block_m = 192 if headdim == 64 and step >= 9 else 128  # Br (three consumer warpgroups at headdim 64: step 09+)
     tiles = batch * nheads * -(-seqlen_q // block_m)
     assert tiles > 2 * torch.cuda.get_device_properties(0).multi_processor_count
-    run_case(4, "bf16", headdim, causal, batch, seqlen_q, seqlen_k, nheads, 2, seed=headdim + causal)
+    run_case(step, "bf16", headdim, causal, batch, seqlen_q, seqlen_k, nheads, 2, seed=headdim + causal)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("step", step_params(DYNAMIC))
 @pytest.mark.parametrize("headdim", [64, 128, 256])
-def test_causal_both_schedulers(headdim):
-    """Causal step 04 takes the dynamic tile scheduler up to FA3_DYNAMIC_MAX_SEQLEN (8192) keys and one
+def test_causal_both_schedulers(step, headdim):
+    """Causal steps 07+ take the dynamic tile scheduler up to kDynamicMaxSeqlen (8192) keys and one
     CTA per tile beyond: one case on each side of the switch."""
     for seqlen_k in (8192, 8193 + 64):
-        run_case(4, "bf16", headdim, True, 1, 384, seqlen_k, 2, 1, seed=headdim + seqlen_k)
+        run_case(step, "bf16", headdim, True, 1, 384, seqlen_k, 2, 1, seed=headdim + seqlen_k)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", STEPS16)
+@pytest.mark.parametrize("step", step_params(STEPS16))
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
@@ -142,7 +154,7 @@ def test_running_max_moves(step, dtype_name, headdim, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", STEPS16)
+@pytest.mark.parametrize("step", step_params(STEPS16))
 def test_deterministic(step):
     """Bitwise identical output run to run (no atomics, fixed reduction order)."""
     q, k, v, out = run_case(step, "bf16", 128, True, 2, 777, 1024, 4, 2, seed=11)
@@ -164,17 +176,18 @@ def test_noncontiguous_strides():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("step", step_params(TMA_STORE))
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_out_view_with_padded_strides(headdim, causal):
-    """out= a view into a larger buffer (heads padded 5 → 7, rows padded by one head): step 04's TMA-store
+def test_out_view_with_padded_strides(step, headdim, causal):
+    """out= a view into a larger buffer (heads padded 5 → 7, rows padded by one head): the TMA-store
     epilogue (O staged in its own tile at headdims 64/128, in the K or V ring at 256) writes through O's own
     tensor map with these strides, and nothing outside the view is touched. 200 query rows: the last row block is partial (TMA clips the rows past seqlen_q)."""
     g = torch.Generator(device="cuda").manual_seed(headdim + causal)
     q, k, v = (torch.randn(2, 200, 5, headdim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     buf = torch.full((2, 200, 7, headdim), 7.0, device="cuda", dtype=torch.bfloat16)
     out = buf[:, :, 1:6]
-    fa3_lab.flash_attn_func(q, k, v, causal=causal, step=4, out=out)
+    fa3_lab.flash_attn_func(q, k, v, causal=causal, step=step, out=out)
     ref, _ = attention_ref(q, k, v, causal, headdim ** -0.5)
     emul, _ = attention_ref(q, k, v, causal, headdim ** -0.5, upcast=False)
     tol = 2 * (emul.float() - ref).abs().max().item() + FLOOR["bf16"]

@@ -17,20 +17,19 @@ HERE = Path(__file__).resolve().parent
 STEPS = sorted(_build.step_sources())
 
 
+STEPS16 = [s for s in STEPS if s != 5]   # 16-bit forward steps (05 is e4m3)
+OVERLAP = [s for s in STEPS16 if s >= 4]  # Algorithm 2 (step 04) and every step built on it
+
+
+def step_params(ids):
+    """Step ids as pytest params with their marker ``stepNN``."""
+    return [pytest.param(s, marks=getattr(pytest.mark, f"step{s:02d}"), id=f"step{s:02d}") for s in ids]
+
+
 def block_n_hd128(step):
-    """Bc of a step's bf16 headdim-128 non-causal kernel: 128 for step 01, FA3_BLOCK_N_HD128 (block_info.h) for
-    02 and 03, FA3_STEP04_BLOCK_N_HD128 (the step's own file) for 04."""
-    import re
-
-    from fa3_lab import _env
-
-    if step == 1:
-        return 128
-    if step == 4:
-        source, name = _build.step_sources()[4].read_text(), "FA3_STEP04_BLOCK_N_HD128"
-    else:
-        source, name = (_env.CUDA_DIR / "include" / "fa3" / "block_info.h").read_text(), "FA3_BLOCK_N_HD128"
-    return int(re.search(rf"#define {name} (\d+)", source)[1])
+    """Bc of a step's bf16 headdim-128 non-causal kernel (each step's Config): 128 for step 01, 176 (FA3's
+    choice) for 02–07, 160 from step 08 (the TMA-store epilogue's O tile needs the smem)."""
+    return 128 if step == 1 else 176 if step <= 7 else 160
 
 # -------------------------------------------------------------------------- analyzer on hand-written SASS
 # A loop that commits one group, issues two EX2 under it, waits (N = 0), then one EX2 after the wait;
@@ -201,7 +200,7 @@ def analyzed():
 
 
 @pytest.mark.sass
-@pytest.mark.parametrize("step", [s for s in STEPS if s <= 4])
+@pytest.mark.parametrize("step", step_params(STEPS16))
 def test_every_step_issues_hgmma_in_its_main_loop_without_local_memory(analyzed, step):
     res = analyzed(step)
     # (64 × kBlockN) = Q·Kᵀ over headdim/16 k-slices, plus P·V over kBlockN/16 k-slices
@@ -212,7 +211,7 @@ def test_every_step_issues_hgmma_in_its_main_loop_without_local_memory(analyzed,
 
 
 @pytest.mark.sass
-@pytest.mark.parametrize("step", [s for s in STEPS if 2 <= s <= 4])
+@pytest.mark.parametrize("step", step_params([s for s in STEPS16 if s >= 2]))
 def test_setmaxnreg_from_step02(analyzed, step):
     ops = {u["op"]: u["registers"] for u in analyzed(step)["usetmaxreg"]}
     assert "DEALLOC" in ops and "TRY_ALLOC" in ops, ops
@@ -225,7 +224,7 @@ def test_step01_has_no_setmaxnreg(analyzed):
 
 
 @pytest.mark.sass
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("step", step_params(STEPS))
 def test_no_spills_in_any_instantiation(step):
     rows = sass.ptxas_spills(step)
     dtypes = 1 if step == 5 else 2  # step 05 is e4m3 only
@@ -249,7 +248,8 @@ def test_qgmma_in_step05(analyzed):
 # Step 04 issues S_next and P·V as two groups and waits with DEPBAR.LE gsb0, 0x1, but ptxas puts the
 # DEPBAR.LE gsb0, 0x0 ahead of most of the exponentials, so Algorithm 2's overlap is only partly in the SASS.
 @pytest.mark.sass
-def test_step04_overlaps_the_softmax_with_the_gemm(analyzed):
+@pytest.mark.parametrize("step", step_params(OVERLAP))
+def test_step04_overlaps_the_softmax_with_the_gemm(analyzed, step):
     """Step 04 issues part of the softmax's MUFU.EX2 while P·V is in flight; step 02 none.
 
     Thresholds from the real kernels (nvcc 13.0, bf16, headdim 128; Bc 176 in steps 02–03, 160 in step 04)
@@ -258,22 +258,23 @@ def test_step04_overlaps_the_softmax_with_the_gemm(analyzed):
     packed P before O's conditional rescale, so that ptxas interleaves the F2FPs with the exponentials after
     the wait; 12/90 with the K/V multicast's cluster build; 11/82 at Bc = 160 (session 6, for the TMA-store
     epilogue's O tile) — each change measured no slower or faster
-    in interleaved A/B runs (cuda/NOTES.md). ptxas
+    in interleaved A/B runs (docs/performance.md). ptxas
     places WARPGROUP.DEPBAR.LE gsb0, 0x0 before most of the exponentials, so the overlap inside one
     warpgroup is partial (the rest runs under the other warpgroup's GEMMs); forcing all of them under
-    P·V measured slower (NOTES.md). FA3's own binary keeps 13–18 of its 66–90 before the wait (ncu
+    P·V measured slower (docs/performance.md). FA3's own binary keeps 13–18 of its 66–90 before the wait (ncu
     source view, NOTES.md, session 5).
     """
-    f2, f4 = analyzed(2)["overlap_fraction"], analyzed(4)["overlap_fraction"]
+    f2, f4 = analyzed(2)["overlap_fraction"], analyzed(step)["overlap_fraction"]
     assert f2 <= 0.05, f2  # step 02 waits for every GEMM before its softmax, by design
-    assert f4 >= 0.08, f"step 04 overlap fraction {f4} (step 02: {f2})"
+    assert f4 >= 0.08, f"step {step:02d} overlap fraction {f4} (step 02: {f2})"
     assert f4 - f2 >= 0.08
 
 
 @pytest.mark.sass
-def test_step04_headdim256_keeps_part_of_the_softmax_under_pv(analyzed):
+@pytest.mark.parametrize("step", step_params(OVERLAP))
+def test_step04_headdim256_keeps_part_of_the_softmax_under_pv(analyzed, step):
     # the one instantiation where ptxas keeps EX2 between DEPBAR.LE gsb0, 0x1 and 0x0 (measured 16/42)
-    f2, f4 = analyzed(2, headdim=256)["overlap_fraction"], analyzed(4, headdim=256)["overlap_fraction"]
+    f2, f4 = analyzed(2, headdim=256)["overlap_fraction"], analyzed(step, headdim=256)["overlap_fraction"]
     assert f2 == 0.0
     assert f4 >= 0.25, f4
 
@@ -286,8 +287,9 @@ def test_step02_waits_for_every_gemm_before_the_softmax(analyzed):
 
 
 @pytest.mark.sass
-def test_step04_issues_two_groups_and_waits_for_one(analyzed):
-    res = analyzed(4)
+@pytest.mark.parametrize("step", step_params(OVERLAP))
+def test_step04_issues_two_groups_and_waits_for_one(analyzed, step):
+    res = analyzed(step)
     assert res["groups_per_iteration"] == 2
     waits = [i["text"] for i in res["listing"] if i["category"] == "wait"]
     assert any(w.endswith("0x1") for w in waits), waits

@@ -1,10 +1,16 @@
 // ============================================================================================
-// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/):
-//   01_tma_wgmma               TMA loads + WGMMA GEMMs, one CTA = two consumer warpgroups   <- this file
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/; the table: fa3_lab/registry.py):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, two consumer warpgroups, no specialization   <- this file
 //   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg
 //   03_pingpong                + named-barrier pingpong of the two consumer warpgroups
-//   04_intra_warpgroup_overlap + softmax of tile j+1 under the P·V GEMM of tile j (paper Alg. 2)
-//   05_fp8                     + e4m3 operands, per-block descales, V transposed in smem
+//   04_intra_warpgroup_overlap + softmax of tile j under the P·V GEMM of tile j−1 (paper Alg. 2)
+//   05_fp8                     + (on 04) e4m3 operands, per-block descales, V k-major (paper §3.3)
+//   06_persistent              + (on 04) persistent grid: CTAs stride over the work tiles
+//   07_causal_scheduler        + causal: dynamic tile scheduler, longest tiles first
+//   08_tma_store_epilogue      + O through shared memory: stmatrix, then one TMA store
+//   09_three_warpgroups        + headdim 64: three consumer warpgroups on 192-row tiles
+//   10_kv_multicast            + clusters of two CTAs share each K/V tile by TMA multicast
+//   bwd/11_…                   the backward (paper App. B.1), a series of its own
 // ============================================================================================
 //
 // Step 01: FlashAttention-2's algorithm rewritten for Hopper's asynchronous units (the paper's
@@ -24,10 +30,11 @@
 //
 // Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
 // (4, 8448, 16, 128) 555 TFLOPs/s; seqlen 16k: hd64 365, hd128 521, hd128 causal 516, hd256 578.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: docs/performance.md.
 // Known limits: the two GEMMs and the softmax of a warpgroup run back to back (nothing overlaps
 // within a CTA except what the other warpgroup does); the __syncthreads per tile couples both
 // warpgroups; the epilogue stores straight from registers (4-byte stores).
+// Twin: reference/flash_forward.py::flash_attention_forward (same names: Tc, row_max, row_sum).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,10 +1,16 @@
 // ============================================================================================
-// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/):
-//   01_tma_wgmma               TMA loads + WGMMA GEMMs, one CTA = two consumer warpgroups
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/; the table: fa3_lab/registry.py):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, two consumer warpgroups, no specialization
 //   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg
-//   03_pingpong                + named-barrier pingpong of the two consumer warpgroups          <- this file
-//   04_intra_warpgroup_overlap + softmax of tile j+1 under the P·V GEMM of tile j (paper Alg. 2)
-//   05_fp8                     + e4m3 operands, per-block descales, V transposed in smem
+//   03_pingpong                + named-barrier pingpong of the two consumer warpgroups   <- this file
+//   04_intra_warpgroup_overlap + softmax of tile j under the P·V GEMM of tile j−1 (paper Alg. 2)
+//   05_fp8                     + (on 04) e4m3 operands, per-block descales, V k-major (paper §3.3)
+//   06_persistent              + (on 04) persistent grid: CTAs stride over the work tiles
+//   07_causal_scheduler        + causal: dynamic tile scheduler, longest tiles first
+//   08_tma_store_epilogue      + O through shared memory: stmatrix, then one TMA store
+//   09_three_warpgroups        + headdim 64: three consumer warpgroups on 192-row tiles
+//   10_kv_multicast            + clusters of two CTAs share each K/V tile by TMA multicast
+//   bwd/11_…                   the backward (paper App. B.1), a series of its own
 // ============================================================================================
 //
 // Step 03 extends 02 with pingpong scheduling (paper §3.1, Figure 1): the two consumer warpgroups
@@ -24,9 +30,10 @@
 //
 // Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
 // (4, 8448, 16, 128) 628 TFLOPs/s; seqlen 16k: hd64 424, hd128 603, hd128 causal 597, hd256 685.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: cuda/NOTES.md.
+// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: docs/performance.md.
 // Known limit: inside one warpgroup the softmax still waits for the
 // GEMMs it depends on (step 04 overlaps them).
+// Twin: reference/fa3_pipeline.py::warp_specialized_forward (pingpong turns).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,19 +54,19 @@ namespace step03 {
 
 template <typename T, int kHeadDim, bool kCausal>
 struct Config {
-  static constexpr int kBlockM = 128;                                     // Br = 2 consumers × 64 rows
-  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : FA3_BLOCK_N_HD128) : 80;  // Bc
   static constexpr int kNumConsumers = 2;
-  static constexpr int kThreads = 128 * (1 + kNumConsumers);
+  static constexpr int kBlockM = kRowsPerWarpgroup * kNumConsumers;       // Br = consumers × 64 rows
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : 176) : 80;  // Bc
+  static constexpr int kThreads = kThreadsPerWarpgroup * (1 + kNumConsumers);
   static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
-  static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
-  static constexpr int kConsumerRegs = 240;
   static constexpr int kTurnBarrier = 1;     // named barriers 1, 2 (0 is __syncthreads)
-  static constexpr int kAtoms = kHeadDim / kAtomCols16;
+  static constexpr int kAtoms = kHeadDim / kAtomCols16;        // 64-column swizzle atoms per row
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
+  static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
+  static constexpr int kConsumerRegs = 240;
   static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
 template <typename T, int kHeadDim, bool kCausal>
@@ -74,7 +81,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle, kAtoms atoms
   T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
   T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
   uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
@@ -83,9 +90,9 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   uint64_t* empty_k = full_v + kStages;  // (kStages)
   uint64_t* empty_v = empty_k + kStages;  // (kStages)
 
-  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows first
   const int h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (p.nheads / p.nheads_kv);
+  const int h_kv = h / (p.nheads / p.nheads_kv);    // GQA/MQA by index arithmetic
   const int wg = warpgroup_id();
   const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
   const int n_block_max = blocks.n_block_max;
@@ -98,7 +105,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
     return;
   }
 
-  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, 4 * Cfg::kNumConsumers);
+  if (threadIdx.x == 0) init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, kWarpsPerWarpgroup * Cfg::kNumConsumers);
   __syncthreads();
 
   if (wg == 0) {
@@ -109,103 +116,104 @@ __global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
   } else {
     // ------------------------------------------------------------------ consumer warpgroups
     setmaxnreg_inc<Cfg::kConsumerRegs>();
-    const int row0 = m_block * kBlockM + (wg - 1) * 64;  // this warpgroup's first query row
     FA3_TRACE_DECL(tr);
-    FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % 128 == 0);
-    OnlineSoftmax softmax;
-    softmax.init();
-    float o[kHeadDim / 2];  // (64, kHeadDim) fp32 accumulator fragment, registers
-#pragma unroll
-    for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
-    const uint32_t sQ_addr = smem_u32(sQ);
-    mbarrier_wait(full_q, 0);
-
+    FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % kThreadsPerWarpgroup == 0);
     // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0
     // goes first; consumer 1 skips its final hand-over so every arrival is matched by a wait.
     const int c = wg - 1;
-    auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * 128); };
-    auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * 128); };
-    if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * 128);
-
-    float s[kBlockN / 2];           // (64, kBlockN) fp32 fragment: S, then P, registers
-    uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
-    // prologue, tile 0: S = Q·K_0ᵀ
-    mbarrier_wait(&full_k[0], 0);
-    wait_turn();
-    FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
-    wgmma_fence();
-    gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK), false);
-    wgmma_commit();
-    pass_turn();
-    wgmma_wait<0>();
-    fence_regs(s);
-    FA3_TRACE_STAMP(tr, kGemm0Done, 0);
-    FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);  // K_0 read: release its slot
-    {
-      const int n_block = n_block_max - 1;
-      if (blocks.needs_mask(n_block))
-        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      float corr[2];
-      softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
-      pack_p<Traits, kBlockN>(s, pa);
-    }
-    FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
-    for (int i = 1; i < n_block_max; ++i) {
-      const int n_block = n_block_max - 1 - i;
-      const int stage = i % kStages, prev = (i - 1) % kStages;
-      // 1. operands ready; my turn
-      mbarrier_wait(&full_k[stage], (i / kStages) & 1);
-      mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
+    auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * kThreadsPerWarpgroup); };
+    auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * kThreadsPerWarpgroup); };
+    const uint32_t sQ_addr = smem_u32(sQ);
+    auto consume_tile = [&]() {  // the consumer's work on this CTA's tile (steps 06+ run it for many tiles)
+      const int row0 = m_block * kBlockM + c * kRowsPerWarpgroup;  // this warpgroup's first query row
+      OnlineSoftmax softmax;
+      softmax.init();
+      float o[kHeadDim / 2];  // (kRowsPerWarpgroup, kHeadDim) fp32 accumulator fragment, registers
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+      mbarrier_wait(full_q, 0);
+      if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * kThreadsPerWarpgroup);  // consumer 0 goes first
+      float s[kBlockN / 2];           // (kRowsPerWarpgroup, kBlockN) fp32 fragment: S, then P, registers
+      uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+      // prologue, tile 0: S = Q·K_0ᵀ
+      mbarrier_wait(&full_k[0], 0);
       wait_turn();
-      // 2. O += P_{j−1}·V_{j−1};  S = Q·K_jᵀ;  hand over
-      FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
-      FA3_TRACE_STAMP(tr, kGemm0Issue, i);
+      FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
       wgmma_fence();
-      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
-      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * 64, smem_u32(sK + stage * kTileElems), false);
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * kRowsPerWarpgroup, smem_u32(sK), false);
       wgmma_commit();
       pass_turn();
-      // 3. both done; release K_j's and V_{j−1}'s slots
       wgmma_wait<0>();
-      fence_regs(o);
       fence_regs(s);
-      FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
-      FA3_TRACE_STAMP(tr, kGemm0Done, i);
-      FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
-      if (threadIdx.x % 32 == 0) {  // K_j and V_{j−1} read: release their slots
-        mbarrier_arrive(&empty_k[stage]);
-        mbarrier_arrive(&empty_v[prev]);
+      FA3_TRACE_STAMP(tr, kGemm0Done, 0);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[0]);  // K_0 read: release its slot
+      {
+        const int n_block = n_block_max - 1;
+        if (blocks.needs_mask(n_block))
+          apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        float corr[2];
+        softmax.update<kBlockN>(s, p.scale_log2, corr);  // O is still 0: nothing to rescale
+        pack_p<Traits, kBlockN>(s, pa);
       }
-      // 4. mask, softmax, rescale, P → 16-bit
-      if (blocks.needs_mask(n_block))
-        apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
-      float corr[2];
-      softmax.update<kBlockN>(s, p.scale_log2, corr);
-      rescale_rows<kHeadDim>(o, corr);
-      pack_p<Traits, kBlockN>(s, pa);
-      FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
-    }
-    // epilogue turn: O += P_last·V_last
-    {
-      const int last = (n_block_max - 1) % kStages;
-      mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
-      wait_turn();
-      FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
-      wgmma_fence();
-      gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
-      wgmma_commit();
-      if (c == 0) pass_turn();
-      wgmma_wait<0>();
-      fence_regs(o);
-      FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
-      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
-    }
+      FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
+      for (int i = 1; i < n_block_max; ++i) {
+        const int n_block = n_block_max - 1 - i;
+        const int stage = i % kStages, prev = (i - 1) % kStages;
+        // 1. operands ready; my turn
+        mbarrier_wait(&full_k[stage], (i / kStages) & 1);
+        mbarrier_wait(&full_v[prev], ((i - 1) / kStages) & 1);
+        wait_turn();
+        // 2. O += P_{j−1}·V_{j−1};  S = Q·K_jᵀ;  hand over
+        FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
+        FA3_TRACE_STAMP(tr, kGemm0Issue, i);
+        wgmma_fence();
+        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
+        gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * kRowsPerWarpgroup, smem_u32(sK + stage * kTileElems), false);
+        wgmma_commit();
+        pass_turn();
+        // 3. both done; release K_j's and V_{j−1}'s slots
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(s);
+        FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
+        FA3_TRACE_STAMP(tr, kGemm0Done, i);
+        FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
+        if (threadIdx.x % 32 == 0) {  // K_j and V_{j−1} read: release their slots
+          mbarrier_arrive(&empty_k[stage]);
+          mbarrier_arrive(&empty_v[prev]);
+        }
+        // 4. mask, softmax, rescale, P → 16-bit
+        if (blocks.needs_mask(n_block))
+          apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        float corr[2];
+        softmax.update<kBlockN>(s, p.scale_log2, corr);
+        rescale_rows<kHeadDim>(o, corr);
+        pack_p<Traits, kBlockN>(s, pa);
+        FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
+      }
+      // epilogue turn: O += P_last·V_last
+      {
+        const int last = (n_block_max - 1) % kStages;
+        mbarrier_wait(&full_v[last], ((n_block_max - 1) / kStages) & 1);
+        wait_turn();
+        FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
+        wgmma_fence();
+        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
+        wgmma_commit();
+        if (c == 0) pass_turn();
+        wgmma_wait<0>();
+        fence_regs(o);
+        FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+      }
+      // 7. epilogue
+      float inv_sum[2], lse[2];
+      softmax.finalize(p.scale_log2, inv_sum, lse);
+      store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+    };
+    consume_tile();
     FA3_TRACE_FINISH(tr);
-    // 7. epilogue
-    float inv_sum[2], lse[2];
-    softmax.finalize(p.scale_log2, inv_sum, lse);
-    store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
   }
 }
 
@@ -218,6 +226,7 @@ struct Launch {
 
 }  // namespace step03
 
+// Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
 void run_fwd_step03(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step03::Launch>(p, stream, "step03"); }
 
 }  // namespace fa3

@@ -23,9 +23,9 @@ TOTAL_TOKENS = 16384
 HIDDEN = 2048
 # Timing rounds per configuration. One do_bench per implementation, run one after the other, moved by
 # 3–15 % between grid runs on the same GPU (clocks and temperature drift within a run; NOTES.md, session 4);
-# rounds in rotating order put every implementation through the same drift, as cuda/tools/ab.py does.
+# rounds in rotating order put every implementation through the same drift, as tools/experiments/ab.py does.
 # 5, not 3: at the 700 W limit a kernel slows by 9–13 % within the first 130 ms of back-to-back calls
-# (cuda/tools/regime.py, experiments/…/regime_e31e1b7.txt), so one do_bench median depends on what ran
+# (tools/experiments/regime.py, experiments/…/regime_e31e1b7.txt), so one do_bench median depends on what ran
 # before it; with 3 rounds one such round moved a grid ratio by up to 4 % (NOTES.md, session 7). The
 # ablation (one shape per dtype) used 5 before the grid did: 3 rounds left 15 % between them there.
 ROUNDS = 5
@@ -103,7 +103,7 @@ def time_ms(fn):
 def rotating_rounds(jobs, rounds, on_error=None):
     """Run every job once per round, the order rotated by one from round to round, so that drift in
     clocks and temperature within a run hits every job alike (the ``--rounds`` protocol; also used by
-    ``cuda/tools/ab.py``).
+    ``tools/experiments/ab.py``).
 
     jobs: ``{name: measure}``, ``measure(first)`` returns one round's value; ``first`` is True in round 0.
     on_error: ``on_error(name, exc)`` for a job that raises; the job is then not run again and its name
@@ -128,7 +128,7 @@ def rotating_rounds(jobs, rounds, on_error=None):
 
 def round_timer(fn, warm_every_round=False):
     """A :func:`rotating_rounds` job timing ``fn``: a warm-up call and a device sync before the first round
-    (every round with ``warm_every_round``, as cuda/tools/ab.py), then one :func:`time_ms`."""
+    (every round with ``warm_every_round``, as tools/experiments/ab.py), then one :func:`time_ms`."""
     def run(first):
         if first or warm_every_round:
             import torch

@@ -6,15 +6,6 @@
 // Tiles are visited from n_block_max − 1 down to 0, so the ones that need a mask come first.
 #pragma once
 
-// Tile width Bc at headdim 128, non-causal, for the warp-specialized steps 02 and 03 (step 04 has its own,
-// FA3_STEP04_BLOCK_N_HD128 = 160, which leaves smem for its TMA-store epilogue; causal keeps
-// 128, whose diagonal tiles waste less). 176 is FA3's non-causal choice: 11 k-slices of P·V per tile and fewer softmax row reductions per FLOP than 128; it fits
-// the 240-register consumers (O 64 + S 88 + P 44) and 2 stages of K/V in smem (208 KB). Overridable
-// (-DFA3_BLOCK_N_HD128=128) so both can be measured in one run; cuda/NOTES.md has the measurement.
-#ifndef FA3_BLOCK_N_HD128
-#define FA3_BLOCK_N_HD128 176
-#endif
-
 namespace fa3 {
 
 template <int kBlockM, int kBlockN, bool kCausal>

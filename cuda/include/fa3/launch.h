@@ -19,7 +19,7 @@ template <typename Cfg, typename = void> struct IsPersistent : std::false_type {
 template <typename Cfg> struct IsPersistent<Cfg, std::void_t<decltype(Cfg::kPersistent)>>
     : std::integral_constant<bool, Cfg::kPersistent> {};
 
-// Kernels whose Cfg has kTmaStoreO (step 04) take a fourth tensor map, O's, after V's: built when
+// Kernels whose Cfg has kTmaStoreO (steps 08+) take a fourth tensor map, O's, after V's: built when
 // Cfg::kTmaStoreO (the TMA-store epilogue), else Q's map is passed in its place and not used.
 template <typename Cfg, typename = void> struct TakesTmapO : std::false_type {};
 template <typename Cfg> struct TakesTmapO<Cfg, std::void_t<decltype(Cfg::kTmaStoreO)>> : std::true_type {};

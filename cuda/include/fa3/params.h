@@ -5,15 +5,13 @@
 
 namespace fa3 {
 
-// Step 04, causal: inputs with up to this many keys run on the dynamic tile scheduler (which needs
+// Steps 07+, causal: inputs with up to this many keys run on the dynamic tile scheduler (which needs
 // FwdParams::tile_counter), longer ones one CTA per tile (interleaved A/B on the H100: +3–11 % at 1k–4k,
-// −2–5 % at 16k; cuda/NOTES.md). Shared by the launcher and binding.cpp, which allocates the counter.
-#ifndef FA3_DYNAMIC_MAX_SEQLEN
-#define FA3_DYNAMIC_MAX_SEQLEN 8192
-#endif
+// −2–5 % at 16k; docs/performance.md). Shared by the launchers and binding.cpp, which allocates the counter.
+constexpr int kDynamicMaxSeqlen = 8192;
 
 // Cfg::kClusterM if a kernel config has it, else 1: CTAs per thread-block cluster along the grid's x,
-// which share each K/V tile by TMA multicast (step 04; launch.h, producer.h).
+// which share each K/V tile by TMA multicast (step 10; launch.h, producer.h). Steps without kClusterM get 1.
 template <typename Cfg, typename = void> struct ClusterM : std::integral_constant<int, 1> {};
 template <typename Cfg> struct ClusterM<Cfg, std::void_t<decltype(Cfg::kClusterM)>>
     : std::integral_constant<int, Cfg::kClusterM> {};
@@ -43,8 +41,9 @@ struct FwdParams {
   const float* v_descale = nullptr;
   int descale_block_m = 0, descale_block_n = 0;
   int vt_seqlen_pad = 0;  // step 05: V is passed transposed, (batch, nheads_kv, headdim, vt_seqlen_pad)
-  // Dynamic tile scheduler (step 04, causal): a zeroed int32 the CTAs take their next work tile from
-  // (atomicAdd), and how many (batch, head) pairs one section of the tile order spans (L2 reuse).
+  // Dynamic tile scheduler (steps 07+, causal; unused before): a zeroed int32 the CTAs take their next work
+  // tile from (atomicAdd, allocated by binding.cpp), and how many (batch, head) pairs one section of the tile
+  // order spans (L2 reuse; set by the step's launcher).
   int* tile_counter = nullptr;
   int sched_heads = 1;
   // Tracing (FA3_TRACE builds only): %globaltimer stamps of the first `trace_ctas` CTAs.

@@ -6,11 +6,11 @@
 // complete when every consumer warp has released that slot (one arrival per warp). K and V are
 // released separately because they are consumed at different times: K_j by Q·K_jᵀ, V_j by P_j·V_j,
 // which steps 03/04 issue a whole tile later — with one barrier for both, a K slot would sit idle
-// until P·V finished and a 2-stage ring would behave like 1 stage (seen in the traces, NOTES.md).
+// until P·V finished and a 2-stage ring would behave like 1 stage (seen in the traces, docs/performance.md).
 // The producer waits on empty with the flipped parity — a fresh barrier counts as "the previous
 // phase completed", so the ring starts empty — and consumers wait on full with the parity of the
 // pass: (tile / kStages) & 1.
-// Clusters (step 04, non-causal headdim 128; ClusterM<Cfg> = 2): the CTAs of a cluster walk the same
+// Clusters (step 10, non-causal headdim 128; ClusterM<Cfg> = 2): the CTAs of a cluster walk the same
 // K/V tiles, each loads 1/kCluster of every tile's rows and multicasts it into the same slot of every
 // CTA (paper §2.2's TMA; FA3's cluster shape there), so a slot's empty barrier counts the consumer warps
 // of all CTAs of the cluster (release_slot).
@@ -25,7 +25,7 @@
 
 namespace fa3 {
 
-// Load order of the ring. By default K_j then V_j. A config with `kKFirst = true` (step 04) issues
+// Load order of the ring. By default K_j then V_j. A config with `kKFirst = true` (steps 04+) issues
 // K_{j+1} before V_j — the order its consumers use them in: turn j+1 needs K_{j+1} and V_j, and K_{j+1}'s
 // slot frees half a turn before V_j's (K is released after Q·Kᵀ, V only after P·V), so K no longer
 // queues behind V's empty barrier, and V_j's bytes do not share the memory system with K_{j+1}'s.
@@ -152,12 +152,12 @@ __device__ __forceinline__ void produce_q_kv(const CUtensorMap* tmap_q, const CU
   }
 }
 
-// Persistent variant (step 04): one elected thread of warp 0 loads the Q tile and every K/V tile of one
+// Persistent variant (steps 06+): one elected thread of warp 0 loads the Q tile and every K/V tile of one
 // work tile, continuing the ring where the previous work tile left it. `kv` counts the K/V tiles put
 // through the ring so far in this CTA (slot kv % kStages, pass kv / kStages); `q_iter` counts the work
 // tiles so far. Q has its own empty barrier: the consumers release it after their last Q·Kᵀ of a
 // tile, so the next tile's Q lands while they still run the last P·V and the epilogue.
-// o_free (step 04, headdim 256 causal): the consumers stage the previous work tile's O in the V ring for its
+// o_free (steps 08+, headdim 256 causal): the consumers stage the previous work tile's O in the V ring for its
 // TMA store, so this tile's first V waits until both warpgroups' stores have read it (one arrival each per
 // work tile; phase q_iter − 1, a fresh barrier reads as released) — FA3's barrier_O.
 template <typename T, typename Cfg>

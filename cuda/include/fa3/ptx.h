@@ -159,29 +159,6 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
-// wgmma.wait_group N, issued only after `x` has been computed (paper Alg. 2 line 12: wait for P·V after
-// the softmax). ptxas orders a wait only against the registers of the GEMMs in flight; its list
-// scheduler puts it in the first stall slot it finds (e.g. while the row max's shuffles are pending),
-// ahead of the exponentials, and the softmax no longer runs under the GEMM. A warp-uniform branch on x
-// ends the basic block, so whatever x depends on is issued before the wait. The caller passes a value
-// that is ≥ 0 or NaN (a sum of exp2 results): the branch is always taken; the trap marks the
-// impossible case instead of skipping the wait.
-// Off by default: with every exponential under P·V, step 04 measured 0–9 % slower on the H100 than with
-// ptxas's placement (interleaved A/B, cuda/NOTES.md); -DFA3_WAIT_AFTER_SOFTMAX=1 builds it.
-#ifndef FA3_WAIT_AFTER_SOFTMAX
-#define FA3_WAIT_AFTER_SOFTMAX 0
-#endif
-template <int N>
-__device__ __forceinline__ void wgmma_wait_after(float x) {
-  if (!FA3_WAIT_AFTER_SOFTMAX) {
-    wgmma_wait<N>();
-  } else if (__all_sync(0xffffffffu, !(x < 0.f))) {
-    wgmma_wait<N>();
-  } else {
-    wgmma_wait<N>();
-    __trap();
-  }
-}
 // Keep the compiler from moving accumulator reads/writes across an async MMA boundary.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -232,9 +209,14 @@ __device__ __forceinline__ uint64_t globaltimer() {
   return t;
 }
 
+// Warpgroup geometry: four consecutive warps issue one wgmma together, on a 64-row (M = 64) tile.
+constexpr int kWarpsPerWarpgroup = 4;
+constexpr int kThreadsPerWarpgroup = 32 * kWarpsPerWarpgroup;
+constexpr int kRowsPerWarpgroup = 64;
+
 __device__ __forceinline__ int warpgroup_id() {
   // Uniform across the warpgroup; __shfl_sync makes the compiler treat it as warp-uniform.
-  return __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
+  return __shfl_sync(0xffffffff, threadIdx.x / kThreadsPerWarpgroup, 0);
 }
 
 }  // namespace fa3

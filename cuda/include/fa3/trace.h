@@ -23,6 +23,7 @@ enum TraceCode : uint32_t {
 };
 
 #ifdef FA3_TRACE
+constexpr bool kTraceBuild = true;  // configs that trace one tile per CTA and two consumers read this
 struct Tracer {
   int64_t* rec = nullptr;  // this row's records, or null when this thread does not record
   int n = 0, cap = 0;
@@ -54,6 +55,7 @@ struct Tracer {
 #define FA3_TRACE_STAMP(name, code, tile) name.stamp(::fa3::code, tile)
 #define FA3_TRACE_FINISH(name) name.finish()
 #else
+constexpr bool kTraceBuild = false;
 #define FA3_TRACE_DECL(name)
 #define FA3_TRACE_INIT(name, p, row, recorder)
 #define FA3_TRACE_STAMP(name, code, tile)

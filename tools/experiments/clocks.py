@@ -1,6 +1,6 @@
-"""SM clock and power while one kernel runs back to back: ours (step 04) against the official FA3.
+"""SM clock and power while one kernel runs back to back: ours (the default step, fa3_lab.registry.DEFAULT_STEP) against the official FA3.
 
-    python cuda/tools/clocks.py [--headdim 128] [--seqlen 16384] [--seconds 4] [--causal]
+    python tools/experiments/clocks.py [--headdim 128] [--seqlen 16384] [--seconds 4] [--causal]
 
 Each implementation runs for ``--seconds`` in turn, twice (ours, FA3, ours, FA3: drift in temperature
 hits both), while ``nvidia-smi -lms 100`` samples clocks.sm, power.draw and temperature. Prints, per
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from regime import smi_start, smi_stop  # noqa: E402  (cuda/tools, the script's own folder)
+from regime import smi_start, smi_stop  # noqa: E402  (tools/experiments, the script's own folder)
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     b, s, h, d = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"]
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     fa3 = bench.peers()["fa3"]
-    impls = {"step04": lambda: fa3_lab.flash_attn_func(q, k, v, causal=args.causal),
+    impls = {"step10": lambda: fa3_lab.flash_attn_func(q, k, v, causal=args.causal),
              "fa3": lambda: fa3(q, k, v, args.causal)}
     fl = results.flops(b, h, s, s, d, args.causal)
     for fn in impls.values():
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     print(f"shape ({b}, {s}, {h}, {d}) causal={args.causal}")
     print(f"{'impl':<8} {'SM MHz':>7} {'W':>6} {'C':>4} {'TFLOPs/s':>9} {'samples':>8}")
-    for name in ("step04", "fa3", "step04", "fa3"):
+    for name in ("step10", "fa3", "step10", "fa3"):
         fn = impls[name]
         smi = smi_start(100)
         time.sleep(0.3)

@@ -1,6 +1,6 @@
-"""Per-call times of ours (step 04), FA3 and cuDNN under two regimes, with the SM clock beside them.
+"""Per-call times of ours (the default step, fa3_lab.registry.DEFAULT_STEP), FA3 and cuDNN under two regimes, with the SM clock beside them.
 
-    python cuda/tools/regime.py [--dtypes bf16,fp16] [--seqlens 2048,16384] [--headdim 128] [--calls 40]
+    python tools/experiments/regime.py [--dtypes bf16,fp16] [--seqlens 2048,16384] [--headdim 128] [--calls 40]
                                 [--blocks 3] [--out FILE.json]
 
 Why: in the grid (do_bench: an L2 flush before every call) our rounds at headdim 128 non-causal move by up
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             b, h, d = cfg["batch"], cfg["nheads"], cfg["headdim"]
             tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=tdt) for _ in range(3))
-            impls = {"step04": lambda: fa3_lab.flash_attn_func(q, k, v, causal=args.causal)}
+            impls = {"step10": lambda: fa3_lab.flash_attn_func(q, k, v, causal=args.causal)}
             for name in ("fa3", "cudnn"):
                 if name in peers:
                     fn = (lambda f: (lambda: f(q, k, v, args.causal)))(peers[name])
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                         record.append(dict(dtype=dtype, seqlen=s, impl=name, regime=regime, block=blk, ms=ms,
                                            sm_mhz=mhz, power_w=watts, temp_c=temp))
     if args.out:
-        meta = results.collect_meta("python cuda/tools/regime.py " + " ".join(argv or sys.argv[1:]))
+        meta = results.collect_meta("python tools/experiments/regime.py " + " ".join(argv or sys.argv[1:]))
         Path(args.out).write_text(json.dumps(dict(meta=meta, calls=record)))
     return 0
 

@@ -1,7 +1,7 @@
 """One forward on the paper grid's shape, for a profiler (ncu/nsys) to look at: our step or the official FA3.
 
     ncu --section SpeedOfLight -k regex:'fwd_kernel|Flash' --launch-skip 2 --launch-count 1 \\
-        python cuda/tools/profile_case.py --impl step04 --headdim 128 --seqlen 8192
+        python tools/experiments/profile_case.py --impl step10 --headdim 128 --seqlen 8192
 
 Runs the call three times (the profiler skips the first two: module load, caches). Inputs as
 ``python -m fa3_lab bench`` (16k tokens, hidden 2048, bf16, randn).
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--impl", default="step04", help="step01..step04 or fa3")
+    ap.add_argument("--impl", default="step10", help="step01..step10 or fa3")
     ap.add_argument("--headdim", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=8192)
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False)

@@ -1,6 +1,6 @@
 """Execute every notebook in place with its GPU cells live (nbclient), on the GPU machine.
 
-Used by `bash cuda/device.sh notebooks`: the executed notebooks come back and are committed, so the
+Used by `bash tools/device.sh notebooks`: the executed notebooks come back and are committed, so the
 GPU cells show a real run (GPU name and date in their output). Prints one line per notebook.
 """
 import glob

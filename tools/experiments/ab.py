@@ -1,4 +1,4 @@
-"""Interleaved A/B timing of compile-time variants of one kernel step (the A/B runs of cuda/NOTES.md).
+"""Interleaved A/B timing of compile-time variants of one kernel step (the A/B runs of docs/performance.md).
 
 Separate runs of one build move by 3–8 % on the device (clocks, temperature), which is as large as the
 effects we look for. So this tool builds the extension once per variant (``FA3_LAB_DEFINES``), loads all
@@ -13,9 +13,12 @@ defines are in ``meta.command``).
 
 Usage (on the GPU machine, repo root)::
 
-    python cuda/tools/ab.py --name ab_overlap --step 4 \\
-        --variant new= --variant base="-DFA3_WAIT_AFTER_SOFTMAX=0 -DFA3_STEP04_EARLY_RESCALE=0" \\
+    python tools/experiments/ab.py --name ab_mychange --step 10 \\
+        --variant new= --variant base="-DFA3_EXP_MYCHANGE=0" \\
         --headdims 64,128,256 --causal both --seqlens 2048,8192 --rounds 3
+
+The step files carry no knobs: an experiment is a patch (kept in tools/experiments/, applied to a scratch
+checkout) that reads its own ``FA3_EXP_*`` define; a decided A/B becomes one "Tried:" line in the step header.
 
 ``--step 5`` times the FP8 kernel (``ext.fwd_fp8``) on inputs quantized once by
 :func:`fa3_lab.fp8.quantize_for_kernel`, and FA3's e4m3 forward on e4m3 casts of the same inputs.
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
               flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    command = "python cuda/tools/ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python tools/experiments/ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
     root = results.RESULTS_DIR / "experiments"
     for label in labels:
         defines = variants[label][0] if label in variants else ""

@@ -1,0 +1,330 @@
+// ============================================================================================
+// fa3-lab — FlashAttention-3 forward, built up in steps (cuda/steps/; the table: fa3_lab/registry.py):
+//   01_tma_wgmma               TMA loads + WGMMA GEMMs, two consumer warpgroups, no specialization
+//   02_warp_specialized        + producer warpgroup, s-stage K/V ring (full/empty mbarriers), setmaxnreg
+//   03_pingpong                + named-barrier pingpong of the two consumer warpgroups
+//   04_intra_warpgroup_overlap + softmax of tile j under the P·V GEMM of tile j−1 (paper Alg. 2)
+//   05_fp8                     + (on 04) e4m3 operands, per-block descales, V k-major (paper §3.3)
+//   06_persistent              + (on 04) persistent grid: CTAs stride over the work tiles   <- this file
+//   07_causal_scheduler        + causal: dynamic tile scheduler, longest tiles first
+//   08_tma_store_epilogue      + O through shared memory: stmatrix, then one TMA store
+//   09_three_warpgroups        + headdim 64: three consumer warpgroups on 192-row tiles
+//   10_kv_multicast            + clusters of two CTAs share each K/V tile by TMA multicast
+//   bwd/11_…                   the backward (paper App. B.1), a series of its own
+// ============================================================================================
+//
+// Step 06 extends 04 by a persistent grid with a static tile scheduler:
+//   1. non-causal headdim 64/128: min(tiles, SMs) CTAs; CTA i runs work tiles t = i, i + gridDim.x, …
+//      (t_first, t_stride; decode(t) → m_block, h, b, row blocks last to first, heads next);
+//   2. the producer streams one tile after another through the same K/V ring (kv counts the K/V tiles so far,
+//      produce_tile); Q gets an empty barrier, released after a tile's last Q·Kᵀ, so the next tile's Q lands
+//      while the last P·V and the epilogue run;
+//   3. the consumers run consume_tile(t) in the same loop; the pingpong turns carry over between tiles.
+// Main loop (step 04's), per K/V tile j, last to first, in a turn of the pingpong:
+//   1. wait full_k[s_j]; wait for the turn
+//   2. S_next = Q·K_jᵀ (group 1); wait full_v[s_{j−1}]; O += P_{j−1}·V_{j−1} (group 2); hand the turn over
+//   3. wgmma.wait_group 1: S_next ready, P·V still running; release K_j               (Alg. 2 line 9)
+//   4. mask; online softmax of S_next → P_j, corr_j, under the P·V GEMM              (Alg. 2 lines 10–11)
+//   5. wgmma.wait_group 0: P·V done; release V_{j−1}                                 (Alg. 2 line 12)
+//   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
+// then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
+// Twin: reference/scheduler.py::static_schedule (the tile order and each CTA's tiles).
+// Measured: fa3_lab/results/nvidia-h200/ablation.json (docs/performance.md).
+// Known limits: headdim 256 and causal keep one CTA per tile (see Tried).
+// Tried (docs/performance.md): persistent / one CTA per tile on the H100: +2–17 % non-causal hd64/128 (kept);
+//   hd256 −5–7 % and causal up to −30 % (static round-robin of unequal tiles, even longest-first) — not used.
+// ============================================================================================
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "fa3/block_info.h"
+#include "fa3/epilogue.h"
+#include "fa3/host.h"
+#include "fa3/launch.h"
+#include "fa3/params.h"
+#include "fa3/producer.h"
+#include "fa3/ptx.h"
+#include "fa3/softmax.h"
+#include "fa3/trace.h"
+#include "fa3/wgmma.h"
+
+namespace fa3 {
+namespace step06 {
+
+template <typename T, int kHeadDim, bool kCausal>
+struct Config {
+  static constexpr int kNumConsumers = 2;
+  static constexpr int kBlockM = kRowsPerWarpgroup * kNumConsumers;       // Br = consumers × 64 rows
+  static constexpr int kBlockN = kHeadDim == 64 ? 128 : kHeadDim == 128 ? (kCausal ? 128 : 176) : 80;  // Bc
+  static constexpr int kThreads = kThreadsPerWarpgroup * (1 + kNumConsumers);
+  static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
+  static constexpr bool kKFirst = true;      // producer order K_{j+1} before V_j (producer.h, for_each_kv)
+  static constexpr int kTurnBarrier = 1;     // named barriers 1, 2 (0 is __syncthreads)
+  static constexpr int kAtoms = kHeadDim / kAtomCols16;        // 64-column swizzle atoms per row
+  static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
+  static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
+  // Persistent: min(tiles, SMs) CTAs striding over the tiles, non-causal at headdim 64/128 (headdim 256 and
+  // causal keep one CTA per tile: a static round-robin of their tiles lost, docs/performance.md). Traced
+  // builds run one tile per CTA (their timelines record one).
+  static constexpr bool kPersistent = !kTraceBuild && kHeadDim <= 128 && !kCausal;
+  static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+};
+
+template <typename T, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(Config<T, kHeadDim, kCausal>::kThreads, 1)
+    fwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
+               const __grid_constant__ CUtensorMap tmap_v, const FwdParams p) {
+  using Cfg = Config<T, kHeadDim, kCausal>;
+  using Traits = ElemTraits<T>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kTileElems = Cfg::kKVBytes / sizeof(T);
+  constexpr int kTurnBarrier = Cfg::kTurnBarrier;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* sQ = reinterpret_cast<T*>(smem);                              // (kBlockM, kHeadDim) smem, 128B swizzle, kAtoms atoms
+  T* sK = reinterpret_cast<T*>(smem + Cfg::kQBytes);               // (kStages, kBlockN, kHeadDim) ring
+  T* sV = sK + kStages * kTileElems;                               // (kStages, kBlockN, kHeadDim) ring
+  uint64_t* full_q = reinterpret_cast<uint64_t*>(smem + Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes);
+  uint64_t* empty_q = full_q + 1;        // consumers done with Q (persistent: the next tile's Q may land)
+  uint64_t* full_k = empty_q + 1;       // (kStages)
+  uint64_t* full_v = full_k + kStages;  // (kStages)
+  uint64_t* empty_k = full_v + kStages;  // (kStages)
+  uint64_t* empty_v = empty_k + kStages;  // (kStages)
+
+  // Work tiles t = (b, h, m_block), m_block fastest and walked from the last down,
+  // so CTAs running at once share a head's K/V in L2. Persistent: CTA i takes t = i, i + gridDim.x, …
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_tiles = num_m * p.nheads * p.batch;
+  auto decode = [&](int t, int& m_block, int& h, int& b) {
+    if constexpr (!Cfg::kPersistent) {  // straight from blockIdx (cheap to re-read: fewer live registers)
+      m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    } else {
+      m_block = num_m - 1 - t % num_m;
+      h = (t / num_m) % p.nheads;
+      b = t / (num_m * p.nheads);
+    }
+  };
+  // First tile and stride (persistent).
+  auto t_first = [&]() -> int {
+    return Cfg::kPersistent ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.nheads * blockIdx.z);
+  };
+  auto t_stride = [&]() -> int { return gridDim.x; };
+  const int wg = warpgroup_id();
+
+  if (threadIdx.x == 0) {
+    init_ring_barriers<kStages>(full_q, full_k, full_v, empty_k, empty_v, kWarpsPerWarpgroup * Cfg::kNumConsumers);
+    mbarrier_init(empty_q, kWarpsPerWarpgroup * Cfg::kNumConsumers);
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer warpgroup
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if constexpr (!Cfg::kPersistent) {  // one tile: step 02's producer (and its trace observer)
+      int m_block, h, b;
+      decode(t_first(), m_block, h, b);
+      const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+      if (blocks.n_block_max > 0)
+        produce_q_kv<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, full_k, full_v, empty_k, empty_v,
+                             m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, p);
+    } else if (threadIdx.x / 32 == 0 && elect_one()) {
+      tma_prefetch_descriptor(&tmap_k);
+      tma_prefetch_descriptor(&tmap_v);
+      int kv = 0, q_iter = 0;
+      for (int t = t_first(); t < num_tiles; t += t_stride()) {
+        int m_block, h, b;
+        decode(t, m_block, h, b);
+        const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+        if (blocks.n_block_max > 0) {
+          produce_tile<T, Cfg>(&tmap_q, &tmap_k, &tmap_v, sQ, sK, sV, full_q, empty_q, full_k, full_v, empty_k,
+                               empty_v, m_block, h, h / (p.nheads / p.nheads_kv), b, blocks.n_block_max, kv, q_iter);
+          kv += blocks.n_block_max;
+          ++q_iter;
+        }
+      }
+    }
+  } else {
+    // ------------------------------------------------------------------ consumer warpgroups
+    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    FA3_TRACE_DECL(tr);
+    FA3_TRACE_INIT(tr, p, 1 + wg, threadIdx.x % kThreadsPerWarpgroup == 0);
+    const int c = wg - 1;
+    // Pingpong turn keeping: warpgroup c waits on turn[c] and hands over to turn[1 − c]. Consumer 0 goes
+    // first. Every turn of warpgroup 0 is preceded by a hand-over from warpgroup 1 (the first by the arrival
+    // here, the next tile's first by warpgroup 1's epilogue turn) and consumer 0 takes one last turn at the
+    // end, so every arrival is matched by a wait.
+    auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + c, 2 * kThreadsPerWarpgroup); };
+    auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + (1 - c), 2 * kThreadsPerWarpgroup); };
+    if (c == 1) named_barrier_arrive(kTurnBarrier + 0, 2 * kThreadsPerWarpgroup);
+    const uint32_t sQ_addr = smem_u32(sQ);
+    int kv = 0, q_iter = 0;  // as the producer's
+
+    auto consume_tile = [&](int t) {
+      int m_block, h, b;
+      decode(t, m_block, h, b);
+      const BlockInfo<kBlockM, kBlockN, kCausal> blocks(m_block, p.seqlen_q, p.seqlen_k);
+      const int n_block_max = blocks.n_block_max;
+      const int row0 = m_block * kBlockM + c * kRowsPerWarpgroup;  // this warpgroup's first query row
+      // Output pointers, computed where they are used (re-deriving h, b from t there keeps 4 registers
+      // free during the main loop: at headdim 256 they are the difference between 0 and 16 bytes of spill).
+      auto out_ptrs = [&](T*& o_base, float*& lse_base) {
+        int m_, h_, b_;
+        decode(t, m_, h_, b_);
+        o_base = reinterpret_cast<T*>(p.o) + b_ * p.o_batch_stride + h_ * p.o_head_stride;
+        lse_base = p.lse + (static_cast<int64_t>(b_) * p.nheads + h_) * p.seqlen_q;
+      };
+      if (n_block_max <= 0) {  // causal, seqlen_q > seqlen_k: these rows see no key
+        T* o_base;
+        float* lse_base;
+        out_ptrs(o_base, lse_base);
+        store_empty_rows<T, kHeadDim>(o_base, p.o_row_stride, lse_base, row0, row0 + kRowsPerWarpgroup, p.seqlen_q,
+                                      threadIdx.x % kThreadsPerWarpgroup, kThreadsPerWarpgroup);
+        return;
+      }
+      OnlineSoftmax softmax;
+      softmax.init();
+      float o[kHeadDim / 2];  // (kRowsPerWarpgroup, kHeadDim) fp32 accumulator fragment, registers
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 2; ++e) o[e] = 0.f;
+      mbarrier_wait(full_q, q_iter & 1);
+      const int kv0 = kv;
+      auto stage_of = [&](int i) { return (kv0 + i) % kStages; };
+      auto phase_of = [&](int i) { return static_cast<uint32_t>(((kv0 + i) / kStages) & 1); };
+      auto release_q_after = [&](int i) {  // the tile's last Q·Kᵀ is done: Q's slot may be refilled
+        if constexpr (Cfg::kPersistent)  // one tile per CTA: nobody refills Q
+          if (threadIdx.x % 32 == 0 && i == n_block_max - 1) mbarrier_arrive(empty_q);
+      };
+
+      float s[kBlockN / 2];           // (kRowsPerWarpgroup, kBlockN) fp32 fragment: S, then P, registers
+      uint32_t pa[kBlockN / 16][4];   // P_{j−1} as 16-bit A fragments, registers
+      float corr[2];                  // corr_{j−1}: O's rescale, applied just before O += P_{j−1}·V_{j−1}
+      // prologue, tile 0: S = Q·K_0ᵀ
+      mbarrier_wait(&full_k[stage_of(0)], phase_of(0));
+      wait_turn();
+      FA3_TRACE_STAMP(tr, kGemm0Issue, 0);
+      wgmma_fence();
+      gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * kRowsPerWarpgroup, smem_u32(sK + stage_of(0) * kTileElems), false);
+      wgmma_commit();
+      pass_turn();
+      wgmma_wait<0>();
+      fence_regs(s);
+      FA3_TRACE_STAMP(tr, kGemm0Done, 0);
+      FA3_TRACE_STAMP(tr, kSoftmaxBegin, 0);
+      if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage_of(0)]);  // K_0 read: release its slot
+      release_q_after(0);
+      {
+        const int n_block = n_block_max - 1;
+        if (blocks.needs_mask(n_block))
+          apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        softmax.update<kBlockN>(s, p.scale_log2, corr);  // corr = 0 and O = 0: the rescale is harmless
+        pack_p<Traits, kBlockN>(s, pa);
+      }
+      FA3_TRACE_STAMP(tr, kSoftmaxEnd, 0);
+      // One tile of the main loop. kMask is a compile-time flag: the tiles that cross seqlen_k or the
+      // diagonal come first (we walk the tiles backwards) and get their own loop, so the overlapped region
+      // of the unmasked loop has no branch — ptxas otherwise places wgmma.wait_group 0 at the branch's
+      // join point, ahead of the exponentials, and the overlap is lost (SASS, docs/performance.md).
+      auto tile = [&](int i, auto mask_tag) {
+        constexpr bool kMask = decltype(mask_tag)::value;
+        const int n_block = n_block_max - 1 - i;
+        const int stage = stage_of(i), prev = stage_of(i - 1);
+        // 1. operands ready; my turn
+        mbarrier_wait(&full_k[stage], phase_of(i));
+        wait_turn();
+        // 2. S_next = Q·K_jᵀ (group 1);  O += P_{j−1}·V_{j−1} (group 2);  hand over
+        FA3_TRACE_STAMP(tr, kGemm0Issue, i);
+        wgmma_fence();
+        gemm_ss<T, kBlockN, kHeadDim, kBlockM, kBlockN>(s, sQ_addr, c * kRowsPerWarpgroup, smem_u32(sK + stage * kTileElems), false);
+        wgmma_commit();
+        mbarrier_wait(&full_v[prev], phase_of(i - 1));  // V_{j−1}: waited for after Q·K_jᵀ is issued
+        FA3_TRACE_STAMP(tr, kGemm1Issue, i - 1);
+        wgmma_fence();  // each GEMM its own fence: ptxas then tracks the two groups separately
+        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + prev * kTileElems));
+        wgmma_commit();
+        pass_turn();
+        // 3. S_next ready; P·V still in flight
+        wgmma_wait<1>();
+        fence_regs(s);
+        FA3_TRACE_STAMP(tr, kGemm0Done, i);
+        FA3_TRACE_STAMP(tr, kSoftmaxBegin, i);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_k[stage]);  // K_j read: release its slot
+        release_q_after(i);
+        // 4. mask, softmax of S_next (under the P·V GEMM)
+        if constexpr (kMask) apply_mask<kBlockN, kCausal>(s, row0, n_block * kBlockN, p.seqlen_k, blocks.causal_offset);
+        const bool rescale = softmax.update_lazy<kBlockN>(s, p.scale_log2, corr);  // O *= corr only if a max moved
+        // Pin P and corr before the wait, so the exponentials cannot sink below it.
+        fence_regs(s);
+        fence_regs(corr);
+        FA3_TRACE_STAMP(tr, kSoftmaxEnd, i);
+        // 5. P·V done; release V_{j−1}'s slot
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs_u32(pa);
+        FA3_TRACE_STAMP(tr, kGemm1Done, i - 1);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[prev]);  // V_{j−1} read
+        // 6. P_j → 16-bit, then O *= corr_j (lazy: only if a max moved). In this order the packing stays in
+        // the basic block of the exponentials, so ptxas interleaves its F2FPs with the MUFU.EX2s; after the
+        // rescale's branch it ran as a serial tail (ncu source view, docs/performance.md, session 5).
+        pack_p<Traits, kBlockN>(s, pa);
+        if (rescale) rescale_rows<kHeadDim>(o, corr);
+        corr[0] = corr[1] = 1.f;
+      };
+      int i = 1;
+      for (; i < n_block_max && blocks.needs_mask(n_block_max - 1 - i); ++i) tile(i, std::true_type{});
+      for (; i < n_block_max; ++i) tile(i, std::false_type{});
+      // epilogue turn: O += P_last·V_last
+      {
+        const int last = stage_of(n_block_max - 1);
+        mbarrier_wait(&full_v[last], phase_of(n_block_max - 1));
+        wait_turn();
+        rescale_rows<kHeadDim>(o, corr);
+        FA3_TRACE_STAMP(tr, kGemm1Issue, n_block_max - 1);
+        wgmma_fence();
+        gemm_rs<T, kHeadDim, kBlockN, kBlockN>(o, pa, smem_u32(sV + last * kTileElems));
+        wgmma_commit();
+        pass_turn();
+        wgmma_wait<0>();
+        fence_regs(o);
+        FA3_TRACE_STAMP(tr, kGemm1Done, n_block_max - 1);
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty_v[last]);
+      }
+      kv += n_block_max;
+      ++q_iter;
+      // 7. epilogue
+      float inv_sum[2], lse[2];
+      softmax.finalize(p.scale_log2, inv_sum, lse);
+      T* o_base;
+      float* lse_base;
+      out_ptrs(o_base, lse_base);
+      store_o_lse<Traits, T, kHeadDim>(o, inv_sum, lse, o_base, p.o_row_stride, lse_base, row0, p.seqlen_q);
+    };
+    if constexpr (Cfg::kPersistent) {
+      for (int t = t_first(); t < num_tiles; t += t_stride()) consume_tile(t);
+    } else {
+      consume_tile(t_first());
+    }
+    if (c == 0) wait_turn();  // matches the last consumer's last hand-over
+    FA3_TRACE_FINISH(tr);
+  }
+}
+
+template <typename T, int kHeadDim, bool kCausal>
+struct Launch {
+  static void run(const FwdParams& p, cudaStream_t stream) {
+    launch_fwd<Config<T, kHeadDim, kCausal>>(fwd_kernel<T, kHeadDim, kCausal>, p, stream, "step06");
+  }
+};
+
+}  // namespace step06
+
+// Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
+void run_fwd_step06(const FwdParams& p, cudaStream_t stream) { dispatch_fwd<step06::Launch>(p, stream, "step06"); }
+
+}  // namespace fa3
