@@ -64,26 +64,19 @@ def _rows_and_meta(runs_or_rows, where: str):
 
 
 def latest_run(name: str, root=None) -> Run:
-    """The newest recorded run called ``<name>.json`` in any GPU folder of ``fa3_lab/results``.
+    """The newest recorded run called ``<name>.json``: :func:`fa3_lab.lab.results.find`, then loaded.
 
-    Reads only the files of that name (other files in the results tree are not touched), validating
-    each with :func:`fa3_lab.lab.results.load`.
+    The current run of a GPU first (``fa3_lab/results/<gpu>/``); an archived one
+    (``tools/experiments/results/``) only when no current run has that file, and its ``describe()``
+    says so.
 
     Raises:
         TypeError: ``name`` is not a str. FileNotFoundError: no such recorded run (the message
-        names the folder searched). SchemaError: a file of that name fails the schema.
+        names the folders searched). SchemaError: the file fails the schema.
     """
-    from pathlib import Path
-
     from . import results
 
-    if not isinstance(name, str):
-        raise TypeError(f"name: expected a str like 'bench', got {type(name).__name__}")
-    folder = Path(root if root is not None else results.RESULTS_DIR)
-    paths = sorted(folder.glob(f"*/{name}.json"))
-    if not paths:
-        raise FileNotFoundError(f"name: no recorded run {name}.json under {folder}/<gpu>/")
-    return max((results.load(p) for p in paths), key=lambda r: (r.meta["date"], str(r.path)))
+    return results.load(results.find(name, root))
 
 
 def title_line(meta) -> str:
