@@ -397,15 +397,21 @@ def test_readme_check_detects_a_stale_table(tmp_path):
     assert readme.main(args) == 0
     text = path.read_text()
     assert text.startswith("# x\nintro\n") and text.endswith(f"{readme.END}\nafter\n")
-    assert "NVIDIA H100 80GB HBM3** (132 SMs), 2026-11-22, commit `abc1234`" in text
+    assert "Current run on **NVIDIA H100 80GB HBM3** (132 SMs), commit `abc1234`, 2026-11-22" in text
     assert readme.main(["--check", *args]) == 0
     # best step (step04, 0.81 ms) over fa3 (0.85 ms) and cudnn (0.9 ms), from the same rows
+    ratio_fa3 = f"{_row('step04', 0.81)['tflops'] / _row('fa3', 0.85)['tflops']:.2f}×"
+    ratio_cudnn = f"{_row('step04', 0.81)['tflops'] / _row('cudnn', 0.9)['tflops']:.2f}×"
     line = next(ln for ln in text.splitlines() if ln.startswith("| bf16 | 128 | full | 4096 |"))
-    assert f"{_row('step04', 0.81)['tflops'] / _row('fa3', 0.85)['tflops']:.2f}×" in line
-    assert f"{_row('step04', 0.81)['tflops'] / _row('cudnn', 0.9)['tflops']:.2f}×" in line
-    assert "step04 (" in line
+    assert ratio_fa3 in line and ratio_cudnn in line and "step04" in line
     causal = next(ln for ln in text.splitlines() if ln.startswith("| bf16 | 128 | causal |"))
     assert causal.count("—") >= 2  # no peer measured on that shape
+    assert "**—** = no measurement in this run" in text  # and the dash is explained
+    # the full table (docs/results.md) from the same rows
+    header, rows = readme.pivot(results.load_all(res)[0])
+    full = next(r for r in rows if r[:4] == ["bf16", "128", "full", "4096"])
+    assert full[header.index("best step")].startswith("step04 (")
+    assert full[header.index("best/fa3")] == ratio_fa3 and full[header.index("best/cudnn")] == ratio_cudnn
 
 
 def test_readme_links_to_files_that_exist():
