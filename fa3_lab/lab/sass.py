@@ -581,8 +581,12 @@ def run(args) -> int:
 
     if _env.nvcc() is None:
         raise UsageError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); the sass command compiles the kernels")
-    try:
-        res = analyze(args.step, args.dtype, args.headdim, args.causal)
+    from rich.console import Console
+
+    try:  # nvcc takes tens of seconds per step: say so while it runs (on stderr, so --json stays clean)
+        with Console(stderr=True).status(f"compiling step {args.step} for sm_90a with nvcc (30–60 s), then "
+                                         "disassembling the main loop…"):
+            res = analyze(args.step, args.dtype, args.headdim, args.causal)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:
@@ -592,7 +596,6 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"step{res['step']:02d} {res['dtype']} headdim={res['headdim']} causal={res['causal']} "

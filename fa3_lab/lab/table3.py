@@ -621,7 +621,13 @@ def run(args) -> int:
     from . import results
 
     print(f"Table 3 on {_env.sm90_gpu()}: shape {shape}, seed {seed}" + (", with the NumPy emulation" if args.emulate else ""))
-    rows = measure(**shape, seed=seed, emulate=args.emulate, progress=lambda s: print("  " + s))
+    from rich.console import Console
+
+    with Console().status("measuring (the first call builds the kernels: minutes)…") as status:
+        def progress(line):
+            print("  " + line)
+            status.update(f"{line} …")
+        rows = measure(**shape, seed=seed, emulate=args.emulate, progress=progress)
     meta = results.collect_meta(command_line(shape["seqlen"], seed, args.emulate, args.out, args.no_save))
     doc = build_record(rows, meta, shape, seed, numpy_doc, NUMPY_RECORD)
     print(format_table(doc))
