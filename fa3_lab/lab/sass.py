@@ -30,6 +30,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from fa3_lab import _env
+
 HELP = "SASS of a kernel step: the consumer main loop, its HGMMA/DEPBAR/MUFU.EX2 and their overlap"
 
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "e4m3": "__nv_fp8_e4m3"}
@@ -496,7 +498,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
 
     from .. import _env
 
-    path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
+    path = Path(path) if path else _env.RESULTS_DIR.parent / RECORDED
     data = {"meta": {"nvcc": _env.nvcc_version(), "commit": _env.git_commit(),
                      "date": datetime.date.today().isoformat(),
                      "command": "python -c 'from fa3_lab import sass; sass.record()'"},
@@ -516,7 +518,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
 
 def load_recorded(path: Path | None = None) -> dict:
     """The JSON written by :func:`record` (``{"meta", "steps": {"02": analysis, …}, "probe"}``)."""
-    path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
+    path = Path(path) if path else _env.RESULTS_DIR.parent / RECORDED
     return json.loads(path.read_text())
 
 
