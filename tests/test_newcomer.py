@@ -135,9 +135,20 @@ def test_generators_take_any_step_ids(tmp_path):
             rows += [_row("step04", 1.2, **kw), _row("step06", 1.1, **kw), _row("step10", 1.0, **kw),
                      _row("fa3", 0.95, **kw), _row("cudnn", 1.1, **kw), _row("sdpa_flash", 2.0, **kw)]
     results.save("bench", rows, _meta(), root=tmp_path)
+    table2 = dict(batch=4, seqlen_q=8448, seqlen_k=8448, nheads=16, headdim=128)
+    abl = [_row(f"step{n:02d}", 2.0 - n / 10, dtype=dt, **table2) for n in (1, 2, 3, 4, 6, 7, 8, 9, 10)
+           for dt in ("bf16", "fp16")] + [_row("fa3", 1.05, **table2)]
+    results.save("ablation", abl, _meta(command="python -m fa3_lab bench --ablation"), root=tmp_path)
+    fp8 = [_row(impl, ms, dtype="e4m3", seqlen_q=s, seqlen_k=s, batch=16384 // s)
+           for s in (4096, 8192) for impl, ms in (("step05", 0.5), ("fa3", 0.55))]
+    results.save("bench_fp8", fp8, _meta(command="python -m fa3_lab bench --fp8"), root=tmp_path)
     current = results.current_runs(tmp_path)
     block = readme.render(current)
     assert "step10" in block and "Fastest of our steps, bf16 grid (6 points): step10 at 6." in block
+    assert "→ step10 " in block and "the paper's (H100 SXM5, FP16): step01 570" in block   # ablation, any ids
+    assert "FP8 e4m3 (2 points)" in block and "1.10×" in block                               # 0.55 / 0.5
+    assert "Current run on **NVIDIA H200** (132 SMs), commit `abc1234`" in block
+    assert readme.render_results_md(current).count("### `") == 3
     header, table = readme.compact(current["nvidia-h200"][0])
     assert all(r[header.index("ours")].endswith("step10") for r in table)
     from fa3_lab.lab import plots

@@ -171,23 +171,29 @@ def _by_name(runs: list[results.Run]) -> dict[str, results.Run]:
     return {r.path.stem: r for r in runs}
 
 
+def _kind(run: results.Run) -> str:
+    """"grid", "ablation" or "fp8": by file name (``bench``, ``ablation``, ``bench_fp8``), else by content
+    (e4m3 rows: fp8; step rows at several configurations: grid; otherwise ablation)."""
+    name = run.path.stem if run.path is not None else ""
+    if name in ("bench", "ablation", "bench_fp8"):
+        return {"bench": "grid", "ablation": "ablation", "bench_fp8": "fp8"}[name]
+    if any(row["dtype"] == "e4m3" for row in run.rows):
+        return "fp8"
+    keys = {(row["headdim"], row["causal"], row["seqlen_q"]) for row in run.rows if row["impl"] in results.STEP_IMPLS}
+    return "grid" if len(keys) > 1 else "ablation"
+
+
 def _grid_runs(runs):
-    """The runs with a paper grid (more than one configuration of step rows), not the ablation/FP8 ones."""
-    out = []
-    for r in runs:
-        keys = {(row["headdim"], row["causal"], row["seqlen_q"]) for row in r.rows if row["impl"] in results.STEP_IMPLS
-                and row["dtype"] in ("bf16", "fp16")}
-        if len(keys) > 1 and not any(row["dtype"] == "e4m3" for row in r.rows):
-            out.append(r)
-    return out
+    """The runs of the paper's Figure 5 grid (``bench.json``)."""
+    return [r for r in runs if _kind(r) == "grid"]
 
 
 def _ablation_runs(runs):
-    return [r for r in runs if r not in _grid_runs(runs) and not any(row["dtype"] == "e4m3" for row in r.rows)]
+    return [r for r in runs if _kind(r) == "ablation"]
 
 
 def _fp8_runs(runs):
-    return [r for r in runs if any(row["dtype"] == "e4m3" for row in r.rows)]
+    return [r for r in runs if _kind(r) == "fp8"]
 
 
 def _fmt_range(xs) -> str:
