@@ -71,7 +71,7 @@ STEPS: tuple[StepInfo, ...] = (
              "§3.1 Alg. 1", "reference/fa3_pipeline.py::warp_specialized_forward"),
     StepInfo(3, "03_pingpong", "fwd", 2,
              "named-barrier pingpong of the two consumer warpgroups",
-             "§3.1 Fig. 1", "reference/fa3_pipeline.py::warp_specialized_forward"),
+             "§3.1 Fig. 1", "reference/fa3_pipeline.py::pipelined_forward"),
     StepInfo(4, "04_intra_warpgroup_overlap", "fwd", 3,
              "softmax of tile j under the PV GEMM of tile j−1 (two-stage GEMM-softmax pipeline)",
              "§3.2 Alg. 2", "reference/fa3_pipeline.py::pipelined_forward"),

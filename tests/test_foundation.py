@@ -528,3 +528,32 @@ def test_tour_on_sm90_calls_tour_gpu(monkeypatch, capsys):
     assert len(seen) == 1 and "flash f32" not in capsys.readouterr().out
     # --cpu forces the NumPy part even there
     assert cli.main(["tour", "--cpu", "--seqlen", "16"]) == 0 and len(seen) == 1
+
+
+def test_schema_step_impls_come_from_the_registry():
+    from fa3_lab import registry
+
+    assert results.STEP_IMPLS == tuple(f"step{s.id:02d}" for s in registry.STEPS)
+    results.validate({"meta": _meta(), "rows": [_row(f"step{registry.DEFAULT_STEP:02d}")]})
+    with pytest.raises(results.SchemaError, match="impl"):
+        results.validate({"meta": _meta(), "rows": [_row("step99")]})
+
+
+def test_schema_backward_rows_count_two_and_a_half_forward_flops():
+    fwd = _row("cudnn", 1.0)
+    bwd = _row("cudnn", 1.0, **{"pass": "bwd"})
+    both = _row("cudnn", 1.0, **{"pass": "fwd_bwd"})
+    assert bwd["tflops"] == pytest.approx(2.5 * fwd["tflops"], rel=1e-3)
+    assert both["tflops"] == pytest.approx(3.5 * fwd["tflops"], rel=1e-3)
+    results.validate({"meta": _meta(), "rows": [fwd, bwd, both]})
+    with pytest.raises(results.SchemaError, match="tflops"):  # a backward row timed as if it were a forward
+        results.validate({"meta": _meta(), "rows": [dict(bwd, tflops=fwd["tflops"])]})
+    with pytest.raises(results.SchemaError, match=r"pass"):
+        results.validate({"meta": _meta(), "rows": [dict(fwd, **{"pass": "backward"})]})
+
+
+def test_bench_backward_on_cpu_says_it_needs_a_gpu(capsys):
+    from fa3_lab.lab import cli
+
+    assert cli.main(["bench", "--backward", "--no-save"]) == 1  # no sm_90 GPU here: says so, exit 1
+    assert "needs an sm_90 GPU" in capsys.readouterr().out

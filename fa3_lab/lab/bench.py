@@ -36,6 +36,9 @@ PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help=f"seqlens {QUICK_SEQLENS}, bf16 only")
     p.add_argument("--ablation", action="store_true", help="the paper's Table 2 configuration, steps 01-04")
+    p.add_argument("--backward", action="store_true",
+                   help="the backward (bwd alone and fwd+bwd) of our default backward step vs cuDNN's and FA2's "
+                        "(SDPA backends), the paper grid; writes bench_backward.json")
     p.add_argument("--fp8", action="store_true",
                    help="FP8: step 05 (kernel alone, plus quantize time) vs FA3's e4m3 forward and our bf16 step 04")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16 (default both; --quick: bf16)")
@@ -193,6 +196,67 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     return rows
 
 
+def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rounds=ROUNDS):
+    """Time the backward: rows with ``"pass": "bwd"`` (``torch.autograd.grad`` of a saved forward with a
+    fixed dout, docs/design.md) and ``"fwd_bwd"`` (forward and backward together), for our backward steps
+    (``flash_attn_func(..., bwd_step=N)``'s autograd) and the peers' backward through SDPA's CUDNN_ATTENTION
+    (``cudnn``) and FLASH_ATTENTION (``sdpa_flash``, FlashAttention-2) backends; rounds rotate as in
+    :func:`run_grid`. TFLOPs/s use 2.5 × (bwd) and 3.5 × (fwd_bwd) the forward FLOPs.
+
+    Raises:
+        UsageError: rounds < 1.
+    """
+    _check_rounds(rounds)
+    import torch
+
+    import fa3_lab
+
+    peer_fns = {k: v for k, v in (peers() if with_peers else {}).items() if k in ("cudnn", "sdpa_flash")}
+    rows = []
+    for cfg in configs:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
+        b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["nheads_kv"], cfg["headdim"]
+        q = torch.randn(b, s, h, d, device="cuda", dtype=dt, requires_grad=True)
+        k = torch.randn(b, s, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+        v = torch.randn(b, s, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+        dout = torch.randn(b, s, h, d, device="cuda", dtype=dt)
+        fl = flops(b, h, s, s, d, cfg["causal"])
+        fwd = {f"step{n:02d}": (lambda q, k, v, n=n: fa3_lab.flash_attn_func(q, k, v, causal=cfg["causal"],
+                                                                             bwd_step=n))
+               for n in bwd_step_ids}
+        fwd.update({name: (lambda q, k, v, fn=fn: fn(q, k, v, cfg["causal"])) for name, fn in peer_fns.items()})
+        jobs, saved = {}, {}
+        for name, f in fwd.items():
+            def bwd(f=f, name=name):
+                if name not in saved:
+                    saved[name] = f(q, k, v)
+                return torch.autograd.grad(saved[name], (q, k, v), dout, retain_graph=True)
+            jobs[(name, "bwd")] = round_timer(bwd)
+            jobs[(name, "fwd_bwd")] = round_timer(lambda f=f: torch.autograd.grad(f(q, k, v), (q, k, v), dout))
+
+        def skipped(key, e):
+            if key[0].startswith("step"):
+                raise e  # our kernel failing is an error, not a missing row
+            if progress:
+                progress(f"{key[0]} {key[1]} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            torch.cuda.synchronize()
+
+        times, dropped = rotating_rounds(jobs, rounds, skipped)
+        for (impl, pass_) in jobs:
+            if (impl, pass_) in dropped or not times[(impl, pass_)]:
+                continue
+            ms = statistics.median(times[(impl, pass_)])
+            rows.append({"impl": impl, "dtype": cfg["dtype"], "pass": pass_, "headdim": d, "causal": cfg["causal"],
+                         "batch": b, "seqlen_q": s, "seqlen_k": s, "nheads": h, "nheads_kv": hkv,
+                         "ms": round(ms, 5), "tflops": round(fl * {"bwd": 2.5, "fwd_bwd": 3.5}[pass_] / ms / 1e9, 2),
+                         "ms_rounds": [round(x, 5) for x in times[(impl, pass_)]]})
+        del q, k, v, dout, saved
+        torch.cuda.empty_cache()
+        if progress:
+            progress(None)
+    return rows
+
+
 def grid_configs(dtypes, headdims, seqlens, causals):
     for dtype in dtypes:
         for d in headdims:
@@ -237,12 +301,15 @@ def run(args):
         return 1
     from .. import api
 
-    step_ids = [s.id for s in api.steps() if "bf16" in s.dtypes]
-    if args.steps:
+    step_ids = [s.id for s in api.steps() if s.series == "fwd" and "bf16" in s.dtypes]
+    if args.steps and not args.backward:
         step_ids = _int_list(args.steps, "steps", allowed=tuple(step_ids))
     headdims = _int_list(args.headdims, "headdims", allowed=(64, 128, 256))
     if args.fp8:
         return run_fp8(console, args)
+    if args.backward and args.ablation:
+        raise UsageError("--backward: not with --ablation (the backward ablation times the backward steps: "
+                         "--backward --steps 11,12,…)")
     if args.ablation:
         a = ABLATION
         configs = [dict(dtype=dt, headdim=a["headdim"], causal=False, batch=a["batch"], seqlen=a["seqlen"],
@@ -255,7 +322,7 @@ def run(args):
         seqlens = _int_list(args.seqlens, "seqlens") if args.seqlens else (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
         causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
         configs = list(grid_configs(dtypes, headdims, seqlens, causals))
-        name = args.name or ("bench_quick" if args.quick else "bench")
+        name = args.name or ("bench_backward" if args.backward else "bench_quick" if args.quick else "bench")
 
     from rich.progress import Progress
 
@@ -268,11 +335,25 @@ def run(args):
             else:
                 console.print(f"[dim]{msg}[/dim]")
 
-        rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
+        if args.backward:
+            bwd_ids = [s.id for s in api.steps() if s.series == "bwd"]
+            if not bwd_ids:
+                raise UsageError("--backward: no backward step (cuda/steps/bwd/) in this build")
+            if args.steps:
+                bwd_ids = _int_list(args.steps, "steps", allowed=tuple(bwd_ids))
+            rows = run_backward_grid(configs, bwd_ids, with_peers=not args.no_peers, progress=progress,
+                                     rounds=args.rounds)
+        else:
+            rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
     from . import results
 
     meta = results.collect_meta(command="python -m fa3_lab bench " + " ".join(_argv_tail(args)))
-    console.print(format_table(rows, title=f"{meta['gpu']} — TFLOPs/s (median of {args.rounds} rounds of do_bench), {meta['date']}"))
+    for pass_ in ("fwd", "bwd", "fwd_bwd"):
+        got = [r for r in rows if r.get("pass", "fwd") == pass_]
+        if got:
+            what = {"fwd": "forward", "bwd": "backward (2.5 × forward FLOPs)", "fwd_bwd": "forward + backward (3.5 ×)"}
+            console.print(format_table(got, title=f"{meta['gpu']} — {what[pass_]}, TFLOPs/s (median of {args.rounds} "
+                                                  f"rounds of do_bench), {meta['date']}"))
     if not args.no_save:
         path = results.save(name, rows, meta)
         console.print(f"saved {path}")

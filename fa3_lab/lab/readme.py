@@ -409,7 +409,7 @@ def steps_line(chapter_id: int) -> str:
     """The "Steps covered: …" line each notebook's first markdown cell carries (tests check it)."""
     c = next(c for c in registry.CHAPTERS if c.id == chapter_id)
     if not c.steps:
-        return "Steps covered: none (NumPy only; the kernel steps start in notebook 02)."
+        return "Steps covered: none (NumPy only)."
     names = ", ".join(f"{s:02d} ({registry.step(s).name.partition('_')[2].replace('_', ' ')})" for s in c.steps)
     return f"Steps covered: {names} — ids of `fa3_lab/registry.py`."
 

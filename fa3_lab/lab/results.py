@@ -26,17 +26,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fa3_lab import _env
-from fa3_lab import registry as _registry
+from fa3_lab import _env, registry
 
 #: Where runs are recorded (inside the package, so an installed copy still finds them).
 RESULTS_DIR = _env.RESULTS_DIR
 
-#: Our kernel steps (``stepNN``, ids from fa3_lab.registry) and the peers of docs/design.md "Numbers everyone uses".
-STEP_IMPLS = tuple(s.marker for s in _registry.STEPS)
+#: Our kernel steps (``fa3_lab/registry.py``) and the peers of docs/design.md "Numbers everyone uses".
+STEP_IMPLS = tuple(s.marker for s in registry.STEPS)
 PEER_IMPLS = ("fa3", "cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 IMPLS = STEP_IMPLS + PEER_IMPLS
 DTYPES = ("fp16", "bf16", "e4m3")
+#: A row's ``pass``: the forward, the backward alone (FLOPs 2.5 × the forward's: five GEMMs against two),
+#: or both (3.5 ×). A row without ``pass`` is a forward row.
+PASSES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 META_KEYS = ("gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command")
 ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
@@ -151,9 +153,10 @@ def flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, c
 
 
 def tflops(row: dict) -> float:
-    """TFLOPs/s of a results row: :func:`flops` of its shape divided by its ``ms``."""
+    """TFLOPs/s of a results row: :func:`flops` of its shape, times :data:`PASSES` of its ``pass``
+    (backward 2.5 ×), divided by its ``ms``."""
     f = flops(row["batch"], row["nheads"], row["seqlen_q"], row["seqlen_k"], row["headdim"], row["causal"])
-    return f / (row["ms"] * 1e-3) / 1e12
+    return f * PASSES[row.get("pass", "fwd")] / (row["ms"] * 1e-3) / 1e12
 
 
 # ---------------------------------------------------------------------------------------- schema
@@ -196,6 +199,8 @@ def _check_row(i: int, row) -> None:
         raise SchemaError(f"{where}.impl: expected one of {', '.join(IMPLS)}, got {row['impl']!r}")
     if row["dtype"] not in DTYPES:
         raise SchemaError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {row['dtype']!r}")
+    if row.get("pass", "fwd") not in PASSES:
+        raise SchemaError(f"{where}.pass: expected one of {', '.join(PASSES)}, got {row['pass']!r}")
     if not isinstance(row["causal"], bool):
         raise SchemaError(f"{where}.causal: expected true or false, got {row['causal']!r}")
     for key in ("headdim", "batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv"):
