@@ -143,13 +143,19 @@ def test_generators_take_any_step_ids(tmp_path):
     fp8 = [_row(impl, ms, dtype="e4m3", seqlen_q=s, seqlen_k=s, batch=16384 // s)
            for s in (4096, 8192) for impl, ms in (("step05", 0.5), ("fa3", 0.55))]
     results.save("bench_fp8", fp8, _meta(command="python -m fa3_lab bench --fp8"), root=tmp_path)
+    bwd = [_row(impl, ms, **{"pass": p, "seqlen_q": s, "seqlen_k": s, "batch": 16384 // s})
+           for s in (2048, 4096) for p in ("bwd", "fwd_bwd") for impl, ms in (("step04", 1.0), ("cudnn", 1.2))]
+    results.save("bench_backward", bwd, _meta(command="python -m fa3_lab bench --backward"), root=tmp_path)
     current = results.current_runs(tmp_path)
     block = readme.render(current)
     assert "step10" in block and "Fastest of our steps, bf16 grid (6 points): step10 at 6." in block
     assert "→ step10 " in block and "the paper's (H100 SXM5, FP16): step01 570" in block   # ablation, any ids
     assert "FP8 e4m3 (2 points)" in block and "1.10×" in block                               # 0.55 / 0.5
     assert "Current run on **NVIDIA H200** (132 SMs), commit `abc1234`" in block
-    assert readme.render_results_md(current).count("### `") == 3
+    assert "Our fastest step ÷ cuDNN, backward, bf16, 2 points: median 1.20×" in block      # pass kept apart
+    full = readme.render_results_md(current)
+    assert full.count("### `") == 4 and "| pass | dtype |" in full
+    assert "step10" in block.split("Fastest of our steps, bf16 grid")[1].split("\n")[0]    # not mixed with bwd
     header, table = readme.compact(current["nvidia-h200"][0])
     assert all(r[header.index("ours")].endswith("step10") for r in table)
     from fa3_lab.lab import plots

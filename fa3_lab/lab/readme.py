@@ -45,21 +45,26 @@ DASH = ("**—** = no measurement in this run: that implementation raised on tha
 
 # ------------------------------------------------------------------------------------- tables
 
+_PASS_ORDER = tuple(results.PASSES)   # fwd, bwd, fwd_bwd
+
+
 def _cells(run: results.Run) -> dict[tuple, dict[str, float]]:
-    """(dtype index, headdim, causal, sq, sk, batch, nheads, nheads_kv) -> {impl: median TFLOPs/s}."""
+    """(dtype index, headdim, causal, sq, sk, batch, nheads, nheads_kv, pass index) -> {impl: median TFLOPs/s}."""
     cells: dict[tuple, dict[str, list[float]]] = {}
     for row in run.rows:
         key = (results.DTYPES.index(row["dtype"]), row["headdim"], row["causal"], row["seqlen_q"],
-               row["seqlen_k"], row["batch"], row["nheads"], row["nheads_kv"])
+               row["seqlen_k"], row["batch"], row["nheads"], row["nheads_kv"],
+               _PASS_ORDER.index(row.get("pass", "fwd")))
         cells.setdefault(key, {}).setdefault(row["impl"], []).append(float(row["tflops"]))
     return {key: {impl: statistics.median(v) for impl, v in by_impl.items()} for key, by_impl in cells.items()}
 
 
-def _shape_cells(key) -> list[str]:
-    dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv = key
+def _shape_cells(key, with_pass: bool = False) -> list[str]:
+    dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv, pass_i = key
     heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
-    return [results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
-            str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
+    return ([_PASS_ORDER[pass_i]] if with_pass else []) + [
+        results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
+        str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
 
 
 def _best_step(tf: dict[str, float]):
@@ -73,21 +78,23 @@ def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
     Columns: dtype, headdim, mask, seqlen (``sq`` or ``sq→sk``), batch×heads (kv heads when
     GQA), TFLOPs/s of each impl present (in :data:`results.IMPLS` order; median of duplicate rows),
     ``best step`` (the fastest of ours), then ``best/<peer>`` for each peer present.
-    Cells with no measurement are "—".
+    Cells with no measurement are "—". A run with backward rows gets a first column ``pass``
+    (fwd, bwd, fwd_bwd; backward TFLOPs/s count 2.5 × the forward FLOPs, :data:`results.PASSES`).
     """
     cells = _cells(run)
     present = {impl for by_impl in cells.values() for impl in by_impl}
     impls = [i for i in results.IMPLS if i in present]
     steps = [i for i in results.STEP_IMPLS if i in present]
     peers = [i for i in results.PEER_IMPLS if i in present]
+    with_pass = any(key[-1] for key in cells)   # a backward run: say which pass each row times
 
-    header = ["dtype", "headdim", "mask", "seqlen", "batch×heads"] + impls
+    header = (["pass"] if with_pass else []) + ["dtype", "headdim", "mask", "seqlen", "batch×heads"] + impls
     if steps:
         header += ["best step"] + [f"best/{p}" for p in peers]
     table = []
     for key in sorted(cells):
         tf = cells[key]
-        line = _shape_cells(key) + [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
+        line = _shape_cells(key, with_pass) + [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
         if steps:
             best, best_step = _best_step(tf)
             if best is None:
@@ -172,11 +179,14 @@ def _by_name(runs: list[results.Run]) -> dict[str, results.Run]:
 
 
 def _kind(run: results.Run) -> str:
-    """"grid", "ablation" or "fp8": by file name (``bench``, ``ablation``, ``bench_fp8``), else by content
-    (e4m3 rows: fp8; step rows at several configurations: grid; otherwise ablation)."""
+    """"grid", "ablation", "fp8" or "backward": by file name (``bench``, ``ablation``, ``bench_fp8``,
+    ``bench_backward``), else by content (rows with a backward ``pass``: backward; e4m3 rows: fp8; step
+    rows at several configurations: grid; otherwise ablation)."""
     name = run.path.stem if run.path is not None else ""
-    if name in ("bench", "ablation", "bench_fp8"):
-        return {"bench": "grid", "ablation": "ablation", "bench_fp8": "fp8"}[name]
+    if name in ("bench", "ablation", "bench_fp8", "bench_backward"):
+        return {"bench": "grid", "ablation": "ablation", "bench_fp8": "fp8", "bench_backward": "backward"}[name]
+    if any(row.get("pass", "fwd") != "fwd" for row in run.rows):
+        return "backward"
     if any(row["dtype"] == "e4m3" for row in run.rows):
         return "fp8"
     keys = {(row["headdim"], row["causal"], row["seqlen_q"]) for row in run.rows if row["impl"] in results.STEP_IMPLS}
@@ -196,13 +206,18 @@ def _fp8_runs(runs):
     return [r for r in runs if _kind(r) == "fp8"]
 
 
+def _backward_runs(runs):
+    return [r for r in runs if _kind(r) == "backward"]
+
+
 def _fmt_range(xs) -> str:
     return f"median {statistics.median(xs):.2f}×, range {min(xs):.2f}–{max(xs):.2f}×"
 
 
-def grid_sentences(run: results.Run, dtype: str = "bf16") -> list[str]:
-    """Sentences stating the grid's results, computed from the run (never typed)."""
-    cells = {k: v for k, v in _cells(run).items() if results.DTYPES[k[0]] == dtype}
+def grid_sentences(run: results.Run, dtype: str = "bf16", pass_: str = "fwd") -> list[str]:
+    """Sentences stating the grid's results (of one ``pass``), computed from the run (never typed)."""
+    cells = {k: v for k, v in _cells(run).items()
+             if results.DTYPES[k[0]] == dtype and _PASS_ORDER[k[-1]] == pass_}
     if not cells:
         return []
     wins: dict[str, int] = {}
@@ -216,11 +231,14 @@ def grid_sentences(run: results.Run, dtype: str = "bf16") -> list[str]:
             if p in tf:
                 ratios.setdefault(p, []).append(best / tf[p])
     n = sum(wins.values())
+    if not n:
+        return []
+    what = {"fwd": "", "bwd": "backward, ", "fwd_bwd": "forward + backward, "}[pass_]
     order = sorted(wins.items(), key=lambda kv: (-kv[1], kv[0]))
-    out = [f"Fastest of our steps, {dtype} grid ({n} points): "
+    out = [f"Fastest of our steps, {what}{dtype} grid ({n} points): "
            + ", ".join(f"{s} at {c}" for s, c in order) + "."]
     names = {"fa3": "FA3", "cudnn": "cuDNN", "sdpa_flash": "FlashAttention-2 (SDPA)"}
-    out += [f"Our fastest step ÷ {names[p]}, {dtype}, {len(x)} points: {_fmt_range(x)}."
+    out += [f"Our fastest step ÷ {names[p]}, {what}{dtype}, {len(x)} points: {_fmt_range(x)}."
             for p, x in ratios.items()]
     return out
 
@@ -338,6 +356,8 @@ def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img"
         s = fp8_sentence(r)
         if s:
             parts.append(f"- {s}")
+    for r in _backward_runs(runs):
+        parts += [f"- {s}" for p in ("bwd", "fwd_bwd") for s in grid_sentences(r, "bf16", p)[:2]]
     notes = [n for n in (dash_note(g) for g in grids) if n]
     parts += ["", *notes] if notes else []
     others = [f"{rs[0].meta['gpu']} (commit `{rs[0].meta['commit']}`)" for s, rs in runs_by_gpu.items() if s != slug]
@@ -368,6 +388,8 @@ def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
         sentences = [s for g in _grid_runs(runs) for d in ("bf16", "fp16") for s in grid_sentences(g, d)]
         sentences += [s for r in _ablation_runs(runs) for d in ("bf16", "fp16") if (s := ablation_sentence(r, d))]
         sentences += [s for r in _fp8_runs(runs) if (s := fp8_sentence(r))]
+        sentences += [s for r in _backward_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
+                      for s in grid_sentences(r, d, p)]
         if sentences:
             lines += ["In short:", ""] + [f"- {s}" for s in sentences] + [""]
     return "\n".join(lines)
