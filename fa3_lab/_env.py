@@ -12,6 +12,31 @@ CUDA_DIR = REPO_ROOT / "cuda"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, what: str):
+    """Import ``module`` for ``what``, or say which extra of the lab installs it.
+
+    Call it before anything is written, so that a retry after the install finds nothing left behind.
+
+    Returns:
+        the imported module.
+
+    Raises:
+        MissingExtra (an ImportError): "<what> needs <module>, which the `<extra>` extra installs:
+        pip install -e ".[<extra>]" (in a clone) or pip install "fa3-lab[<extra>]"".
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtra(f"{what} needs {module}, which the `{extra}` extra installs: "
+                           f'pip install -e ".[{extra}]" (in a clone of the lab) or pip install "fa3-lab[{extra}]"') from e
+
+
 @functools.lru_cache(None)
 def sm90_gpu() -> str | None:
     """Name of the first CUDA device if it is compute capability 9.0 (Hopper), else None."""

@@ -140,16 +140,16 @@ def register(name: str = NAME) -> str:
 
     Raises:
         TypeError: ``name`` is not a non-empty str.
-        ImportError: transformers is not installed (``pip install transformers``).
+        fa3_lab._env.MissingExtra (an ImportError): transformers is not installed (the message names
+            the ``test`` extra that installs it).
         RuntimeError: transformers is older than 4.53 (no ``masking_utils.AttentionMaskInterface``:
             older versions would hand us a 4D causal mask on every call).
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name: expected a non-empty str, got {name!r}")
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("fa3_lab.hf.register: transformers is not installed (pip install transformers)") from e
+    from . import _env
+
+    transformers = _env.require("transformers", "test", "fa3_lab.hf.register")
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, flash_attention_mask  # noqa: F401

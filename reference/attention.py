@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import causal_visible, check_qkv, resolve_scale
+from ._validate import causal_visible, check_bool, check_finite, check_qkv, resolve_scale
 
 _DTYPES = (np.float64, np.float32, np.float16)
 
@@ -33,14 +33,20 @@ def standard_attention(q, k, v, causal=False, softmax_scale=None, dtype=np.float
             as FlashAttention does.
 
     Raises:
-        TypeError: non-floating inputs or an unsupported ``dtype``.
-        ValueError: shapes that do not fit (see ``reference._validate.check_qkv``).
+        TypeError: non-floating inputs, ``causal`` not a bool (``"False"`` is not read as truthy),
+            or an unsupported ``dtype``.
+        ValueError: shapes that do not fit (see ``reference._validate.check_qkv``); NaN or inf in
+            q, k, v; softmax_scale not positive. The checks of every reference, in the same order
+            (``reference._validate``): shapes, flags, dtype, scale, finite values.
     """
     batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = check_qkv(q, k, v)
+    causal = check_bool("causal", causal)
     dt = np.dtype(dtype)
     if dt not in [np.dtype(d) for d in _DTYPES]:
         raise TypeError(f"dtype: expected float64, float32 or float16, got {dt}")
     scale = resolve_scale(softmax_scale, headdim)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
     group = nheads // nheads_kv
     acc = np.float64 if dt == np.float64 else np.float32  # matmul accumulation precision
 

@@ -50,7 +50,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ._validate import causal_visible, check_array, check_block, check_finite, check_qkv, resolve_scale
+from ._validate import (causal_visible, check_array, check_block, check_bool, check_finite, check_qkv,
+                        resolve_scale)
 from .attention import standard_attention
 
 __all__ = [
@@ -98,12 +99,6 @@ def _check_float(name: str, x, ndim: int | None = None) -> np.ndarray:
         raise ValueError(f"{name}: expected a non-empty array, got shape {x.shape}")
     check_finite(name, x)
     return x
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def _check_seed(value) -> int:
@@ -439,12 +434,12 @@ def _fp8_inputs(q, k, v, block_quant, incoherent, block_m, block_n, seed) -> Fp8
 
 def _check_fp8_args(q, k, v, causal, softmax_scale, block_quant, incoherent, block_m, block_n, seed):
     shapes = check_qkv(q, k, v)
+    check_bool("causal", causal)
+    check_bool("block_quant", block_quant)
+    check_bool("incoherent", incoherent)
+    scale = resolve_scale(softmax_scale, shapes[-1])
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
-    _check_flag("causal", causal)
-    _check_flag("block_quant", block_quant)
-    _check_flag("incoherent", incoherent)
-    scale = resolve_scale(softmax_scale, shapes[-1])
     block_m = check_block("block_m", block_m)
     block_n = check_block("block_n", block_n)
     seed = _check_seed(seed)
@@ -604,10 +599,10 @@ def baseline_fp8_attention(q, k, v, causal=False, softmax_scale=None) -> tuple[n
             rows that see no key: out 0, lse +inf.
     """
     batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = check_qkv(q, k, v)
+    check_bool("causal", causal)
+    alpha = resolve_scale(softmax_scale, headdim)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
-    _check_flag("causal", causal)
-    alpha = resolve_scale(softmax_scale, headdim)
     group = nheads // nheads_kv
 
     q8, sq = _quantize_per_tensor(q)
@@ -651,10 +646,10 @@ def flash_fp16_attention(q, k, v, causal=False, softmax_scale=None, block_m=128,
         lse: (batch, nheads, seqlen_q) float32, natural log; rows without keys: out 0, lse +inf.
     """
     batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = check_qkv(q, k, v)
+    check_bool("causal", causal)
+    alpha = resolve_scale(softmax_scale, headdim)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
-    _check_flag("causal", causal)
-    alpha = resolve_scale(softmax_scale, headdim)
     block_m = check_block("block_m", block_m)
     block_n = check_block("block_n", block_n)
 

@@ -570,7 +570,16 @@ _COLORS = {("GEMM0", 1): "#1f77b4", ("GEMM1", 1): "#6baed6", ("GEMM0", 2): "#d62
 _LOAD_COLORS = {"Q": "#9467bd", "K": "#8c564b", "V": "#e377c2", "O": "#7f7f7f"}
 
 
-def plot_timeline(result: SimResult, ax=None, t_max_us=None):
+def timeline_legend_handles():
+    """The legend entries of :func:`plot_timeline` (for one legend shared by several panels)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=_COLORS[(op, wg)], label=f"{op} WG{wg}")
+               for op in ("GEMM0", "GEMM1", "softmax") for wg in (1, 2)]
+    return handles + [Patch(color=_LOAD_COLORS[o], alpha=0.6, label=f"load {o}") for o in ("Q", "K", "V")]
+
+
+def plot_timeline(result: SimResult, ax=None, t_max_us=None, legend=True):
     """Gantt chart of a :class:`SimResult`: one row per resource, GEMMs and softmaxes colored by
     warpgroup (blue WG1, red WG2; light = GEMM1; dark/light green = softmax of WG1/WG2), WG1's
     work in the upper half of a row and WG2's in the lower half (both at once = shared), TMA
@@ -580,12 +589,13 @@ def plot_timeline(result: SimResult, ax=None, t_max_us=None):
         result: from :func:`simulate`.
         ax: a matplotlib Axes (default: a new figure's).
         t_max_us: show [0, t_max_us] only (default: all).
+        legend: draw the legend under the Axes (False: draw one for several panels with
+            :func:`timeline_legend_handles`).
 
     Returns:
         the Axes.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     if not isinstance(result, SimResult):
         raise TypeError(f"result: expected a SimResult from simulate(), got {type(result).__name__}")
@@ -611,8 +621,7 @@ def plot_timeline(result: SimResult, ax=None, t_max_us=None):
         ax.set_xlim(0, t_max_us)
     ax.set_title(f"{result.schedule}: d={result.headdim}, {result.tflops:.0f} TFLOPs/s predicted, "
                  f"tensor cores busy {100 * result.tensor_core_busy:.0f}%", fontsize=9)
-    handles = [Patch(color=_COLORS[(op, wg)], label=f"{op} WG{wg}")
-               for op in ("GEMM0", "GEMM1", "softmax") for wg in (1, 2)]
-    handles += [Patch(color=_LOAD_COLORS[o], alpha=0.6, label=f"load {o}") for o in ("K", "V")]
-    ax.legend(handles=handles, fontsize=6, ncol=4, loc="upper right", bbox_to_anchor=(1.0, -0.35))
+    if legend:
+        ax.legend(handles=timeline_legend_handles(), fontsize=9, ncol=5, loc="upper right",
+                  bbox_to_anchor=(1.0, -0.3))
     return ax

@@ -397,15 +397,21 @@ def test_readme_check_detects_a_stale_table(tmp_path):
     assert readme.main(args) == 0
     text = path.read_text()
     assert text.startswith("# x\nintro\n") and text.endswith(f"{readme.END}\nafter\n")
-    assert "NVIDIA H100 80GB HBM3** (132 SMs), 2026-11-22, commit `abc1234`" in text
+    assert "Current run on **NVIDIA H100 80GB HBM3** (132 SMs), commit `abc1234`, 2026-11-22" in text
     assert readme.main(["--check", *args]) == 0
     # best step (step04, 0.81 ms) over fa3 (0.85 ms) and cudnn (0.9 ms), from the same rows
+    ratio_fa3 = f"{_row('step04', 0.81)['tflops'] / _row('fa3', 0.85)['tflops']:.2f}×"
+    ratio_cudnn = f"{_row('step04', 0.81)['tflops'] / _row('cudnn', 0.9)['tflops']:.2f}×"
     line = next(ln for ln in text.splitlines() if ln.startswith("| bf16 | 128 | full | 4096 |"))
-    assert f"{_row('step04', 0.81)['tflops'] / _row('fa3', 0.85)['tflops']:.2f}×" in line
-    assert f"{_row('step04', 0.81)['tflops'] / _row('cudnn', 0.9)['tflops']:.2f}×" in line
-    assert "step04 (" in line
+    assert ratio_fa3 in line and ratio_cudnn in line and "step04" in line
     causal = next(ln for ln in text.splitlines() if ln.startswith("| bf16 | 128 | causal |"))
     assert causal.count("—") >= 2  # no peer measured on that shape
+    assert "**—** = no measurement in this run" in text  # and the dash is explained
+    # the full table (docs/results.md) from the same rows
+    header, rows = readme.pivot(results.load_all(res)[0])
+    full = next(r for r in rows if r[:4] == ["bf16", "128", "full", "4096"])
+    assert full[header.index("best step")].startswith("step04 (")
+    assert full[header.index("best/fa3")] == ratio_fa3 and full[header.index("best/cudnn")] == ratio_cudnn
 
 
 def test_readme_links_to_files_that_exist():
@@ -468,7 +474,7 @@ def test_tour_compares_the_references(monkeypatch):
     rows = {r["name"]: r for r in tour.compare(200)}
     assert len(calls) == 2 and all(kw["causal"] is True for *_, kw in calls)
     assert calls[0][:2] == ((1, 200, 4, 128), (1, 200, 1, 128))  # GQA slice: 4 query heads, 1 KV head
-    f64, f32 = rows["flash f64 (step 02)"], rows["flash f32 (step 02)"]
+    f64, f32 = rows["tiled f64 (twin 01)"], rows["tiled f32 (twin 01)"]
     fp16 = rows["baseline FP16 (Tab. 3)"]
     assert f64["max_err"] < 1e-12 and f64["lse_max_err"] < 1e-12
     assert 0 < f32["max_err"] < 1e-4
@@ -485,16 +491,23 @@ def test_tour_inputs_are_bf16_values():
     assert np.array_equal(q, q2)
 
 
-def test_tour_cpu_end_to_end(capsys):
-    assert cli.main(["tour", "--cpu", "--seqlen", "130"]) == 0
+def test_tour_cpu_end_to_end(capsys, tmp_path):
+    """Live, then recorded, a picture saved and its path printed, the terms, and where to go next."""
+    assert cli.main(["tour", "--cpu", "--seqlen", "130", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name, _ in tour.implementations():
         assert name in out
-    assert "seqlen 130" in out
+    assert "seqlen 130" in out and "Live:" in out and "Recorded:" in out
     if results.load_all():
-        assert "recorded on" in out
+        assert "Current run on" in out
+        pngs = list(tmp_path.glob("fig5_*.png"))
+        assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
+        assert str(pngs[0]) in out.replace("\n", "")
     else:
         assert "No GPU results are recorded yet" in out
+    for term, _ in tour.TERMS:
+        assert term in out
+    assert f"next: open {tour.NEXT}" in out
 
 
 def test_tour_on_sm90_without_the_kernel_part(monkeypatch, capsys):
@@ -502,7 +515,7 @@ def test_tour_on_sm90_without_the_kernel_part(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fa3_lab.lab.tour_gpu", None)  # import fails: not built
     assert cli.main(["tour", "--seqlen", "64"]) == 0
     out = capsys.readouterr().out
-    assert "not built" in out and "flash f32 (step 02)" in out
+    assert "not built" in out and "tiled f32 (twin 01)" in out
 
 
 def test_tour_on_sm90_calls_tour_gpu(monkeypatch, capsys):

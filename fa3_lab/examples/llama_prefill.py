@@ -342,9 +342,9 @@ def main(argv=None) -> int:
         console.print(f"llama_prefill needs an sm_90 GPU (H100/H200): {reason}")
         return 2
     try:
-        import transformers  # noqa: F401
-    except ImportError:
-        console.print("llama_prefill needs transformers: pip install transformers")
+        _env.require("transformers", "test", "llama_prefill")
+    except _env.MissingExtra as e:
+        console.print(str(e))
         return 2
     doc = run(console, batch=args.batch, seqlen=args.seqlen, out=args.out, num_hidden_layers=args.layers)
     return 0 if doc["ok"] else 1

@@ -400,8 +400,14 @@ def run_fp8(console, args):
     rows = []
     rounds = args.rounds
     _check_rounds(rounds)
+    from rich.progress import Progress
+
+    prog = Progress(console=console, transient=True)
+    task = prog.add_task("FP8 grid (the first call builds the kernels: minutes)", total=len(headdims) * len(FP8_SEQLENS))
+    prog.start()
     for d in headdims:
         for s in FP8_SEQLENS:
+            prog.update(task, advance=1, description=f"FP8 headdim {d} seqlen {s}")
             b, h = max(1, TOTAL_TOKENS // s), HIDDEN // d
             q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
             k, v = torch.randn_like(q), torch.randn_like(q)
@@ -430,6 +436,7 @@ def run_fp8(console, args):
                 rows.append({"impl": impl, "dtype": dtype, "headdim": d, "causal": False, "batch": b, "seqlen_q": s,
                              "seqlen_k": s, "nheads": h, "nheads_kv": h, "ms": round(ms, 5),
                              "tflops": round(fl / ms / 1e9, 2), "ms_rounds": [round(t, 5) for t in times[key]]})
+    prog.stop()
     meta = results.collect_meta(command="python -m fa3_lab bench --fp8")
     from rich.table import Table
 

@@ -8,7 +8,8 @@ Each subcommand lives in its own module ``fa3_lab/lab/<name>.py`` that defines
 
 Modules import torch, NumPy and friends inside ``run`` so that ``--help`` stays instant.
 Bad input exits with status 2 and a one-line reason (argparse's own behaviour for unknown
-subcommands and bad option values; :class:`UsageError` for checks made later).
+subcommands and bad option values; :class:`UsageError` for checks made later; a missing optional
+dependency, :class:`fa3_lab._env.MissingExtra`, names the extra that installs it).
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fa3_lab._env import MissingExtra
+
     try:
         return int(args._run(args) or 0)
-    except UsageError as e:
+    except (UsageError, MissingExtra) as e:  # one line, no traceback: what to fix is in the message
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,22 +10,31 @@ different GPUs or in different runs"): each function takes one run, or rows with
 """
 from __future__ import annotations
 
+from fa3_lab import registry as _registry
+
 from .bench import PAPER_ABLATION_TFLOPS
 from .results import IMPLS, STEP_IMPLS, Run
 
 #: The paper's Table 2 / §3.1 numbers (H100 SXM5, TFLOPs/s) beside our steps 01-04.
 PAPER_ABLATION = dict(PAPER_ABLATION_TFLOPS)
 
-#: Bar order and legend labels: our steps first, then the peers.
+#: Bar order and legend labels: our steps first (ids and ideas from fa3_lab.registry), then the peers.
 IMPL_ORDER = IMPLS
+_SHORT = {1: "TMA+WGMMA", 2: "warp specialized", 3: "pingpong", 4: "intra-WG overlap", 5: "FP8",
+          6: "persistent", 7: "causal scheduler", 8: "TMA-store epilogue", 9: "3 warpgroups", 10: "K/V multicast"}
 LABELS = {
-    "step01": "step 01 TMA+WGMMA", "step02": "step 02 warp specialized", "step03": "step 03 pingpong",
-    "step04": "step 04 intra-WG overlap", "step05": "step 05 FP8",
+    **{s.marker: f"step {s.id:02d} {_SHORT.get(s.id, s.name.partition('_')[2].replace('_', ' '))}"
+       for s in _registry.STEPS},
     "fa3": "FA3 (fa3-fwd)", "cudnn": "cuDNN", "sdpa_flash": "SDPA FA2", "sdpa_efficient": "SDPA mem-efficient",
     "sdpa_math": "SDPA math (standard)",
 }
+#: One colour per implementation, told apart at a glance (issue #20: not three near-identical blues):
+#: the steps take tab20's blues, purples, cyans, pinks and browns; the peers keep red (FA3), green
+#: (cuDNN), orange (FA2) and olive/grey (SDPA's other backends), as in the paper's Figure 5.
+_STEP_COLORS = ("#aec7e8", "#1f77b4", "#9467bd", "#17becf", "#e377c2",
+                "#8c564b", "#c49c94", "#f7b6d2", "#c5b0d5", "#393b79")
 COLORS = {
-    "step01": "#c6dbef", "step02": "#6baed6", "step03": "#2171b5", "step04": "#08306b", "step05": "#54278f",
+    **{s.marker: _STEP_COLORS[(s.id - 1) % len(_STEP_COLORS)] for s in _registry.STEPS},
     "fa3": "#d62728", "cudnn": "#2ca02c", "sdpa_flash": "#ff7f0e", "sdpa_efficient": "#bcbd22",
     "sdpa_math": "#7f7f7f",
 }
@@ -64,26 +73,19 @@ def _rows_and_meta(runs_or_rows, where: str):
 
 
 def latest_run(name: str, root=None) -> Run:
-    """The newest recorded run called ``<name>.json`` in any GPU folder of ``fa3_lab/results``.
+    """The newest recorded run called ``<name>.json``: :func:`fa3_lab.lab.results.find`, then loaded.
 
-    Reads only the files of that name (other files in the results tree are not touched), validating
-    each with :func:`fa3_lab.lab.results.load`.
+    The current run of a GPU first (``fa3_lab/results/<gpu>/``); an archived one
+    (``tools/experiments/results/``) only when no current run has that file, and its ``describe()``
+    says so.
 
     Raises:
         TypeError: ``name`` is not a str. FileNotFoundError: no such recorded run (the message
-        names the folder searched). SchemaError: a file of that name fails the schema.
+        names the folders searched). SchemaError: the file fails the schema.
     """
-    from pathlib import Path
-
     from . import results
 
-    if not isinstance(name, str):
-        raise TypeError(f"name: expected a str like 'bench', got {type(name).__name__}")
-    folder = Path(root if root is not None else results.RESULTS_DIR)
-    paths = sorted(folder.glob(f"*/{name}.json"))
-    if not paths:
-        raise FileNotFoundError(f"name: no recorded run {name}.json under {folder}/<gpu>/")
-    return max((results.load(p) for p in paths), key=lambda r: (r.meta["date"], str(r.path)))
+    return results.load(results.find(name, root))
 
 
 def title_line(meta) -> str:
@@ -153,14 +155,64 @@ def plot_bench(runs_or_rows, dtype="bf16", ax=None):
 
     Source: paper §4.1, Figure 5 (forward speed, head dim 64/128/256, with and without causal mask).
     """
+    rows, meta = _rows_and_meta(runs_or_rows, "plot_bench")
+    table = bench_table(rows, dtype)
+    impls = [i for i in IMPL_ORDER if any(i in cell for cell in table.values())]
+    return _draw_grid(table, impls, LABELS, f"Forward, {dtype} — {title_line(meta)}", ax)
+
+
+#: The peers of the README's Figure 5 (the paper's: FA3, cuDNN, FlashAttention-2).
+FIG5_PEERS = ("fa3", "cudnn", "sdpa_flash")
+
+
+def best_step_table(runs_or_rows, dtype="bf16"):
+    """:func:`bench_table` with our steps folded into one entry per point: ``"ours"`` = the fastest
+    step's TFLOPs/s, ``"ours_step"`` = its impl (e.g. "step10"); the peers are kept as they are.
+
+    Raises:
+        as :func:`bench_table`; ValueError when no point has a step row.
+    """
+    table = {}
+    for key, cell in bench_table(runs_or_rows, dtype).items():
+        ours = [(cell[i], i) for i in STEP_IMPLS if i in cell]
+        new = {k: v for k, v in cell.items() if k not in STEP_IMPLS}
+        if ours:
+            new["ours"], new["ours_step"] = max(ours)
+        table[key] = new
+    if not any("ours" in c for c in table.values()):
+        raise ValueError(f"rows: no step rows in {dtype}; expected a `python -m fa3_lab bench` run")
+    return table
+
+
+def plot_fig5(runs_or_rows, dtype="bf16", peers=FIG5_PEERS, ax=None):
+    """The paper's Figure 5 with one bar for us: our fastest step at each point against ``peers``.
+
+    The layout of :func:`plot_bench` (rows: no mask / causal; columns: headdim), bars: "ours (best
+    step)" then FA3, cuDNN, FlashAttention-2 (SDPA's flash backend), those the run has. Which step was
+    fastest at each point is in the run's table (README, docs/results.md).
+
+    Returns:
+        matplotlib.figure.Figure.
+
+    Raises:
+        as :func:`plot_bench` and :func:`best_step_table`.
+    """
+    rows, meta = _rows_and_meta(runs_or_rows, "plot_fig5")
+    table = best_step_table(rows, dtype)
+    steps = sorted({c["ours_step"] for c in table.values() if "ours_step" in c})
+    labels = dict(LABELS, ours=f"ours, fastest step ({', '.join(s.removeprefix('step') for s in steps)})")
+    impls = ["ours"] + [p for p in peers if any(p in c for c in table.values())]
+    return _draw_grid(table, impls, labels, f"Forward, {dtype}: our fastest step vs its peers — {title_line(meta)}",
+                      ax, colors=dict(COLORS, ours="#1f3b73"))
+
+
+def _draw_grid(table, impls, labels, title, ax=None, colors=COLORS):
+    """Grouped bars of {(headdim, causal, seqlen): {impl: TFLOPs/s}} in the Figure 5 layout."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows, meta = _rows_and_meta(runs_or_rows, "plot_bench")
-    table = bench_table(rows, dtype)
     headdims = [d for d in _FIG5_HEADDIMS if any(k[0] == d for k in table)]
     headdims += sorted({k[0] for k in table} - set(headdims))
-    impls = [i for i in IMPL_ORDER if any(i in cell for cell in table.values())]
     if ax is None:
         fig, axes = plt.subplots(2, len(headdims), figsize=(4.6 * len(headdims), 6.4), squeeze=False)
     else:
@@ -178,8 +230,8 @@ def plot_bench(runs_or_rows, dtype="bf16", ax=None):
             x = np.arange(len(seqlens))
             for n, impl in enumerate(impls):
                 ys = [table[(d, causal, s)].get(impl, np.nan) for s in seqlens]
-                a.bar(x + (n - (len(impls) - 1) / 2) * width, ys, width, color=COLORS.get(impl),
-                      label=LABELS.get(impl, impl))
+                a.bar(x + (n - (len(impls) - 1) / 2) * width, ys, width, color=colors.get(impl),
+                      label=labels.get(impl, impl))
             a.set_xticks(x, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
             a.set_title(f"headdim {d}, {'causal' if causal else 'no mask'}", fontsize=9)
             a.grid(axis="y", alpha=0.3)
@@ -187,9 +239,9 @@ def plot_bench(runs_or_rows, dtype="bf16", ax=None):
                 a.set_ylabel("TFLOPs/s")
             if r == 1:
                 a.set_xlabel("seqlen (batch = 16k / seqlen, nheads = 2048 / headdim)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(impls), 5), fontsize=8, frameon=False)
-    fig.suptitle(f"Forward, {dtype} — {title_line(meta)}", fontsize=10)
+    handles, labs = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labs, loc="lower center", ncol=min(len(impls), 5), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     return fig
 

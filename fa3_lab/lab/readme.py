@@ -1,10 +1,21 @@
-"""`python -m fa3_lab.lab.readme [--check]` — regenerate README.md's results table from recorded runs.
+"""`python -m fa3_lab.lab.readme [--check]` — regenerate what the README and docs say about steps and results.
 
-The table lives between ``<!-- results:begin -->`` and ``<!-- results:end -->``. One table per
-recorded run (one GPU, one commit, one process — docs/design.md forbids comparing across runs): TFLOPs/s
-of each implementation per (dtype, headdim, mask, seqlen), then our best step divided by each peer.
-``--check`` changes nothing and exits 1 if README.md differs from what would be generated (a test
-runs it, so the README never shows numbers that are not in ``fa3_lab/results/``).
+Everything here is generated, never typed (a test runs ``--check``, which changes nothing and exits 1
+when anything is stale):
+
+* README.md, between ``<!-- steps:begin -->`` and ``<!-- steps:end -->``: the step table from
+  :mod:`fa3_lab.registry` (a row per step whose kernel file is in the repository, then one line
+  naming the steps that are not yet), and the notebooks (chapters) with the steps each covers;
+* README.md, between ``<!-- results:begin -->`` and ``<!-- results:end -->``: the current run of the
+  newest GPU (one commit, one protocol, said once), a Figure-5-style picture of our fastest step
+  against FA3, cuDNN and FlashAttention-2, a short table, and sentences computed from the data;
+* ``docs/img/fig5_<gpu>_<commit>.png``: that picture (the name ties it to its run);
+* ``docs/results.md``: every current run of every GPU in full (grid, ablation, FP8).
+
+A GPU folder of ``fa3_lab/results/`` holds one run (one commit; :func:`fa3_lab.lab.results.current_runs`
+refuses more); older runs live in ``tools/experiments/results/`` and are never shown here. Step ids
+come from the run itself, so a run of any set of steps renders: "the best step" is the fastest
+``stepNN`` row at each point.
 """
 from __future__ import annotations
 
@@ -13,32 +24,47 @@ import statistics
 import sys
 from pathlib import Path
 
-from fa3_lab import _env
+from fa3_lab import _env, registry
 from fa3_lab.lab import results
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
+STEPS_BEGIN = "<!-- steps:begin -->"
+STEPS_END = "<!-- steps:end -->"
 README = _env.REPO_ROOT / "README.md"
+RESULTS_MD = _env.REPO_ROOT / "docs" / "results.md"
+IMG_DIR = _env.REPO_ROOT / "docs" / "img"
 
 NO_RESULTS = ("No GPU results are recorded yet: `fa3_lab/results/` holds no run. "
-              "They appear here once a run on an H100 is recorded there.")
+              "They appear here once a run on an H100 or H200 is recorded there.")
+
+#: What a "—" cell means, said once under every table that has one.
+DASH = ("**—** = no measurement in this run: that implementation raised on that configuration and was "
+        "skipped (the bench prints why), or was not run there")
+
+
+# ------------------------------------------------------------------------------------- tables
+
+_PASS_ORDER = tuple(results.PASSES)   # fwd, bwd, fwd_bwd
 
 
 def _cells(run: results.Run) -> dict[tuple, dict[str, float]]:
-    """(dtype index, headdim, causal, sq, sk, batch, nheads, nheads_kv) -> {impl: median TFLOPs/s}."""
+    """(dtype index, headdim, causal, sq, sk, batch, nheads, nheads_kv, pass index) -> {impl: median TFLOPs/s}."""
     cells: dict[tuple, dict[str, list[float]]] = {}
     for row in run.rows:
         key = (results.DTYPES.index(row["dtype"]), row["headdim"], row["causal"], row["seqlen_q"],
-               row["seqlen_k"], row["batch"], row["nheads"], row["nheads_kv"])
+               row["seqlen_k"], row["batch"], row["nheads"], row["nheads_kv"],
+               _PASS_ORDER.index(row.get("pass", "fwd")))
         cells.setdefault(key, {}).setdefault(row["impl"], []).append(float(row["tflops"]))
     return {key: {impl: statistics.median(v) for impl, v in by_impl.items()} for key, by_impl in cells.items()}
 
 
-def _shape_cells(key) -> list[str]:
-    dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv = key
+def _shape_cells(key, with_pass: bool = False) -> list[str]:
+    dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv, pass_i = key
     heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
-    return [results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
-            str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
+    return ([_PASS_ORDER[pass_i]] if with_pass else []) + [
+        results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
+        str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
 
 
 def _best_step(tf: dict[str, float]):
@@ -52,21 +78,23 @@ def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
     Columns: dtype, headdim, mask, seqlen (``sq`` or ``sq→sk``), batch×heads (kv heads when
     GQA), TFLOPs/s of each impl present (in :data:`results.IMPLS` order; median of duplicate rows),
     ``best step`` (the fastest of ours), then ``best/<peer>`` for each peer present.
-    Cells with no measurement are "—".
+    Cells with no measurement are "—". A run with backward rows gets a first column ``pass``
+    (fwd, bwd, fwd_bwd; backward TFLOPs/s count 2.5 × the forward FLOPs, :data:`results.PASSES`).
     """
     cells = _cells(run)
     present = {impl for by_impl in cells.values() for impl in by_impl}
     impls = [i for i in results.IMPLS if i in present]
     steps = [i for i in results.STEP_IMPLS if i in present]
     peers = [i for i in results.PEER_IMPLS if i in present]
+    with_pass = any(key[-1] for key in cells)   # a backward run: say which pass each row times
 
-    header = ["dtype", "headdim", "mask", "seqlen", "batch×heads"] + impls
+    header = (["pass"] if with_pass else []) + ["dtype", "headdim", "mask", "seqlen", "batch×heads"] + impls
     if steps:
         header += ["best step"] + [f"best/{p}" for p in peers]
     table = []
     for key in sorted(cells):
         tf = cells[key]
-        line = _shape_cells(key) + [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
+        line = _shape_cells(key, with_pass) + [f"{tf[i]:.1f}" if i in tf else "—" for i in impls]
         if steps:
             best, best_step = _best_step(tf)
             if best is None:
@@ -78,17 +106,19 @@ def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
     return header, table
 
 
-#: Peers the compact view (the tour) shows: FA3, cuDNN, FlashAttention-2.
+#: Peers the compact view (the tour, the README) shows: FA3, cuDNN, FlashAttention-2.
 MAIN_PEERS = ("fa3", "cudnn", "sdpa_flash")
 
 
-def compact(run: results.Run) -> tuple[list[str], list[list[str]]]:
-    """A narrow view of one run for a terminal: the longest seqlen of each (dtype, headdim, mask).
+def compact(run: results.Run, dtypes=None) -> tuple[list[str], list[list[str]]]:
+    """A narrow view of one run: the longest seqlen of each (dtype, headdim, mask).
 
     Columns: dtype, hdim, mask, seqlen, ours ("TFLOPs/s stepNN", our best step), then each of
-    :data:`MAIN_PEERS` present as "TFLOPs/s best/peer×".
+    :data:`MAIN_PEERS` present as "TFLOPs/s best/peer×". ``dtypes``: only these (default all).
     """
     cells = _cells(run)
+    if dtypes is not None:
+        cells = {k: v for k, v in cells.items() if results.DTYPES[k[0]] in dtypes}
     longest: dict[tuple, tuple] = {}
     for key in cells:
         group = key[:3]
@@ -113,73 +143,380 @@ def compact(run: results.Run) -> tuple[list[str], list[list[str]]]:
     return header, table
 
 
-def _run_line(run: results.Run) -> str:
-    m = run.meta
+def _markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _rel(path: Path) -> str:
     try:
-        rel = run.path.resolve().relative_to(_env.REPO_ROOT)
+        return Path(path).resolve().relative_to(_env.REPO_ROOT).as_posix()
     except ValueError:  # a results folder outside the repo (tests)
-        rel = Path(run.path.parent.name, run.path.name)
-    rounds = {len(r["ms_rounds"]) for r in run.rows if "ms_rounds" in r}
-    timing = (f"median of {max(rounds)} rounds of do_bench in rotating order (`ms_rounds` in the JSON)" if rounds
-              else "median of timed runs")
-    return (f"Recorded on **{m['gpu']}** ({m['sm_count']} SMs), {m['date'][:10]}, commit `{m['commit']}`; "
-            f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}; `{m['command'].strip()}` "
-            f"(`{rel.as_posix()}`). TFLOPs/s, {timing}; best/peer = our fastest step "
-            f"÷ that peer, same run, same inputs.")
+        return Path(Path(path).parent.name, Path(path).name).as_posix()
 
 
-def render(runs: list[results.Run]) -> str:
-    """The markdown that goes between the markers (without them), ending in a newline."""
-    if not runs:
+def _protocol(runs: list[results.Run]) -> str:
+    rounds = {len(r["ms_rounds"]) for run in runs for r in run.rows if "ms_rounds" in r}
+    timing = (f"median of {max(rounds)} rounds of `triton.testing.do_bench` in rotating order (`ms_rounds` in the JSON)"
+              if rounds else "median of `triton.testing.do_bench` timings")
+    return (f"TFLOPs/s = `fa3_lab.lab.results.flops` (exact visible pairs when causal) ÷ time, {timing}; "
+            "ratios = our fastest step ÷ that peer, same run, same inputs")
+
+
+def run_line(runs: list[results.Run]) -> str:
+    """One sentence for the current run of one GPU (its files share one commit): GPU, date, commit,
+    versions, the files and the commands that made them, and the timing protocol — said once."""
+    m = runs[-1].meta
+    dates = sorted(r.meta["date"][:10] for r in runs)
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} – {dates[-1]}"
+    files = ", ".join(f"`{_rel(r.path)}` (`{r.meta['command'].strip()}`)" for r in runs)
+    return (f"Current run on **{m['gpu']}** ({m['sm_count']} SMs), commit `{m['commit']}`, {when}; "
+            f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}. Files: {files}. {_protocol(runs)}.")
+
+
+def _by_name(runs: list[results.Run]) -> dict[str, results.Run]:
+    return {r.path.stem: r for r in runs}
+
+
+def _kind(run: results.Run) -> str:
+    """"grid", "ablation", "fp8" or "backward": by file name (``bench``, ``ablation``, ``bench_fp8``,
+    ``bench_backward``), else by content (rows with a backward ``pass``: backward; e4m3 rows: fp8; step
+    rows at several configurations: grid; otherwise ablation)."""
+    name = run.path.stem if run.path is not None else ""
+    if name in ("bench", "ablation", "bench_fp8", "bench_backward"):
+        return {"bench": "grid", "ablation": "ablation", "bench_fp8": "fp8", "bench_backward": "backward"}[name]
+    if any(row.get("pass", "fwd") != "fwd" for row in run.rows):
+        return "backward"
+    if any(row["dtype"] == "e4m3" for row in run.rows):
+        return "fp8"
+    keys = {(row["headdim"], row["causal"], row["seqlen_q"]) for row in run.rows if row["impl"] in results.STEP_IMPLS}
+    return "grid" if len(keys) > 1 else "ablation"
+
+
+def _grid_runs(runs):
+    """The runs of the paper's Figure 5 grid (``bench.json``)."""
+    return [r for r in runs if _kind(r) == "grid"]
+
+
+def _ablation_runs(runs):
+    return [r for r in runs if _kind(r) == "ablation"]
+
+
+def _fp8_runs(runs):
+    return [r for r in runs if _kind(r) == "fp8"]
+
+
+def _backward_runs(runs):
+    return [r for r in runs if _kind(r) == "backward"]
+
+
+def _fmt_range(xs) -> str:
+    return f"median {statistics.median(xs):.2f}×, range {min(xs):.2f}–{max(xs):.2f}×"
+
+
+def grid_sentences(run: results.Run, dtype: str = "bf16", pass_: str = "fwd") -> list[str]:
+    """Sentences stating the grid's results (of one ``pass``), computed from the run (never typed)."""
+    cells = {k: v for k, v in _cells(run).items()
+             if results.DTYPES[k[0]] == dtype and _PASS_ORDER[k[-1]] == pass_}
+    if not cells:
+        return []
+    wins: dict[str, int] = {}
+    ratios: dict[str, list[float]] = {}
+    for tf in cells.values():
+        best, step = _best_step(tf)
+        if best is None:
+            continue
+        wins[step] = wins.get(step, 0) + 1
+        for p in MAIN_PEERS:
+            if p in tf:
+                ratios.setdefault(p, []).append(best / tf[p])
+    n = sum(wins.values())
+    if not n:
+        return []
+    what = {"fwd": "", "bwd": "backward, ", "fwd_bwd": "forward + backward, "}[pass_]
+    order = sorted(wins.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = [f"Fastest of our steps, {what}{dtype} grid ({n} points): "
+           + ", ".join(f"{s} at {c}" for s, c in order) + "."]
+    names = {"fa3": "FA3", "cudnn": "cuDNN", "sdpa_flash": "FlashAttention-2 (SDPA)"}
+    out += [f"Our fastest step ÷ {names[p]}, {what}{dtype}, {len(x)} points: {_fmt_range(x)}."
+            for p, x in ratios.items()]
+    return out
+
+
+def ablation_sentence(run: results.Run, dtype: str = "bf16") -> str | None:
+    """"At the Table 2 shape (…): step01 … → stepNN … TFLOPs/s; FA3 …; the paper (H100 SXM5): …"."""
+    from fa3_lab.lab.bench import PAPER_ABLATION_TFLOPS
+
+    rows = [r for r in run.rows if r["dtype"] == dtype]
+    if not rows:
+        return None
+    r0 = rows[0]
+    tf = {r["impl"]: r["tflops"] for r in rows}
+    steps = [s for s in results.STEP_IMPLS if s in tf]
+    peers = [p for p in MAIN_PEERS if p in tf]
+    paper = [s for s in steps if s in PAPER_ABLATION_TFLOPS]
+    text = (f"Table 2 shape ({dtype}, batch {r0['batch']}, seqlen {r0['seqlen_q']}, {r0['nheads']} heads, "
+            f"headdim {r0['headdim']}, {'causal' if r0['causal'] else 'no mask'}): "
+            + " → ".join(f"{s} {tf[s]:.0f}" for s in steps) + " TFLOPs/s")
+    if peers:
+        text += "; " + ", ".join(f"{p} {tf[p]:.0f}" for p in peers)
+    if paper and dtype == "fp16":  # the paper's Table 2 is FP16: set beside our fp16 only
+        text += ("; the paper's (H100 SXM5, FP16): " + " → ".join(f"{s} {PAPER_ABLATION_TFLOPS[s]}" for s in paper))
+    return text + "."
+
+
+def fp8_sentence(run: results.Run) -> str | None:
+    """Step 05 (kernel alone) against FA3's e4m3 forward, from a ``bench --fp8`` run."""
+    rows = [r for r in run.rows if r["dtype"] == "e4m3"]
+    fp8_steps = [s.marker for s in registry.STEPS if "e4m3" in s.dtypes]
+    ours = {(r["headdim"], r["causal"], r["seqlen_q"]): r["tflops"] for r in rows if r["impl"] in fp8_steps}
+    fa3 = {(r["headdim"], r["causal"], r["seqlen_q"]): r["tflops"] for r in rows if r["impl"] == "fa3"}
+    both = [ours[k] / fa3[k] for k in ours if k in fa3]
+    if not ours:
+        return None
+    text = f"FP8 e4m3 ({len(ours)} points): our step {min(ours.values()):.0f}–{max(ours.values()):.0f} TFLOPs/s"
+    if both:
+        text += f"; ÷ FA3's e4m3 forward: {_fmt_range(both)}"
+    return text + "."
+
+
+def dash_note(run: results.Run) -> str | None:
+    """:data:`DASH` plus, from the data, which implementations lack which rows; None without gaps."""
+    cells = _cells(run)
+    present = {impl for by_impl in cells.values() for impl in by_impl}
+    gaps = []
+    for impl in [i for i in results.IMPLS if i in present]:
+        missing = [k for k, tf in cells.items() if impl not in tf]
+        if not missing:
+            continue
+        dts = sorted({results.DTYPES[k[0]] for k in missing})
+        if all(not any(impl in tf for k2, tf in cells.items() if k2[0] == results.DTYPES.index(d)) for d in dts):
+            gaps.append(f"{impl}: no {'/'.join(dts)} rows")
+        else:
+            seqs = sorted({k[3] for k in missing})
+            gaps.append(f"{impl}: {len(missing)} of {len(cells)} points (seqlen {', '.join(map(str, seqs))})")
+    if not gaps:
+        return None
+    return f"{DASH}. In this run: " + "; ".join(gaps) + "."
+
+
+# ------------------------------------------------------------------------------------ figure
+
+def figure_path(run: results.Run) -> Path:
+    """``docs/img/fig5_<gpu-slug>_<commit>.png``: the README's picture of ``run``."""
+    return IMG_DIR / f"fig5_{results.gpu_slug(run.meta['gpu'])}_{run.meta['commit']}.png"
+
+
+def _fig_dtype(run: results.Run) -> str:
+    have = {r["dtype"] for r in run.rows}
+    return "bf16" if "bf16" in have else sorted(have)[0]
+
+
+def write_figure(run: results.Run, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fa3_lab.lab import plots
+
+    fig = plots.plot_fig5(run, _fig_dtype(run))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ render
+
+def _current(root=None) -> dict[str, list[results.Run]]:
+    return results.current_runs(root)
+
+
+def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img") -> str:
+    """The README's results block (without the markers), ending in a newline: the newest GPU's run."""
+    if not runs_by_gpu:
         return NO_RESULTS + "\n"
-    parts = []
-    for run in runs:
-        header, table = pivot(run)
-        lines = [_run_line(run), "", "| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in table]
-        parts.append("\n".join(lines) + "\n")
-    return "\n".join(parts)
+    slug, runs = next(iter(runs_by_gpu.items()))
+    parts = [run_line(runs), ""]
+    grids = _grid_runs(runs)
+    if grids:
+        grid = grids[-1]
+        dtype = _fig_dtype(grid)
+        parts += [f"![Figure 5 of the paper, redone: forward TFLOPs/s of our fastest step against FA3, cuDNN and "
+                  f"FlashAttention-2, {dtype}, {grid.meta['gpu']}, commit {grid.meta['commit']}]"
+                  f"({img_base}/{figure_path(grid).name})", ""]
+        header, rows = compact(grid)
+        parts += ["Longest sequence of each configuration (TFLOPs/s; × = our fastest step ÷ that peer):", "",
+                  _markdown(header, rows), ""]
+        parts += [f"- {s}" for s in grid_sentences(grid)]
+    for r in _ablation_runs(runs):
+        parts += [f"- {s}" for d in ("fp16", "bf16") if (s := ablation_sentence(r, d))]
+    for r in _fp8_runs(runs):
+        s = fp8_sentence(r)
+        if s:
+            parts.append(f"- {s}")
+    for r in _backward_runs(runs):
+        parts += [f"- {s}" for p in ("bwd", "fwd_bwd") for s in grid_sentences(r, "bf16", p)[:2]]
+    notes = [n for n in (dash_note(g) for g in grids) if n]
+    parts += ["", *notes] if notes else []
+    others = [f"{rs[0].meta['gpu']} (commit `{rs[0].meta['commit']}`)" for s, rs in runs_by_gpu.items() if s != slug]
+    tail = "Every row of every current run: [docs/results.md](docs/results.md)"
+    tail += f", also for {', '.join(others)}" if others else ""
+    parts += ["", tail + ". Older runs are archived in `tools/experiments/results/` and not shown."]
+    return "\n".join(parts).replace("\n\n\n", "\n\n") + "\n"
 
 
-def update(text: str, runs: list[results.Run]) -> str:
-    """``text`` with the part between the markers replaced by :func:`render` of ``runs``.
+def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
+    """docs/results.md: every current run in full, one section per GPU."""
+    lines = ["# Results", "",
+             "Generated by `python -m fa3_lab.lab.readme` from `fa3_lab/results/` (do not edit; a test fails when",
+             "this file is stale). One section per GPU, each the current run of that GPU: one commit, one protocol.",
+             "Numbers from different sections are different runs and are not compared.", ""]
+    if not runs_by_gpu:
+        return "\n".join(lines + [NO_RESULTS, ""])
+    for slug, runs in runs_by_gpu.items():
+        lines += [f"## {runs[0].meta['gpu']}", "", run_line(runs), ""]
+        for r in _grid_runs(runs):
+            lines += [f"![Figure 5, {r.meta['gpu']}](img/{figure_path(r).name})", ""]
+        for r in runs:
+            header, rows = pivot(r)
+            lines += [f"### `{r.path.name}`: `{r.meta['command'].strip()}`", "", _markdown(header, rows), ""]
+            note = dash_note(r)
+            if note:
+                lines += [note, ""]
+        sentences = [s for g in _grid_runs(runs) for d in ("bf16", "fp16") for s in grid_sentences(g, d)]
+        sentences += [s for r in _ablation_runs(runs) for d in ("bf16", "fp16") if (s := ablation_sentence(r, d))]
+        sentences += [s for r in _fp8_runs(runs) if (s := fp8_sentence(r))]
+        sentences += [s for r in _backward_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
+                      for s in grid_sentences(r, d, p)]
+        if sentences:
+            lines += ["In short:", ""] + [f"- {s}" for s in sentences] + [""]
+    return "\n".join(lines)
+
+
+def render_steps() -> str:
+    """The step table from :mod:`fa3_lab.registry` and the notebooks with the steps they cover."""
+    def link(path):
+        return f"[`{Path(path).name}`]({path})"
+
+    present = [s for s in registry.STEPS if (_env.REPO_ROOT / s.path).exists()]
+    missing = [s for s in registry.STEPS if s not in present]
+    chapters = {s.id: [c for c in registry.CHAPTERS if s.id in c.steps] for s in registry.STEPS}
+    lines = ["| id | kernel | extends | the one idea it adds | paper | NumPy twin | notebooks |",
+             "|---|---|---|---|---|---|---|"]
+    for s in present:
+        twin = "—" if s.twin is None else link(s.twin.split("::")[0]) + (
+            f" `{s.twin.split('::')[1]}`" if "::" in s.twin else "")
+        nbs = ", ".join(f"[{c.id:02d}](notebooks/{c.name}.ipynb)" for c in chapters[s.id]) or "—"
+        lines.append(f"| {s.id:02d} | {link(s.path)} | {'—' if s.parent is None else f'{s.parent:02d}'} | "
+                     f"{s.adds} | {s.paper} | {twin} | {nbs} |")
+    lines.append("")
+    later = [f"step {s.id:02d} `{s.name}`: {s.adds}" for s in missing]
+    if not registry.series("bwd"):
+        later.append("the backward kernel (steps 11+ in `cuda/steps/bwd/`); its NumPy model is "
+                     "[`reference/backward.py`](reference/backward.py)")
+    if later:
+        lines += ["**Not in the repository yet** (planned in `fa3_lab/registry.py`; no results, no notebook cells):", ""]
+        lines += [f"- {x}" for x in later]
+    lines += ["", "Notebooks (chapters), each naming the steps it covers:", ""]
+    for c in registry.CHAPTERS:
+        covered = ", ".join(f"{i:02d}" for i in c.steps) if c.steps else "none (NumPy only)"
+        title = c.title if c.title.endswith(("?", ".")) else c.title + "."
+        lines.append(f"- [`{c.name}`](notebooks/{c.name}.ipynb) — {title} Steps covered: {covered}.")
+    return "\n".join(lines) + "\n"
+
+
+def steps_line(chapter_id: int) -> str:
+    """The "Steps covered: …" line each notebook's first markdown cell carries (tests check it)."""
+    c = next(c for c in registry.CHAPTERS if c.id == chapter_id)
+    if not c.steps:
+        return "Steps covered: none (NumPy only)."
+    names = ", ".join(f"{s:02d} ({registry.step(s).name.partition('_')[2].replace('_', ' ')})" for s in c.steps)
+    return f"Steps covered: {names} — ids of `fa3_lab/registry.py`."
+
+
+def _replace(text: str, begin: str, end: str, body: str, where: str) -> str:
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{where}: expected one {begin} followed by one {end}")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{body}{end}{tail}"
+
+
+def update(text: str, runs_by_gpu, steps: bool | None = None) -> str:
+    """``text`` with the results block (and the steps block, when ``text`` has its markers) regenerated.
+
+    ``runs_by_gpu``: :func:`fa3_lab.lab.results.current_runs`, or a list of runs (each its own GPU).
 
     Raises:
         ValueError: the markers are missing, repeated or out of order.
     """
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"README: expected one {BEGIN} followed by one {END}")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{render(runs)}{END}{tail}"
+    if isinstance(runs_by_gpu, list):
+        runs_by_gpu = {f"{i}": [r] for i, r in enumerate(runs_by_gpu)}
+    text = _replace(text, BEGIN, END, render(runs_by_gpu), "README")
+    if steps or (steps is None and STEPS_BEGIN in text):
+        text = _replace(text, STEPS_BEGIN, STEPS_END, render_steps(), "README")
+    return text
+
+
+def outputs(runs_by_gpu, readme_text: str) -> dict[Path, str]:
+    """{path: text} of every generated text file."""
+    return {README: update(readme_text, runs_by_gpu), RESULTS_MD: render_results_md(runs_by_gpu)}
+
+
+def figures(runs_by_gpu) -> list[tuple[results.Run, Path]]:
+    return [(g, figure_path(g)) for runs in runs_by_gpu.values() for g in _grid_runs(runs)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fa3_lab.lab.readme",
-                                     description="Regenerate README.md's results table from fa3_lab/results/.")
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale; change nothing")
+                                     description="Regenerate README.md's steps and results, docs/results.md and "
+                                                 "docs/img/fig5_*.png from fa3_lab/registry.py and fa3_lab/results/.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if anything is stale; change nothing")
     parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    default = args.readme == README
     try:
         text = args.readme.read_text()
-        new = update(text, results.load_all(args.results))
+        runs = _current(args.results)
+        new = {args.readme: update(text, runs, steps=default or None)}
+        if default:  # docs/results.md and the picture belong to the repository's README only
+            new[RESULTS_MD] = render_results_md(runs)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    figs = figures(runs) if default else []
+    stale = [p for p, t in new.items() if not p.exists() or p.read_text() != t]
+    stale += [p for _, p in figs if not p.exists()]
+    wanted = {p for _, p in figs}
+    extra = [p for p in sorted(IMG_DIR.glob("fig5_*.png")) if p not in wanted] if default else []
     if args.check:
-        if new != text:
-            print(f"{parser.prog}: {args.readme} results table is stale; run `python -m fa3_lab.lab.readme`",
-                  file=sys.stderr)
+        if stale or extra:
+            for p in stale:
+                print(f"{parser.prog}: {_rel(p)} is stale or missing", file=sys.stderr)
+            for p in extra:
+                print(f"{parser.prog}: {_rel(p)} belongs to no current run", file=sys.stderr)
+            print(f"{parser.prog}: run `python -m fa3_lab.lab.readme`", file=sys.stderr)
             return 1
-        print(f"{args.readme.name} results table is up to date")
+        print("README.md, docs/results.md and the figure are up to date" if default
+              else f"{args.readme.name} results table is up to date")
         return 0
-    if new != text:
-        args.readme.write_text(new)
-        print(f"updated {args.readme}")
-    else:
-        print(f"{args.readme.name} already up to date")
+    for p, t in new.items():
+        if not p.exists() or p.read_text() != t:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(t)
+            print(f"updated {_rel(p)}")
+    for run, p in figs:  # redrawn every time (same data and Matplotlib: same bytes)
+        before = p.read_bytes() if p.exists() else None
+        if write_figure(run, p).read_bytes() != before:
+            print(f"wrote {_rel(p)}")
+    for p in extra:
+        p.unlink()
+        print(f"removed {_rel(p)} (no current run)")
+    if not stale and not extra:
+        print("already up to date")
     return 0
 
 

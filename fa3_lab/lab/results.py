@@ -8,6 +8,13 @@ docs/design.md, "Timing protocol"::
 
 Files live in ``fa3_lab/results/<gpu-slug>/<name>.json``; one file is one run (one GPU, one
 commit, one process), so numbers inside a file may be compared and numbers across files may not.
+
+**One current run per GPU.** A GPU folder holds the files of one commit only (the grid ``bench.json``,
+``ablation.json``, ``bench_fp8.json``, whichever that run made; ``tests/test_results_current.py``
+fails otherwise). When a new run is recorded, the old files move out of the package to
+``tools/experiments/results/<gpu-slug>/<commit>/`` (:data:`ARCHIVE_DIR`, beside the A/B runs of
+``tools/experiments/``); :func:`find` falls back to the newest archived file of a name only when no
+current run has one, and :meth:`Run.describe` then says "archived".
 """
 from __future__ import annotations
 
@@ -39,10 +46,14 @@ ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k
 
 #: Folders of ``fa3_lab/results/`` that hold records of another kind (not timing runs), skipped by
 #: :func:`load_all`: ``sass/`` (fa3_lab.lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
-#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.lab.trace timelines) and ``experiments/``
-#: (timing runs of A/B builds, e.g. another tile size; cuda/NOTES.md cites them). Every other folder
-#: is a GPU and must hold timing runs of the default build.
-OTHER_RECORD_DIRS = ("sass", "cpu", "traces", "experiments")
+#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.lab.trace timelines) and ``table3/``
+#: (fa3_lab.lab.table3, the kernels' Table 3 errors). Every other folder is a GPU and holds the
+#: timing runs of one commit of the default build.
+OTHER_RECORD_DIRS = ("sass", "cpu", "traces", "table3")
+
+#: Older runs (``<gpu-slug>/<commit>/<name>.json``) and A/B builds (``<gpu-slug>/ab_*.json``), outside
+#: the package: a clone of the repository has them, an installed wheel does not.
+ARCHIVE_DIR = _env.REPO_ROOT / "tools" / "experiments" / "results"
 
 #: How far a row's ``tflops`` may sit from ``flops(...) / ms`` (rounding when it was written).
 TFLOPS_RTOL = 0.01
@@ -67,10 +78,16 @@ class Run:
     def gpu(self) -> str:
         return self.meta["gpu"]
 
+    @property
+    def archived(self) -> bool:
+        """True for a run read from :data:`ARCHIVE_DIR` (not the current run of its GPU)."""
+        return self.path is not None and Path(ARCHIVE_DIR).resolve() in Path(self.path).resolve().parents
+
     def describe(self) -> str:
-        """One line: "recorded on <gpu> (<n> SMs), <YYYY-MM-DD>, commit <sha>"."""
+        """One line: "recorded on <gpu> (<n> SMs), <YYYY-MM-DD>, commit <sha>" (+ ", archived run" when :attr:`archived`)."""
         return (f"recorded on {self.meta['gpu']} ({self.meta['sm_count']} SMs), "
-                f"{self.meta['date'][:10]}, commit {self.meta['commit']}")
+                f"{self.meta['date'][:10]}, commit {self.meta['commit']}"
+                + (" (an archived run: the current runs have no such file)" if self.archived else ""))
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
@@ -331,3 +348,47 @@ def load_all(root: Path | None = None) -> list[Run]:
         return []
     runs = [load(p) for p in sorted(root.glob("*/*.json")) if p.parent.name not in OTHER_RECORD_DIRS]
     return sorted(runs, key=lambda r: (r.meta["date"], str(r.path)))
+
+
+def current_runs(root: Path | None = None) -> dict[str, list[Run]]:
+    """The current run of each GPU: {gpu-slug: its files as Runs, oldest first}, newest GPU run first.
+
+    Raises:
+        SchemaError: a file fails :func:`validate`.
+        ValueError: a GPU folder holds files of more than one commit (older runs belong in
+            :data:`ARCHIVE_DIR`; the message names the files).
+    """
+    by_gpu: dict[str, list[Run]] = {}
+    for run in load_all(root):
+        by_gpu.setdefault(run.path.parent.name, []).append(run)
+    for slug, runs in by_gpu.items():
+        commits = sorted({r.meta["commit"] for r in runs})
+        if len(commits) > 1:
+            names = ", ".join(f"{r.path.name} ({r.meta['commit']})" for r in runs)
+            raise ValueError(f"results/{slug}/: files of {len(commits)} commits ({names}); one current run per "
+                             f"GPU: move the older files to tools/experiments/results/{slug}/<commit>/")
+    return dict(sorted(by_gpu.items(), key=lambda kv: max(r.meta["date"] for r in kv[1]), reverse=True))
+
+
+def find(name: str, root: Path | None = None, archive: Path | None = None) -> Path:
+    """The file of the newest recorded run called ``<name>.json``.
+
+    Looks in the current runs (``<root>/<gpu>/<name>.json``, root default ``fa3_lab/results``) and,
+    only when none has that file, in the archive (``<archive>/<gpu>/<commit>/<name>.json``; default
+    :data:`ARCHIVE_DIR` when ``root`` is the default, none otherwise). Newest by ``meta.date``.
+
+    Raises:
+        TypeError: ``name`` is not a str. FileNotFoundError: no such file (the message names the folders).
+        SchemaError: a file of that name fails :func:`validate`.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str like 'bench', got {type(name).__name__}")
+    folder = Path(root if root is not None else RESULTS_DIR)
+    if archive is None and root is None:
+        archive = ARCHIVE_DIR
+    for paths in ([p for p in folder.glob(f"*/{name}.json") if p.parent.name not in OTHER_RECORD_DIRS],
+                  sorted(Path(archive).glob(f"*/*/{name}.json")) if archive is not None else []):
+        if paths:
+            return max(paths, key=lambda p: (load(p).meta["date"], str(p)))
+    where = f"{folder}/<gpu>/" + (f" or {archive}/<gpu>/<commit>/" if archive is not None else "")
+    raise FileNotFoundError(f"name: no recorded run {name}.json under {where}")

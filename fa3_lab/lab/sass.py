@@ -30,6 +30,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from fa3_lab import _env
+
 HELP = "SASS of a kernel step: the consumer main loop, its HGMMA/DEPBAR/MUFU.EX2 and their overlap"
 
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "e4m3": "__nv_fp8_e4m3"}
@@ -496,7 +498,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
 
     from .. import _env
 
-    path = Path(path) if path else Path(__file__).resolve().parents[1] / RECORDED  # fa3_lab/results/
+    path = Path(path) if path else _env.RESULTS_DIR.parent / RECORDED
     data = {"meta": {"nvcc": _env.nvcc_version(), "commit": _env.git_commit(),
                      "date": datetime.date.today().isoformat(),
                      "command": "python -c 'from fa3_lab import sass; sass.record()'"},
@@ -516,7 +518,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
 
 def load_recorded(path: Path | None = None) -> dict:
     """The JSON written by :func:`record` (``{"meta", "steps": {"02": analysis, …}, "probe"}``)."""
-    path = Path(path) if path else Path(__file__).resolve().parents[1] / RECORDED  # fa3_lab/results/
+    path = Path(path) if path else _env.RESULTS_DIR.parent / RECORDED
     return json.loads(path.read_text())
 
 
@@ -581,8 +583,12 @@ def run(args) -> int:
 
     if _env.nvcc() is None:
         raise UsageError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin); the sass command compiles the kernels")
-    try:
-        res = analyze(args.step, args.dtype, args.headdim, args.causal)
+    from rich.console import Console
+
+    try:  # nvcc takes tens of seconds per step: say so while it runs (on stderr, so --json stays clean)
+        with Console(stderr=True).status(f"compiling step {args.step} for sm_90a with nvcc (30–60 s), then "
+                                         "disassembling the main loop…"):
+            res = analyze(args.step, args.dtype, args.headdim, args.causal)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:
@@ -592,7 +598,6 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"step{res['step']:02d} {res['dtype']} headdim={res['headdim']} causal={res['causal']} "

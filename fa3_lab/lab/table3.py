@@ -21,7 +21,7 @@ only; otherwise "—") and the paper's (H100, their baseline code). ``--emulate`
 emulation of exactly each kernel configuration on the same inputs (on the CPU, about a minute at
 seqlen 8192).
 
-The record is written to ``fa3_lab/results/experiments/<gpu-slug>/table3.json`` — ``experiments/``
+The record is written to ``fa3_lab/results/table3/<gpu-slug>/table3.json`` — ``table3/``
 is one of :data:`fa3_lab.lab.results.OTHER_RECORD_DIRS`, and the file is two folders deep, so neither
 :func:`fa3_lab.lab.results.load_all` nor :func:`fa3_lab.lab.plots.latest_run` (both read
 ``results/<gpu>/*.json`` as timing runs) ever reads it. Its ``meta`` has every key of
@@ -29,7 +29,8 @@ is one of :data:`fa3_lab.lab.results.OTHER_RECORD_DIRS`, and the file is two fol
 the experiment's (shape, seed, inputs, reference, the NumPy record it is compared with); its rows
 follow ``cpu/table3_numpy.json`` (``impl``, ``rmse``, ``paper_rmse``) plus ``numpy_rmse``,
 ``emulation_rmse``, ``method``, ``dtype``, ``block_quant``, ``incoherent``. :func:`latest` loads the
-newest one for the notebooks.
+newest one for the notebooks (an archived one, ``tools/experiments/results/<gpu>/<commit>/table3.json``,
+only when none is current). On a machine without an sm_90 GPU the command prints that record and exits 0.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ HELP = "paper Table 3 on the kernels: RMSE of FP8 step 05 and the 16-bit kernel 
 #: Where the NumPy emulation's Table 3 is recorded (``python -m reference.fp8``).
 NUMPY_RECORD = _env.RESULTS_DIR / "cpu" / "table3_numpy.json"
 #: The folder of ``fa3_lab/results`` (one of OTHER_RECORD_DIRS) that holds ``<gpu-slug>/table3.json``.
-RECORD_DIR = "experiments"
+RECORD_DIR = "table3"
 RECORD_NAME = "table3.json"
 #: The float64 reference costs O(seqlen²) per head; past this the run is more waiting than teaching.
 MAX_SEQLEN = 65536
@@ -437,7 +438,7 @@ def validate(doc) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def default_path(gpu: str, root=None) -> Path:
-    """``<root>/experiments/<gpu-slug>/table3.json`` (root default ``fa3_lab/results``)."""
+    """``<root>/table3/<gpu-slug>/table3.json`` (root default ``fa3_lab/results``)."""
     from .results import RESULTS_DIR, gpu_slug
 
     return Path(root if root is not None else RESULTS_DIR) / RECORD_DIR / gpu_slug(gpu) / RECORD_NAME
@@ -479,7 +480,10 @@ def load(path):
 
 
 def latest(root=None):
-    """The newest recorded GPU Table 3 (``<root>/experiments/*/table3.json``, by meta.date, then path).
+    """The newest recorded GPU Table 3 (``<root>/table3/*/table3.json``, by meta.date, then path).
+
+    With the default ``root``, an archived record (``tools/experiments/results/<gpu>/<commit>/table3.json``)
+    is returned when no current one exists.
 
     Args:
         root: the results folder, default ``fa3_lab/results``.
@@ -491,10 +495,12 @@ def latest(root=None):
         FileNotFoundError: none recorded (the message names the pattern and the command to record one).
         SchemaError: a record fails :func:`validate`.
     """
-    from .results import RESULTS_DIR
+    from .results import ARCHIVE_DIR, RESULTS_DIR
 
     folder = Path(root if root is not None else RESULTS_DIR) / RECORD_DIR
     paths = sorted(folder.glob(f"*/{RECORD_NAME}"))
+    if not paths and root is None:
+        paths = sorted(Path(ARCHIVE_DIR).glob(f"*/*/{RECORD_NAME}"))
     if not paths:
         shown = folder.resolve()
         if shown.is_relative_to(_env.REPO_ROOT):
@@ -569,7 +575,7 @@ def add_arguments(p) -> None:
     p.add_argument("--emulate", action="store_true",
                    help="also run the NumPy emulation of each kernel configuration on the same inputs (CPU, ~1 min at 8k)")
     p.add_argument("--out", default=None,
-                   help="output JSON (default fa3_lab/results/experiments/<gpu>/table3.json)")
+                   help="output JSON (default fa3_lab/results/table3/<gpu>/table3.json)")
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
 
 
@@ -590,16 +596,19 @@ def run(args) -> int:
     except (TypeError, ValueError) as e:  # "seqlen: expected …" -> "--seqlen: expected …"
         raise UsageError(f"--{e}") from None
     reason = _env.why_no_sm90()
-    if reason:
-        print(f"table3 needs an sm_90 GPU: {reason}.")
+    if reason:  # nothing to measure here: show what was measured, and say so (not an error)
+        print(f"The kernels cannot run here ({reason}): showing the recorded GPU Table 3 instead.")
         try:
             rec = latest()
         except FileNotFoundError as e:
             print(str(e))
         else:
-            print(f"Showing the run {rec.describe()} ({rec.path.name} in {rec.path.parent.name}/):")
+            shown = rec.path.resolve()
+            if shown.is_relative_to(_env.REPO_ROOT):
+                shown = shown.relative_to(_env.REPO_ROOT)
+            print(f"The run {rec.describe()} ({shown}):")
             print(format_table(rec))
-        return 1
+        return 0
     try:
         numpy_doc = load_numpy()
     except (FileNotFoundError, ValueError) as e:
@@ -612,7 +621,13 @@ def run(args) -> int:
     from . import results
 
     print(f"Table 3 on {_env.sm90_gpu()}: shape {shape}, seed {seed}" + (", with the NumPy emulation" if args.emulate else ""))
-    rows = measure(**shape, seed=seed, emulate=args.emulate, progress=lambda s: print("  " + s))
+    from rich.console import Console
+
+    with Console().status("measuring (the first call builds the kernels: minutes)…") as status:
+        def progress(line):
+            print("  " + line)
+            status.update(f"{line} …")
+        rows = measure(**shape, seed=seed, emulate=args.emulate, progress=progress)
     meta = results.collect_meta(command_line(shape["seqlen"], seed, args.emulate, args.out, args.no_save))
     doc = build_record(rows, meta, shape, seed, numpy_doc, NUMPY_RECORD)
     print(format_table(doc))

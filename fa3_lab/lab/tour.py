@@ -1,8 +1,10 @@
 """`python -m fa3_lab tour` — the lab's main job in one command.
 
-On an sm_90 GPU it runs the kernel tour (``fa3_lab.lab.tour_gpu.run(console)``). Anywhere else (or with
-``--cpu``) it runs the NumPy references against each other on a slice of one Llama-3-8B attention
-layer and then shows the GPU results recorded in ``fa3_lab/results/``.
+Live, then recorded, then where to go. On an sm_90 GPU it runs the kernel tour
+(``fa3_lab.lab.tour_gpu.run(console)``); anywhere else (or with ``--cpu``) it runs the NumPy references
+against each other on a slice of one Llama-3-8B attention layer. Then it shows the current recorded
+GPU run (``fa3_lab/results/``, one commit per GPU), saves the paper's Figure 5 redone from that run as
+a PNG and prints its path, explains the terms it used, and says which notebook to open next.
 
 The slice: Llama-3-8B has 32 query heads, 8 KV heads (GQA, 4 query heads per KV head), headdim 128,
 causal. We keep one KV head and its 4 query heads, batch 1, so the GQA indexing is exercised
@@ -35,6 +37,8 @@ def add_arguments(parser) -> None:
                         help="run the NumPy part even when an sm_90 GPU is present")
     parser.add_argument("--seqlen", default=str(DEFAULT_SEQLEN), metavar="N",
                         help=f"sequence length of the slice, 1..{MAX_SEQLEN} (default {DEFAULT_SEQLEN})")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where the tour saves its picture (default: <tmp>/fa3_lab_tour)")
 
 
 def parse_seqlen(text: str) -> int:
@@ -65,7 +69,7 @@ def make_inputs(seqlen: int, seed: int = SEED):
 
 
 def _flash_forward():
-    """reference.flash_forward.flash_attention_forward (step 02), imported when the tour runs."""
+    """reference.flash_forward.flash_attention_forward (the tiled forward, twin of kernel step 01)."""
     return importlib.import_module("reference.flash_forward").flash_attention_forward
 
 
@@ -78,8 +82,8 @@ def implementations():
     return [
         ("standard f32 (§2.3)",
          lambda q, k, v: standard_attention(q, k, v, causal=True, dtype=np.float32)),
-        ("flash f64 (step 02)", lambda q, k, v: _flash_forward()(q, k, v, causal=True)),
-        ("flash f32 (step 02)",
+        ("tiled f64 (twin 01)", lambda q, k, v: _flash_forward()(q, k, v, causal=True)),
+        ("tiled f32 (twin 01)",
          lambda q, k, v: _flash_forward()(q, k, v, causal=True, dtype=np.float32)),
         ("baseline FP16 (Tab. 3)",
          lambda q, k, v: standard_attention(q, k, v, causal=True, dtype=np.float16)),
@@ -115,32 +119,88 @@ def compare(seqlen: int, progress=None) -> list[dict]:
     return rows
 
 
-def show_recorded(console) -> int:
-    """Print the recorded GPU runs (one table each), or say plainly that there are none."""
+def show_recorded(console, dtypes=("bf16",)) -> list:
+    """Print the current run of each GPU (newest first): one line saying what it is, the longest
+    sequence of each configuration, and the sentences the README states; [] when none is recorded.
+
+    Returns:
+        the grid runs shown (:class:`fa3_lab.lab.results.Run`), newest first.
+    """
     from rich import box
     from rich.table import Table
 
     from fa3_lab.lab import readme, results
 
-    runs = results.load_all()
-    if not runs:
+    current = results.current_runs()
+    if not current:
         console.print("No GPU results are recorded yet: fa3_lab/results/ holds no run "
-                      "(they are written on an H100).")
-        return 0
-    for run in runs:
-        header, rows = readme.compact(run)
-        table = Table(title=f"{run.describe()}: {run.meta['command'].strip()}", title_justify="left",
-                      box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,
-                      caption="TFLOPs/s; × = our best step ÷ that peer, same run",
-                      caption_justify="left")
-        for col in header:
-            table.add_column(col, justify="left" if col in ("dtype", "mask") else "right", no_wrap=True)
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    console.print("Longest sequence of each configuration shown; README.md has every row "
-                  "(python -m fa3_lab.lab.readme).")
-    return len(runs)
+                      "(they are written on an H100/H200).")
+        return []
+    shown = []
+    for runs in current.values():
+        console.print(readme.run_line(runs).replace("**", "").replace("`", ""), soft_wrap=True, markup=False)
+        for grid in readme._grid_runs(runs):
+            header, rows = readme.compact(grid, dtypes)
+            table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,
+                          caption="TFLOPs/s at the longest seqlen; × = our fastest step ÷ that peer, same run; "
+                                  "— = not measured in this run", caption_justify="left")
+            for col in header:
+                table.add_column(col, justify="left" if col in ("dtype", "mask") else "right", no_wrap=True)
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+            for line in readme.grid_sentences(grid, dtypes[0]):
+                console.print(f"- {line}", soft_wrap=True, markup=False)
+            shown.append(grid)
+        for abl in readme._ablation_runs(runs):
+            for d in ("fp16", "bf16"):
+                line = readme.ablation_sentence(abl, d)
+                if line:
+                    console.print(f"- {line}", soft_wrap=True, markup=False)
+    console.print("Every row: docs/results.md (and README.md); older runs are archived in tools/experiments/results/.")
+    return shown
+
+
+def save_picture(run, out_dir) -> "Path":
+    """The paper's Figure 5 from ``run`` (our fastest step vs FA3, cuDNN, FA2), saved as PNG; the path."""
+    from pathlib import Path
+
+    from fa3_lab.lab import readme
+
+    path = Path(out_dir) / readme.figure_path(run).name
+    return readme.write_figure(run, path)
+
+
+#: The words the tour uses, explained once at its end.
+TERMS = (
+    ("step", "one kernel file cuda/steps/NN_*.cu, one idea on top of its parent (ids: fa3_lab/registry.py)"),
+    ("twin", "the NumPy model of a step in reference/, same names in the same order"),
+    ("lse", "log-sum-exp of a row of scores: what the forward keeps so the backward can rebuild P"),
+    ("RMSE / max err", "error of the output against float64 standard attention (the exact answer)"),
+    ("TFLOPs/s", "4·batch·heads·(visible query-key pairs)·headdim ÷ time (fa3_lab.lab.results.flops)"),
+    ("FA3 / FA2 / cuDNN", "FlashAttention-3's own kernel, FlashAttention-2 (PyTorch SDPA's flash backend), "
+                          "NVIDIA's fused attention (SDPA's cuDNN backend)"),
+    ("GQA", "grouped-query attention: several query heads share one K/V head (Llama-3-8B: 32 share 8)"),
+)
+
+#: Where to go after the tour.
+NEXT = "notebooks/00_setup_and_roofline.ipynb"
+
+
+def explain_and_point_on(console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Terms", title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for term, meaning in TERMS:
+        table.add_row(term, meaning)
+    console.print(table)
+    from rich.markup import escape
+
+    console.print(f"[bold]next:[/] open {NEXT} " + escape(f'(jupyter lab {NEXT}; JupyterLab comes with '
+                  f'pip install -e ".[lab]"), then the chapters in order; README.md lists them with the steps each covers.'),
+                  soft_wrap=True)
 
 
 def run_cpu(console, seqlen: int) -> int:
@@ -157,7 +217,8 @@ def run_cpu(console, seqlen: int) -> int:
         rows = compare(seqlen, progress)
 
     table = Table(title="Error of out (and lse) vs float64 standard attention", title_justify="left",
-                  caption="max/mean/RMSE of |out − out_ref|; paper: Table 3 RMSE; lse max: max |lse − lse_ref|",
+                  caption="max/mean/RMSE of |out − out_ref|; paper: Table 3 RMSE; lse max: max |lse − lse_ref|; "
+                          "tiled = reference.flash_forward, the NumPy twin of kernel step 01",
                   caption_justify="left")
     for col in ("implementation", "max", "mean", "RMSE", "paper", "lse max"):
         table.add_column(col, justify="left" if col == "implementation" else "right", no_wrap=True)
@@ -189,12 +250,17 @@ def traffic_line(seqlen: int) -> str:
 
 
 def run(args) -> int:
+    import tempfile
+    from pathlib import Path
+
     from rich.console import Console
 
     from fa3_lab import _env
 
     seqlen = parse_seqlen(args.seqlen)
+    out_dir = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "fa3_lab_tour"
     console = Console()
+    status = None
     if not args.cpu:
         if _env.sm90_gpu():
             try:
@@ -205,10 +271,18 @@ def run(args) -> int:
                 console.print(f"{_env.sm90_gpu()} found, but the kernel part of the tour is not built "
                               "yet (no fa3_lab/lab/tour_gpu.py); running the NumPy part.")
             else:
-                return int(tour_gpu.run(console) or 0)
+                console.rule("Live: the kernels on this GPU")
+                status = int(tour_gpu.run(console) or 0)
         else:
-            console.print(f"Kernels cannot run here ({_env.why_no_sm90()}); running the NumPy part.")
-    status = run_cpu(console, seqlen)
-    console.rule("Recorded GPU results")
-    show_recorded(console)
+            console.print(f"Kernels cannot run here ({_env.why_no_sm90()}); running the NumPy part live, "
+                          "then showing the GPU results recorded in fa3_lab/results/.")
+    if status is None:
+        console.rule("Live: the NumPy references on this machine")
+        status = run_cpu(console, seqlen)
+    console.rule("Recorded: the current GPU run (measured before, not now)")
+    grids = show_recorded(console)
+    if grids:
+        path = save_picture(grids[0], out_dir)
+        console.print(f"Picture (the paper's Figure 5, redone from that run): [bold]{path}[/]", soft_wrap=True)
+    explain_and_point_on(console)
     return status

@@ -226,13 +226,32 @@ def run(args):
     if not 1 <= args.ctas <= 64:
         raise UsageError(f"--ctas: expected 1..64, got {args.ctas}")
     reason = _env.why_no_sm90()
-    if reason:
-        console.print(f"trace needs an sm_90 GPU: {reason}. Recorded traces: fa3_lab/results/<gpu>/trace_step*.json "
-                      "(notebook 04 draws them).")
-        return 1
-    ctas = record(step, b, s, h, d, args.causal, args.ctas)
-    summary = summarize(ctas)
-    plain_ms, traced_ms = traced_overhead(step, b, s, h, d, args.causal, args.ctas)
+    if reason:  # nothing to record here: point at what was recorded (not an error)
+        folder = results.RESULTS_DIR / "traces"
+        rel = folder.relative_to(_env.REPO_ROOT) if folder.is_relative_to(_env.REPO_ROOT) else folder
+        console.print(f"The kernels cannot run here ({reason}), so nothing is traced. Recorded traces: "
+                      f"{rel.as_posix()}/<gpu>/trace_stepNN.json and .png (notebook 04 draws them).", soft_wrap=True)
+        found = sorted(folder.glob(f"*/trace_step{step:02d}.json"))
+        for p in found:
+            doc = json.loads(p.read_text())
+            m, sm = doc["meta"], doc.get("summary", {})
+            under = sm.get("softmax_under_other_gemms")
+            console.print(f"  {rel.as_posix()}/{p.parent.name}/{p.name} (and .png): {m['gpu']}, {m['date'][:10]}, "
+                          f"commit {m['commit']}, `{m['command']}`"
+                          + (f"; softmax under the other warpgroup's GEMMs {under:.2f}" if under is not None else ""),
+                          soft_wrap=True)
+        if not found:
+            console.print(f"  none of step {step:02d} yet (python -m fa3_lab trace --step {step:02d} on an H100/H200 records one)")
+        return 0
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(f"step {step:02d}: building the traced kernel (minutes the first time) and recording", total=None)
+        ctas = record(step, b, s, h, d, args.causal, args.ctas)
+        summary = summarize(ctas)
+        progress.update(task, description=f"step {step:02d}: timing the traced build against the plain one")
+        plain_ms, traced_ms = traced_overhead(step, b, s, h, d, args.causal, args.ctas)
     meta = results.collect_meta(command=f"python -m fa3_lab trace --step {args.step} --shape {args.shape}"
                                         + (" --causal" if args.causal else ""))
     doc = {"meta": meta, "step": step, "shape": {"batch": b, "seqlen": s, "nheads": h, "headdim": d, "causal": args.causal},

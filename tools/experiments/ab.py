@@ -7,7 +7,7 @@ order: drift then hits every variant alike. The peer (the official FA3, when ins
 same rounds.
 
 Writes one results file per variant (and one for the peer) to
-``fa3_lab/results/experiments/<gpu-slug>/<name>_<variant>.json``, in the schema of :mod:`fa3_lab.lab.results`
+``tools/experiments/results/<gpu-slug>/<name>_<variant>.json`` (outside the package), in the schema of :mod:`fa3_lab.lab.results`
 (``ms`` is the median over rounds of do_bench medians; extra row key ``ms_rounds``; the variant's
 defines are in ``meta.command``).
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         del q, k, v
         torch.cuda.empty_cache()
     command = "python tools/experiments/ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    root = results.RESULTS_DIR / "experiments"
+    root = results.ARCHIVE_DIR
     for label in labels:
         defines = variants[label][0] if label in variants else ""
         if defines:
