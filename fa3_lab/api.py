@@ -142,8 +142,9 @@ def _check_inputs(q, k, v, softmax_scale, allowed_dtypes, dtype_names):
     return float(softmax_scale)
 
 
-def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, return_lse=False, out=None):
-    """FlashAttention-3 forward on Hopper: softmax(α·QKᵀ)·V, one of the lab's kernel steps.
+def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, return_lse=False, out=None,
+                    deterministic=False):
+    """FlashAttention-3 forward on Hopper: softmax(α·QKᵀ)·V, one of the lab's kernel steps; differentiable.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim) fp16/bf16 CUDA tensor, last dim contiguous.
@@ -156,6 +157,12 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
             that see no key).
         out: optional preallocated output, shape and dtype of q (tests poison it first); any strides with
             a contiguous last dim and a 16-byte aligned base and strides (step 04 stores O with TMA).
+        deterministic: the backward adds dQ in a fixed order, bitwise reproducible run to run (FA3's flag);
+            default False (unordered fp32 atomics, slightly faster).
+
+    Backward (autograd, when q, k or v requires grad): the backward kernel ``cuda/steps/bwd/11_bwd.cu`` (paper
+    App. B.1): dq, dk, dv in the inputs' dtype, dk and dv summed over each GQA group; rows that see no key get
+    zero gradients; a gradient flowing into lse (``return_lse``) is ignored, as in FlashAttention.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim), dtype of q; and lse if ``return_lse``.
@@ -165,7 +172,7 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
         ValueError: rank, shapes, headdim not in (64, 128, 256), nheads % nheads_kv, strides.
         RuntimeError: no sm_90 GPU here (nothing is computed; there is no fallback).
 
-    Source: paper §3 (Alg. 1–2); kernels in ``cuda/steps/``.
+    Source: paper §3 (Alg. 1–2), App. B.1 (Alg. 3); kernels in ``cuda/steps/`` and ``cuda/steps/bwd/``.
     """
     import torch
 
@@ -175,6 +182,8 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
         step = default_step(q.shape[3])
     if isinstance(step, bool) or not isinstance(step, int) or step not in available:
         raise ValueError(f"step: expected one of {available}, got {step!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out: expected a tensor of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}")
@@ -183,7 +192,7 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
             raise ValueError(f"out: TMA needs a contiguous last dim and a 16-byte aligned base and strides, "
                              f"got strides {out.stride()}")
     from . import ops  # torch.library custom ops (compile-friendly; the extension is loaded lazily)
-    o, lse = ops.forward(q, k, v, bool(causal), scale, step, out)
+    o, lse = ops.forward(q, k, v, bool(causal), scale, step, out, deterministic)
     return (o, lse) if return_lse else o
 
 
@@ -222,5 +231,30 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
         raise RuntimeError("flash_attn_fp8_func: the FP8 kernel (cuda/steps/05_fp8.cu) is not built yet")
     from . import fp8
 
-    return fp8.flash_attn_fp8_func(q, k, v, causal, softmax_scale, block_quant=block_quant,
-                                   incoherent=incoherent, return_lse=return_lse)
+    result = fp8.flash_attn_fp8_func(q, k, v, causal, softmax_scale, block_quant=block_quant,
+                                     incoherent=incoherent, return_lse=return_lse)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+        # The e4m3 forward has no backward: mark the output so that .backward() says so instead of
+        # "does not require grad" (or silently leaving q, k, v without gradients).
+        if return_lse:
+            return _Fp8NoBackward.apply(result[0], q, k, v), result[1]
+        return _Fp8NoBackward.apply(result, q, k, v)
+    return result
+
+
+#: What a backward through :func:`flash_attn_fp8_func` raises.
+FP8_BACKWARD_MESSAGE = (
+    "flash_attn_fp8_func: the FP8 (e4m3) path has no backward; train with flash_attn_func on the 16-bit "
+    "inputs (its backward is cuda/steps/bwd/11_bwd.cu), or run the FP8 forward under torch.no_grad()")
+
+
+class _Fp8NoBackward(torch.autograd.Function):
+    """Identity on the FP8 output that connects it to q, k, v; its backward raises FP8_BACKWARD_MESSAGE."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(FP8_BACKWARD_MESSAGE)
