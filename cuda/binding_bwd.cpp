@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include "fa3/bwd.h"
+#include "fa3/bwd_params.h"
 
 namespace fa3 {
 #ifdef FA3_HAS_STEP11

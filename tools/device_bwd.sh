@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/fa3_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FA3_LAB_CACHE=${FA3_LAB_CACHE:-/tmp/fa3cache} MAX_JOBS=16
 export FA3_LAB_STEPS=${FA3_LAB_STEPS:-1,11}
 t0=$(date +%s)
-python3 -c "from fa3_lab import _build; _build.load()" 2>&1 | tail -30 | tee "$OUT/build.log"
+python3 -c "from fa3_lab import _build; _build.load()" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 PT="python3 -m pytest -o addopts= -p no:cacheprovider -q -rs"
 for what in "$@"; do
