@@ -95,6 +95,10 @@ struct Config {
 };
 
 // ---------------------------------------------------------------- preprocess
+// (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit 16-bit → float)
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 // One warp per padded query row (b, h, row): D = Σ_d dO·O in fp32, L·log2(e); the padding gets D = 0,
 // L = +inf (so P = 0 there).
 template <typename T>
@@ -111,8 +115,8 @@ __global__ void __launch_bounds__(256) preprocess_kernel(const BwdParams p) {
   const T* d = reinterpret_cast<const T*>(p.dout) + b * p.do_batch_stride + row * p.do_row_stride + h * p.do_head_stride;
   float acc = 0.f;
   for (int c = 2 * lane; c < p.headdim; c += 64) {
-    acc = fmaf(static_cast<float>(o[c]), static_cast<float>(d[c]), acc);
-    acc = fmaf(static_cast<float>(o[c + 1]), static_cast<float>(d[c + 1]), acc);
+    acc = fmaf(to_float(o[c]), to_float(d[c]), acc);
+    acc = fmaf(to_float(o[c + 1]), to_float(d[c + 1]), acc);
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
