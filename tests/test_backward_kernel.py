@@ -171,8 +171,11 @@ def test_bad_dout_raises_naming_it():
     q, k, v, dout = make_inputs("bf16", 64, 1, 64, 64, 2, 2, seed=5)
     q.requires_grad_(True)
     out = fa3_lab.flash_attn_func(q, k, v)
-    with pytest.raises(ValueError, match=r"dout: expected shape \(1, 64, 2, 64\)"):
+    with pytest.raises(RuntimeError, match=r"Mismatch in shape: grad_output\[0\]"):  # autograd's own check
         torch.autograd.grad(out, q, dout[:, :32], retain_graph=True)
+    with pytest.raises(ValueError, match=r"dout: expected shape \(1, 64, 2, 64\)"):
+        torch.ops.fa3_lab.flash_attn_bwd(dout[:, :32], q.detach(), k, v, out.detach(),
+                                         torch.zeros(1, 2, 64, device="cuda"), False, 0.125)
     with pytest.raises(TypeError, match=r"dout: expected dtype torch.bfloat16"):
         torch.ops.fa3_lab.flash_attn_bwd(dout.half(), q.detach(), k, v, out.detach(), torch.zeros(1, 2, 64, device="cuda"),
                                          False, 0.125)
