@@ -19,6 +19,7 @@ for what in "$@"; do
     integ) $PT tests/test_integration.py -m gpu 2>&1 | tail -15 | tee "$OUT/integ.log" ;;
     hf) $PT -s tests/test_backward_hf.py 2>&1 | tail -15 | tee "$OUT/hf.log" ;;
     mem) $PT -s tests/test_backward_kernel.py -k peak_memory 2>&1 | tail -6 | tee "$OUT/mem.log" ;;
+    bench) python3 tools/bwd_bench.py 2>&1 | tail -8 | tee "$OUT/bench.log" ;;
     sass) for o in "$FA3_LAB_CACHE"/fa3_lab_ext-*/11_bwd.cuda.o; do cuobjdump -sass "$o" > "$OUT/sass11.txt"
         echo "HGMMA in 11_bwd: $(grep -c HGMMA "$OUT/sass11.txt"), spills (STL): $(grep -c 'STL' "$OUT/sass11.txt")"; done ;;
     memcheck|racecheck|synccheck)

@@ -1,8 +1,8 @@
 """`python -m fa3_lab.examples.llama_train` — train a tiny Llama for a few steps on our backward vs SDPA.
 
 A Llama architecture from a config (no download): hidden 256, 4 query heads and 2 KV heads of headdim 64
-(GQA 2:1), 2 layers, vocab 1000; seeded random init; float32 master weights under bf16 autocast (the
-attention runs in bf16). The same initial weights and the same batches (random tokens, batch 4 × 256)
+(GQA 2:1), 2 layers, vocab 1000; seeded random init; the whole model in bf16 (under autocast the rotary
+embedding hands attention float32 q, k, which the kernel refuses; SDPA would cast them). The same initial weights and the same batches (random tokens, batch 4 × 256)
 are trained twice with AdamW (lr 1e-3): once with ``attn_implementation="fa3_lab"`` (our forward and
 backward kernels, :mod:`fa3_lab.hf`) and once with ``"sdpa"``. The losses of the two runs agree within
 bf16 noise at every step; the script prints them side by side.
@@ -40,14 +40,14 @@ def train(attn_implementation: str, steps: int = 20, seed: int = 0, batch: int =
         raise RuntimeError("llama_train needs a CUDA GPU (sm_90 for fa3_lab)")
     hf.register()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(), attn_implementation=attn_implementation).cuda().train()
+    model = AutoModelForCausalLM.from_config(_config(), attn_implementation=attn_implementation,
+                                             dtype=torch.bfloat16).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     losses = []
     for _ in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device="cuda", generator=g)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
