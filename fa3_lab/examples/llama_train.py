@@ -40,8 +40,8 @@ def train(attn_implementation: str, steps: int = 20, seed: int = 0, batch: int =
         raise RuntimeError("llama_train needs a CUDA GPU (sm_90 for fa3_lab)")
     hf.register()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(), attn_implementation=attn_implementation,
-                                             dtype=torch.bfloat16).cuda().train()
+    model = AutoModelForCausalLM.from_config(_config(), attn_implementation=attn_implementation)
+    model = model.to(device="cuda", dtype=torch.bfloat16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     losses = []
