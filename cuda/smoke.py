@@ -44,8 +44,8 @@ for step in [s.id for s in api.steps() if "bf16" in s.dtypes]:
 print("smoke:", "all ok" if not worst else "FAILURES")
 
 # timing, Table 2 shape, vs SDPA FA2 / cuDNN / FA3
-from fa3_lab.bench import peers, time_ms
-from fa3_lab.results import flops  # noqa: E402
+from fa3_lab.lab.bench import peers, time_ms
+from fa3_lab.lab.results import flops  # noqa: E402
 
 for d, causal in ((128, False), (128, True), (64, False), (256, False)):
     s = 8192; b = 16384 // s; h = 2048 // d

@@ -1,6 +1,6 @@
 """fa3-lab: FlashAttention-3 (Shah et al., 2024) from NumPy references to a Hopper kernel.
 
-Public API (FlashAttention's conventions, BSHD layout; see DESIGN.md):
+Public API (FlashAttention's conventions, BSHD layout; see docs/design.md):
 
 * :func:`flash_attn_func` — 16-bit forward on an sm_90 GPU, one of the lab's kernel steps.
 * :func:`flash_attn_fp8_func` — FP8 e4m3 forward with block quantization and incoherent processing.

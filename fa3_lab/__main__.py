@@ -1,5 +1,5 @@
 import sys
 
-from fa3_lab.cli import main
+from fa3_lab.lab.cli import main
 
 sys.exit(main())

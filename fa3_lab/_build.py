@@ -6,7 +6,7 @@ e.g. ``4,11``, builds only those) plus ``cuda/binding.cpp``, ``cuda/binding_bwd.
 directory is ``$FA3_LAB_CACHE`` (default ``~/.cache/fa3_lab``) / ``<name>-<hash of all sources>``, so
 editing any kernel source rebuilds, and an unchanged tree loads in a second.
 
-Flags (DESIGN.md, kernel conventions): ``-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo
+Flags (docs/design.md, kernel conventions): ``-gencode=arch=compute_90a,code=sm_90a -O3 -lineinfo
 -Xptxas=--warn-on-spills``. ``traced=True`` adds ``-DFA3_TRACE`` (the timeline build); ``$FA3_LAB_DEFINES`` adds
 more ``-D`` flags (tile-size A/B builds), part of the cache key.
 """

@@ -27,9 +27,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .api import resolve_softmax_scale as _resolve_softmax_scale
+from ._validate import HEADDIMS, check_bshd, check_flag, check_strides, check_tensors, require_sm90
+from ._validate import resolve_softmax_scale as _resolve_softmax_scale
 
-HEADDIMS = (64, 128, 256)
 BLOCK_M = 128               # Br: Q rows per tile and per q_descale entry (the kernel's tile)
 BLOCK_N = 128               # Bc: K/V rows per tile and per k/v_descale entry
 E4M3_MAX = 448.0            # largest finite float8_e4m3fn; the cast saturates here
@@ -178,12 +178,6 @@ def _check_rank(name, t):
         raise ValueError(f"{name}: every dimension must be >= 1, got shape {tuple(t.shape)}")
 
 
-def _check_flag(name, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return bool(value)
-
-
 def _check_positive_int(name, value, minimum=1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -313,8 +307,8 @@ def quantize(q, k, v, *, block_quant=True, incoherent=True, seed=0, block_m=BLOC
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     _check_same_device(names, (q, k, v))
-    block_quant = _check_flag("block_quant", block_quant)
-    incoherent = _check_flag("incoherent", incoherent)
+    block_quant = check_flag("block_quant", block_quant)
+    incoherent = check_flag("incoherent", incoherent)
     seed = _check_positive_int("seed", seed, minimum=0)
     block_m = _check_positive_int("block_m", block_m)
     block_n = _check_positive_int("block_n", block_n)
@@ -356,23 +350,14 @@ def _signs_cpu(headdim: int, seed: int) -> torch.Tensor:
 
 
 def _check_qkv_16bit(q, k, v, softmax_scale=None, caller="quantize_for_kernel"):
-    """Validation shared by :func:`quantize_for_kernel` and :func:`flash_attn_fp8_func`: 16-bit CUDA
-    BSHD tensors, last dim contiguous, any other strides. Returns softmax_scale resolved."""
+    """Validation shared by :func:`quantize_for_kernel` and :func:`flash_attn_fp8_func` (the same checks,
+    in the same order, as :func:`fa3_lab.flash_attn_func`: fa3_lab/_validate.py): 16-bit BSHD tensors,
+    last dim contiguous, any other strides (the kernel reads the e4m3 copies). Returns softmax_scale
+    resolved."""
     names = ("q", "k", "v")
-    for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    for name, t in zip(names, (q, k, v)):
-        if t.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"{name}: expected dtype float16 or bfloat16, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
-    batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = _check_shapes(q, k, v)
-    if headdim not in HEADDIMS:
-        raise ValueError(f"q: expected headdim in {HEADDIMS}, got {headdim}")
-    for name, t in zip(names, (q, k, v)):
-        if t.stride(3) != 1:
-            raise ValueError(f"{name}: expected the last dim contiguous (stride 1), got strides {t.stride()}")
+    check_tensors(names, (q, k, v), (torch.float16, torch.bfloat16), "float16 or bfloat16")
+    batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim = check_bshd(q, k, v)
+    check_strides(names, (q, k, v), tma=False)
     for name, t in zip(names, (q, k, v)):
         if max(t.shape) >= _INT32_LIMIT:
             raise ValueError(f"{name}: expected every dimension < 2**30, got shape {tuple(t.shape)}")
@@ -380,15 +365,7 @@ def _check_qkv_16bit(q, k, v, softmax_scale=None, caller="quantize_for_kernel"):
     if tiles >= 2 * _INT32_LIMIT:
         raise ValueError(f"q, k: {tiles} tiles of 128 rows exceed the kernel's grid (< 2**31)")
     scale = _resolve_softmax_scale(softmax_scale, headdim)
-    for name, t in zip(names, (q, k, v)):
-        if t.device.type != "cuda":
-            raise TypeError(f"{name}: expected a CUDA tensor (on an sm_90 GPU), got device {t.device}")
-    _check_same_device(names, (q, k, v))
-    from . import _env
-
-    reason = _env.why_no_sm90()
-    if reason:
-        raise RuntimeError(f"{caller} needs an sm_90 GPU (H100/H200): {reason}")
+    require_sm90(caller, names, (q, k, v))
     return float(scale)
 
 
@@ -461,9 +438,9 @@ def quantize_for_kernel(q, k, v, *, block_quant=True, incoherent=True, seed=0, c
     Source: paper §3.3 "Block quantization" and "Incoherent processing"; contract
     ``reference.fp8.fp8_attention_inputs`` (as computed by :func:`quantize` in float32).
     """
-    block_quant = _check_flag("block_quant", block_quant)
-    incoherent = _check_flag("incoherent", incoherent)
-    check_finite = _check_flag("check_finite", check_finite)
+    block_quant = check_flag("block_quant", block_quant)
+    incoherent = check_flag("incoherent", incoherent)
+    check_finite = check_flag("check_finite", check_finite)
     seed = _check_positive_int("seed", seed, minimum=0)
     _check_qkv_16bit(q, k, v, caller="quantize_for_kernel")
     ext = _load_ext("quantize_for_kernel", need_fwd=False)
@@ -578,7 +555,7 @@ def fwd_quantized(q8, k8, v8, q_descale, k_descale, v_descale, causal=False, sof
 
     Source: paper §3.3, Alg. 1 with FP8 operands; contract ``reference/fp8.py`` ``fp8_attention``.
     """
-    causal = _check_flag("causal", causal)
+    causal = check_flag("causal", causal)
     scale = _check_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, out)
     ext = _load_ext("fwd_quantized", need_fwd=True)
     vt8 = kernel_v_layout(v8)
@@ -617,7 +594,7 @@ def fwd_kernel_layout(q8, k8, vt8, q_descale, k_descale, v_descale, causal=False
 
     Source: paper §3.3; contract ``reference/fp8.py`` ``fp8_attention``.
     """
-    causal = _check_flag("causal", causal)
+    causal = check_flag("causal", causal)
     scale = _check_quantized(q8, k8, vt8, q_descale, k_descale, v_descale, softmax_scale, out, vt=True,
                              caller="fwd_kernel_layout")
     ext = _load_ext("fwd_kernel_layout", need_fwd=True)
@@ -651,20 +628,16 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
             contiguous, softmax_scale, NaN/inf (found by the quantize kernel, before the attention).
         RuntimeError: no sm_90 GPU, or no step 05 in the build.
     """
-    block_quant = _check_flag("block_quant", block_quant)
-    incoherent = _check_flag("incoherent", incoherent)
-    causal = _check_flag("causal", causal)
-    return_lse = _check_flag("return_lse", return_lse)
+    block_quant = check_flag("block_quant", block_quant)
+    incoherent = check_flag("incoherent", incoherent)
+    causal = check_flag("causal", causal)
+    return_lse = check_flag("return_lse", return_lse)
     scale = _check_qkv_16bit(q, k, v, softmax_scale, caller="flash_attn_fp8_func")
     ext = _load_ext("flash_attn_fp8_func", need_fwd=True)
     t = _quantize_fused(ext, q, k, v, block_quant, incoherent, 0, check_finite=True)
     o, lse = _run_fwd_fp8(ext, t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale, causal, scale, None)
     return (o, lse) if return_lse else o
 
-
-# --------------------------------------------------------------------------------------------
-# Timing (benchmark rows)
-# --------------------------------------------------------------------------------------------
 
 def quantize_bytes(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, elem_bytes=2) -> int:
     """Bytes :func:`quantize_for_kernel` must move at least: read Q, K, V once (16-bit), write q8,
@@ -673,52 +646,3 @@ def quantize_bytes(batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, elem_b
     read = elem_bytes * batch * headdim * (seqlen_q * nheads + 2 * seqlen_k * nheads_kv)
     write = batch * headdim * (seqlen_q * nheads + seqlen_k * nheads_kv + nk * BLOCK_N * nheads_kv)
     return read + write + 4 * batch * (nq * nheads + 2 * nk * nheads_kv)
-
-
-def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nheads_kv=None,
-                            block_quant=True, incoherent=True, seed=0) -> dict:
-    """Time the parts of :func:`flash_attn_fp8_func` on fresh N(0,1) bf16 inputs (GPU only).
-
-    Median of ``triton.testing.do_bench`` (CUDA events) for: the fused quantize kernel
-    (``ext.quantize_fp8``, what :func:`quantize_for_kernel` launches, without its inf/NaN
-    read-back), the torch path it replaces (:func:`quantize`, then :func:`kernel_v_layout` timed
-    separately) and the attention kernel ``ext.fwd_fp8`` alone. ``seed`` seeds the inputs; the
-    rotation uses seed 0 as :func:`flash_attn_fp8_func` does.
-
-    Returns:
-        A row in the results schema (DESIGN.md): impl "step05", dtype "e4m3", the shape, ``ms``
-        and ``tflops`` of the attention kernel alone, plus ``quantize_ms`` (fused kernel),
-        ``quantize_gbps`` (:func:`quantize_bytes` / quantize_ms), ``tflops_with_quantize`` (FLOPs
-        / (ms + quantize_ms)), ``quantize_torch_ms`` and ``v_layout_ms`` (the torch path),
-        ``block_quant``, ``incoherent``.
-
-    Raises:
-        RuntimeError: no sm_90 GPU.  ValueError / TypeError: as :func:`quantize_for_kernel`.
-    """
-    from .bench import time_ms
-    from .results import flops as attention_flops
-
-    nheads_kv = nheads if nheads_kv is None else nheads_kv
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
-    t = quantize_for_kernel(q, k, v, block_quant=block_quant, incoherent=incoherent)
-    scale = _check_quantized(*t[:6], None, None, vt=True, caller="time_quantize_vs_kernel")
-    ext = _load_ext("time_quantize_vs_kernel", need_fwd=True)
-    signs = _signs_cpu(headdim, 0) if incoherent else None
-    fused_ms = time_ms(lambda: ext.quantize_fp8(q, k, v, signs, block_quant))
-    torch_ms = time_ms(lambda: quantize(q, k, v, block_quant=block_quant, incoherent=incoherent))
-    v8 = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent).v8
-    layout_ms = time_ms(lambda: kernel_v_layout(v8))
-    kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale,
-                                            BLOCK_M, BLOCK_N, bool(causal), scale, None))
-    flops = attention_flops(batch, nheads, seqlen, seqlen, headdim, bool(causal))
-    nbytes = quantize_bytes(batch, seqlen, seqlen, nheads, nheads_kv, headdim)
-    return {"impl": "step05", "dtype": "e4m3", "headdim": headdim, "causal": bool(causal), "batch": batch,
-            "seqlen_q": seqlen, "seqlen_k": seqlen, "nheads": nheads, "nheads_kv": nheads_kv,
-            "ms": kernel_ms, "tflops": flops / (kernel_ms * 1e-3) / 1e12,
-            "quantize_ms": fused_ms, "quantize_gbps": nbytes / (fused_ms * 1e-3) / 1e9,
-            "tflops_with_quantize": flops / ((kernel_ms + fused_ms) * 1e-3) / 1e12,
-            "quantize_torch_ms": torch_ms, "v_layout_ms": layout_ms,
-            "block_quant": bool(block_quant), "incoherent": bool(incoherent)}

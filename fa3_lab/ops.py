@@ -35,7 +35,7 @@ OP = "fa3_lab::flash_attn_fwd"
 OP_OUT = "fa3_lab::flash_attn_fwd_out"
 OP_BWD = "fa3_lab::flash_attn_bwd"
 
-#: The backward kernel step autograd runs (cuda/steps/bwd/11_bwd.cu).
+#: The backward kernel step autograd runs by default (cuda/steps/bwd/11_bwd.cu; registry.DEFAULT_BWD_STEP).
 BWD_STEP = 11
 
 
@@ -56,7 +56,7 @@ def _check_real(q, k, v):
     Raises:
         TypeError: not CUDA; dtype not fp16/bf16 or mixed.  ValueError: headdim, heads, base alignment.
     """
-    from .api import HEADDIMS
+    from ._validate import HEADDIMS
 
     if not (q.device.type == k.device.type == v.device.type == "cuda"):
         raise TypeError(f"q, k, v: expected CUDA tensors (on an sm_90 GPU), got {q.device}, {k.device}, {v.device}")
@@ -74,8 +74,8 @@ def _check_real(q, k, v):
 
 @torch.library.custom_op(OP, mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int step,"
-                                " bool deterministic=False) -> (Tensor, Tensor)")
-def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False):
+                                " bool deterministic=False, int bwd_step=11) -> (Tensor, Tensor)")
+def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False, bwd_step=BWD_STEP):
     """FlashAttention-3 forward, one kernel step, as an opaque op (paper §3, Alg. 1–2).
 
     Args:
@@ -84,7 +84,8 @@ def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False):
         causal: bottom-right aligned causal mask.
         softmax_scale: α (already resolved: flash_attn_func turns None into 1/sqrt(headdim)).
         step: kernel step id (``fa3_lab.steps()``).
-        deterministic: not used by the forward; saved for the backward (dQ accumulated in a fixed order).
+        deterministic, bwd_step: not used by the forward; saved for the backward (dQ accumulated in a fixed
+            order; the backward kernel step).
 
     Returns:
         out (q's shape, dtype and strides) and lse (batch, nheads, seqlen_q) float32, natural log.
@@ -100,7 +101,7 @@ def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False):
 
 
 @flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, causal, softmax_scale, step, deterministic=False):
+def _flash_attn_fwd_fake(q, k, v, causal, softmax_scale, step, deterministic=False, bwd_step=BWD_STEP):
     # Shapes/dtypes/strides only; mirrors cuda/binding.cpp: out = at::empty_like(q) (q's strides kept
     # for a dense q), lse = at::empty({batch, nheads, seqlen_q}, float32).
     out = torch.empty_like(q)
@@ -167,10 +168,10 @@ def _flash_attn_bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, determi
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, _step, deterministic = inputs
+    q, k, v, causal, softmax_scale, _step, deterministic, bwd_step = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
+    ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.bwd_step = causal, softmax_scale, deterministic, bwd_step
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -178,8 +179,8 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     check_dout(grad_out, out)
     dq, dk, dv = torch.ops.fa3_lab.flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                                                  ctx.deterministic, BWD_STEP)
-    return dq, dk, dv, None, None, None, None
+                                                  ctx.deterministic, ctx.bwd_step)
+    return dq, dk, dv, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -208,7 +209,7 @@ def _flash_attn_fwd_out_fake(q, k, v, out, causal, softmax_scale, step):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
-def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False):
+def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False, bwd_step=BWD_STEP):
     """Run the forward through the custom ops; what :func:`fa3_lab.flash_attn_func` calls last.
 
     Args:
@@ -216,6 +217,7 @@ def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False)
         causal: bool.  softmax_scale: float α.  step: int kernel step.
         out: None, or a preallocated (batch, seqlen_q, nheads, headdim) tensor of q's dtype/device.
         deterministic: the backward accumulates dQ in a fixed order (bitwise reproducible).
+        bwd_step: the backward kernel step autograd runs.
 
     Returns:
         (out, lse): out (batch, seqlen_q, nheads, headdim), dtype of q; lse (batch, nheads, seqlen_q)
@@ -227,7 +229,7 @@ def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False)
     """
     if out is None:
         return torch.ops.fa3_lab.flash_attn_fwd(q, k, v, bool(causal), float(softmax_scale), int(step),
-                                                bool(deterministic))
+                                                bool(deterministic), int(bwd_step))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out)):
         raise RuntimeError("out: flash_attn_func(..., out=...) does not support autograd (q, k, v or out "
                            "requires grad); call it without out=, or under torch.no_grad()")

@@ -1,4 +1,4 @@
-"""Step 01: standard attention — the exact answer every other implementation is checked against.
+"""Chapter 01 (no kernel step): standard attention — the exact answer every other implementation is checked against.
 
 Paper §2.3 (eq. 1): S = α·QKᵀ, P = softmax(S) row-wise, O = PV, with α = softmax_scale.
 The "standard implementation" materializes S and P (seqlen_q × seqlen_k per head), which is what

@@ -1,5 +1,5 @@
-"""Step 11's twin: the tiled backward with recomputation (paper Appendix B.1, Algorithm 3), in the
-kernel's loop order and with its names (cuda/steps/bwd/11_bwd.cu).
+"""Twin of kernel step 11 (cuda/steps/bwd/11_bwd.cu): the tiled backward with recomputation (paper Appendix B.1,
+Algorithm 3), in the kernel's loop order and with its names.
 
 The forward keeps only O and softmax_lse L; the backward recomputes P tile by tile from Q, K and L
 instead of storing the seqlen_q × seqlen_k matrix. Three passes, as the three kernels:

@@ -1,4 +1,4 @@
-"""Steps 03–04: FlashAttention-3's producer/consumer pipeline as an executable model.
+"""Twin of kernel steps 02–04 and 09 (chapters 03–04): FlashAttention-3's producer/consumer pipeline as an executable model.
 
 Paper §3.1 (Algorithm 1: warp specialization with an s-stage circular buffer; pingpong scheduling)
 and §3.2 (Algorithm 2: the consumer that overlaps the softmax of iteration j with the PV GEMM of
@@ -323,12 +323,25 @@ class _Cta:
             yield None
 
     # -- the K/V tiles and masks ---------------------------------------------------------------
-    def kv_tile(self, head: np.ndarray, j: int) -> np.ndarray:
-        return head[j * self.block_n:(j + 1) * self.block_n]          # (<= Bc, d), cut at seqlen_k
+    def n_block_of(self, i: int) -> int:
+        """The K/V tile of iteration i: tiles are visited from n_block_max − 1 down to 0, as in the
+        kernels (block_info.h), so the tiles that need a mask come first."""
+        return self.n_blocks - 1 - i
 
-    def mask(self, s: np.ndarray, rows: np.ndarray, j: int) -> np.ndarray:
-        """-inf where key j·Bc + col is past seqlen_k (TMA padding) or hidden by the causal mask."""
-        keys = j * self.block_n + np.arange(self.block_n)[None, :]
+    def kv_tile(self, head: np.ndarray, n_block: int) -> np.ndarray:
+        return head[n_block * self.block_n:(n_block + 1) * self.block_n]  # (<= Bc, d), cut at seqlen_k
+
+    def needs_mask(self, n_block: int) -> bool:
+        """Does tile n_block hold a key past seqlen_k, or past the diagonal for some row of this CTA?
+        (``BlockInfo::needs_mask``, cuda/include/fa3/block_info.h.)"""
+        crosses_end = (n_block + 1) * self.block_n > self.seqlen_k
+        crosses_diag = self.causal and ((n_block + 1) * self.block_n - 1 >
+                                        self.row0 + self.seqlen_k - self.seqlen_q)
+        return crosses_end or crosses_diag
+
+    def mask(self, s: np.ndarray, rows: np.ndarray, n_block: int) -> np.ndarray:
+        """-inf where key n_block·Bc + col is past seqlen_k (TMA padding) or hidden by the causal mask."""
+        keys = n_block * self.block_n + np.arange(self.block_n)[None, :]
         visible = keys < self.seqlen_k
         if self.causal:
             visible = visible & (keys <= (self.row0 + rows)[:, None] + self.seqlen_k - self.seqlen_q)
@@ -336,8 +349,12 @@ class _Cta:
 
     def epilogue(self, c: int, acc_o, m_i, l_i, softmax_scale: float) -> None:
         o_i, lse_i = softmax_finalize(acc_o, m_i, l_i, softmax_scale)
-        self.o_acc[self.rows[c]] = o_i
-        self.lse[self.rows[c]] = lse_i
+        self.store_o_lse(c, o_i, lse_i)
+
+    def store_o_lse(self, c: int, o, lse) -> None:
+        """Consumer c's rows of O (normalized) and lse to HBM."""
+        self.o_acc[self.rows[c]] = o
+        self.lse[self.rows[c]] = lse
         self.log(f"consumer{c}", "epilogue: O_i, L_i to HBM", f"O_{self.coords[2]}")
 
     # -- scheduler ---------------------------------------------------------------------------
@@ -388,7 +405,8 @@ def _producer(cta: _Cta):
                                               ("V", cta.empty_v, cta.full_v, cta.smem_v, cta.v_head)):
             if f != "producer_skips_empty_wait":                         # line 7
                 yield from cta.wait(role, empty[stage], parity, f"{name}_{j}", stage)
-            cta.tma_load(role, smem[stage], cta.kv_tile(head, j), full[stage], f"{name}_{j}", stage)
+            cta.tma_load(role, smem[stage], cta.kv_tile(head, cta.n_block_of(j)), full[stage], f"{name}_{j}",
+                         stage)
             yield None                                                   # line 8–9
     cta.producer_done = True
 
@@ -423,7 +441,7 @@ def _consumer_alg1(cta: _Cta, c: int, softmax_scale: float):
         stage, phase = stage_phase(j, cta.num_stages)
         yield from _consumer_wait_full(cta, role, cta.full_k[stage], phase, f"K_{j}", stage)  # 16
         k_j = cta.smem_k[stage].read(c, f"K_{j}")                        # (Bc, d) smem
-        s_ij = cta.mask(q_i @ k_j.T, rows, j)                            # line 17  SS-GEMM
+        s_ij = cta.mask(q_i @ k_j.T, rows, cta.n_block_of(j))            # line 17  SS-GEMM
         cta.log(role, "S=QKᵀ", f"K_{j}", stage)
         yield None
         p_ij, m_i, l_i, acc_scale = online_softmax_update(s_ij, m_i, l_i, cta.scale_log2)  # 18–19
@@ -473,73 +491,150 @@ def _pingpong_arrive(cta: _Cta, role: str, bars, c: int, j: int) -> None:
     cta.log(role, f"pingpong: hand off to consumer{other}", f"iter_{j}")
 
 
-def _consumer_alg2(cta: _Cta, c: int, softmax_scale: float, bars):
-    """Algorithm 2 (consumer warpgroup forward pass), one line per comment; with pingpong the
-    GEMMs of each iteration are issued inside this warpgroup's turn."""
+class OnlineSoftmax:
+    """Twin of ``OnlineSoftmax`` in cuda/include/fa3/softmax.h: per row the running max ``row_max`` (raw
+    scores) and sum ``row_sum``; base 2 with the scale folded into one FFMA; −inf − (−inf) guarded."""
+
+    def __init__(self, rows: int):
+        self.row_max = np.full(rows, -np.inf)
+        self.row_sum = np.zeros(rows)
+
+    def update(self, s: np.ndarray, scale_log2: float) -> np.ndarray:
+        """``update``: s (rows, Bc) raw scores → P in place of s (returned), and corr (rows,)."""
+        m_new = np.maximum(self.row_max, s.max(axis=1))
+        offset = np.where(m_new == -np.inf, 0.0, m_new * scale_log2)          # guard −inf − (−inf)
+        corr = np.exp2(self.row_max * scale_log2 - offset)                     # 0 while row_max = −inf
+        self.row_max = m_new
+        p = np.exp2(s * scale_log2 - offset[:, None])                          # one FFMA + MUFU.EX2
+        self.row_sum = self.row_sum * corr + p.sum(axis=1)
+        return p, corr
+
+    def update_lazy(self, s: np.ndarray, scale_log2: float, threshold: float = 8.0):
+        """``update_lazy`` (conditional rescaling): the max moves only when a row's tile max exceeds it by
+        more than ``threshold`` in log2 units; returns (P, corr, rescale). corr is 1 where the max stayed;
+        ``rescale`` is whether any row moved (the kernel asks per warp; multiplying by 1 changes nothing)."""
+        m_new = np.maximum(self.row_max, s.max(axis=1))
+        with np.errstate(invalid="ignore"):                                    # −inf − (−inf): stays
+            grow = (m_new - self.row_max) * scale_log2 > threshold
+            corr = np.where(grow, np.exp2((self.row_max - m_new) * scale_log2), 1.0)
+        self.row_max = np.where(grow, m_new, self.row_max)
+        offset = np.where(self.row_max == -np.inf, 0.0, self.row_max * scale_log2)
+        p = np.exp2(s * scale_log2 - offset[:, None])
+        self.row_sum = self.row_sum * corr + p.sum(axis=1)
+        return p, corr, bool(grow.any())
+
+    def finalize(self, softmax_scale: float):
+        """(inv_sum, lse): 1/ℓ (0 for a row that saw no key) and lse = m·α + ln ℓ (+inf for such a row)."""
+        empty = self.row_sum == 0
+        inv_sum = np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, self.row_sum))
+        lse = np.where(empty, np.inf, self.row_max * softmax_scale + np.log(np.where(empty, 1.0, self.row_sum)))
+        return inv_sum, lse
+
+
+def _consumer_step04(cta: _Cta, c: int, softmax_scale: float, turns, lazy_rescale: bool = True):
+    """Twin of step 04's consumer warpgroup (cuda/steps/04_intra_warpgroup_overlap.cu): the kernel's
+    names (``s``, ``pa``, ``o``, ``corr``, ``softmax``, ``wait_turn``/``pass_turn``, ``stage_of``/``phase_of``),
+    its order (tiles from n_block_max − 1 down, the masked ones first), its stage numbers 1–7 and its
+    release points. Algorithm 2's line numbers are in the right margin. ``turns`` are the pingpong's
+    named barriers (None: no pingpong)."""
     role, rows, f = f"consumer{c}", cta.rows[c], cta.fault
-    d, T, S = cta.q_i.shape[1], cta.n_blocks, cta.num_stages
-    cta.log(role, "setmaxnreg.inc")                                      # line 1
+    n_block_max, kStages = cta.n_blocks, cta.num_stages
+    kHeadDim = cta.q_i.shape[1]
+
+    def wait_turn(i):                                                    # named_barrier_sync(turn[c])
+        yield from _pingpong_sync(cta, role, turns, c, i)
+
+    def pass_turn(i):                                                    # named_barrier_arrive(turn[c+1])
+        _pingpong_arrive(cta, role, turns, c, i)
+
+    def stage_of(i):
+        return i % kStages
+
+    def phase_of(i):
+        return (i // kStages) & 1
+
+    cta.log(role, "setmaxnreg.inc")                                      # Alg. 2 line 1
     yield None
-    acc_o = np.zeros((len(rows), d))                                     # line 2  O_i (Br/2, d)
-    l_i, m_i = np.zeros(len(rows)), np.full(len(rows), -np.inf)          #         ℓ_i, m_i
-    yield from cta.wait(role, cta.full_q, 0, f"Q_{cta.coords[2]}")       # line 3  Q_i ...
-    q_i = cta.smem_q.read(c, f"Q_{cta.coords[2]}")[rows]
-    if T == 0:                                                           # (no visible K/V tile)
-        cta.epilogue(c, acc_o, m_i, l_i, softmax_scale)
+    softmax = OnlineSoftmax(len(rows))                                   # row_max, row_sum (64,)
+    o = np.zeros((len(rows), kHeadDim))                                  # (64, kHeadDim) fp32 regs  line 2
+    yield from cta.wait(role, cta.full_q, 0, f"Q_{cta.coords[2]}")       # line 3
+    q = cta.smem_q.read(c, f"Q_{cta.coords[2]}")[rows]                   # (64, kHeadDim) smem
+    if n_block_max <= 0:                                                 # causal, seqlen_q > seqlen_k
+        inv_sum, lse = softmax.finalize(softmax_scale)                   # store_empty_rows
+        cta.store_o_lse(c, o * inv_sum[:, None], lse)
         return
-    yield from _consumer_wait_full(cta, role, cta.full_k[0], 0, "K_0", 0)  # line 3  ... and K_0
-    yield from _pingpong_sync(cta, role, bars, c, 0)
-    s_cur = cta.mask(q_i @ cta.smem_k[0].read(c, "K_0").T, rows, 0)      # line 4  S_cur (Br/2, Bc)
-    cta.log(role, "issue S=QKᵀ", "K_0", 0)
-    _pingpong_arrive(cta, role, bars, c, 0)
+    # prologue, tile 0: S = Q·K_0ᵀ
+    yield from _consumer_wait_full(cta, role, cta.full_k[stage_of(0)], phase_of(0), "K_0", stage_of(0))  # line 3
+    yield from wait_turn(0)
+    s = q @ cta.smem_k[stage_of(0)].read(c, "K_0").T                     # (64, kBlockN) fp32  line 4
+    cta.log(role, "issue S=QKᵀ", "K_0", stage_of(0))
+    pass_turn(0)
     yield None
-    _consumer_release(cta, c, role, "K", 0, 0)                           # line 5
-    p_cur, m_i, l_i, acc_scale = online_softmax_update(s_cur, m_i, l_i, cta.scale_log2)  # line 6
-    acc_o = acc_o * acc_scale[:, None]
-    cta.log(role, "softmax", "K_0", 0)
+    _consumer_release(cta, c, role, "K", stage_of(0), 0)                 # K_0 read: release   line 5
+    n_block = n_block_max - 1
+    if cta.needs_mask(n_block):
+        s = cta.mask(s, rows, n_block)
+    pa, corr = softmax.update(s, cta.scale_log2)                         # P_0 → pa            line 6
+    cta.log(role, "softmax", "K_0", stage_of(0))
     yield None
-    for j in range(1, T):                                                # line 7
-        stage, phase = stage_phase(j, S)
-        stage_v, phase_v = stage_phase(j - 1, S)
-        yield from _consumer_wait_full(cta, role, cta.full_k[stage], phase, f"K_{j}", stage)  # 8
-        yield from _pingpong_sync(cta, role, bars, c, j)
+    for i in range(1, n_block_max):                                      # line 7: masked tiles first
+        n_block = n_block_max - 1 - i
+        stage, prev = stage_of(i), stage_of(i - 1)
+        # 1. operands ready; my turn
+        yield from _consumer_wait_full(cta, role, cta.full_k[stage], phase_of(i), f"K_{i}", stage)  # line 8
+        yield from wait_turn(i)
+        # 2. S_next = Q·K_iᵀ (group 1); O += P_{i−1}·V_{i−1} (group 2); hand over
         slot_k = cta.smem_k[stage]
-        wgmma_s = _Wgmma(lambda j=j, slot_k=slot_k: cta.mask(
-            q_i @ slot_k.read(c, f"K_{j}").T, rows, j))                  # line 9  S_next, no wait
-        cta.log(role, "issue S=QKᵀ", f"K_{j}", stage)
+        gemm0 = _Wgmma(lambda i=i, slot_k=slot_k: q @ slot_k.read(c, f"K_{i}").T)  # line 9
+        cta.log(role, "issue S=QKᵀ", f"K_{i}", stage)
         yield None
-        yield from _consumer_wait_full(cta, role, cta.full_v[stage_v], phase_v, f"V_{j-1}",
-                                       stage_v)                          # line 10
-        slot_v = cta.smem_v[stage_v]
-        wgmma_pv = _Wgmma(lambda j=j, slot_v=slot_v, p=p_cur: p @ slot_v.read(c, f"V_{j-1}"))  # 11
-        cta.log(role, "issue O+=PV", f"V_{j-1}", stage_v)
-        _pingpong_arrive(cta, role, bars, c, j)
+        yield from _consumer_wait_full(cta, role, cta.full_v[prev], phase_of(i - 1), f"V_{i-1}", prev)  # line 10
+        slot_v = cta.smem_v[prev]
+        gemm1 = _Wgmma(lambda i=i, slot_v=slot_v, pa=pa: pa @ slot_v.read(c, f"V_{i-1}"))  # line 11
+        cta.log(role, "issue O+=PV", f"V_{i-1}", prev)
+        pass_turn(i)
         yield None
-        if f == "release_before_wgmma_wait":                             # (broken: line 15 too early)
-            _consumer_release(cta, c, role, "K", stage, j)
+        if f == "release_before_wgmma_wait":                             # (broken: K released too early)
+            _consumer_release(cta, c, role, "K", stage, i)
             yield None
-        s_next = wgmma_s.wait()                                          # line 12
-        cta.log(role, "wait S", f"K_{j}", stage)
-        p_next, m_i, l_i, acc_scale = online_softmax_update(s_next, m_i, l_i, cta.scale_log2)  # 13
-        cta.log(role, "softmax", f"K_{j}", stage)
-        yield None
-        acc_o = (acc_o + wgmma_pv.wait()) * acc_scale[:, None]           # line 14  wait PV, rescale
-        cta.log(role, "wait PV, rescale O", f"V_{j-1}", stage_v)
-        yield None
+        # 3. wgmma.wait_group 1: S_next ready, P·V still in flight; release K_i
+        s = gemm0.wait()                                                 # line 12
+        cta.log(role, "wait S", f"K_{i}", stage)
         if f != "release_before_wgmma_wait":
-            _consumer_release(cta, c, role, "K", stage, j)               # line 15
-        _consumer_release(cta, c, role, "V", stage_v, j - 1)
+            _consumer_release(cta, c, role, "K", stage, i)               # line 15 (K part)
+        # 4. mask; online softmax of S_next (under the P·V GEMM)
+        if cta.needs_mask(n_block):
+            s = cta.mask(s, rows, n_block)
+        if lazy_rescale:
+            p, corr, rescale = softmax.update_lazy(s, cta.scale_log2)    # line 13
+        else:
+            (p, corr), rescale = softmax.update(s, cta.scale_log2), True
+        cta.log(role, "softmax", f"K_{i}", stage)
         yield None
-        s_cur, p_cur = s_next, p_next                                    # line 16
-    stage_v, phase_v = stage_phase(T - 1, S)
-    yield from _consumer_wait_full(cta, role, cta.full_v[stage_v], phase_v, f"V_{T-1}", stage_v)  # 18
-    yield from _pingpong_sync(cta, role, bars, c, T)
-    acc_o = acc_o + p_cur @ cta.smem_v[stage_v].read(c, f"V_{T-1}")       # line 19  commit and wait
-    cta.log(role, "issue O+=PV", f"V_{T-1}", stage_v)
-    _pingpong_arrive(cta, role, bars, c, T)
-    _consumer_release(cta, c, role, "V", stage_v, T - 1)                  # (the kernel does; not listed)
+        # 5. wgmma.wait_group 0: P·V done; release V_{i−1}
+        o = o + gemm1.wait()                                             # line 14 (wait)
+        cta.log(role, "wait PV, rescale O", f"V_{i-1}", prev)
+        _consumer_release(cta, c, role, "V", prev, i - 1)                # line 15 (V part)
+        # 6. P_i → pa; O *= corr_i (lazy: only if a max moved)
+        pa = p                                                           # line 16
+        if rescale:
+            o = o * corr[:, None]                                        # line 14 (rescale)
+        corr = np.ones(len(rows))
+        yield None
+    # epilogue turn: O += P_last·V_last
+    last = stage_of(n_block_max - 1)
+    yield from _consumer_wait_full(cta, role, cta.full_v[last], phase_of(n_block_max - 1),
+                                   f"V_{n_block_max-1}", last)           # line 18
+    yield from wait_turn(n_block_max)
+    o = o * corr[:, None]
+    o = o + pa @ cta.smem_v[last].read(c, f"V_{n_block_max-1}")          # line 19
+    cta.log(role, "issue O+=PV", f"V_{n_block_max-1}", last)
+    pass_turn(n_block_max)
+    _consumer_release(cta, c, role, "V", last, n_block_max - 1)
     yield None
-    cta.epilogue(c, acc_o, m_i, l_i, softmax_scale)                      # line 20
+    # 7. epilogue: O / ℓ and lse
+    inv_sum, lse = softmax.finalize(softmax_scale)                       # line 20
+    cta.store_o_lse(c, o * inv_sum[:, None], lse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +783,7 @@ def pipelined_forward(q, k, v, causal=False, softmax_scale=None, block_m=128, bl
         if pingpong:
             bars = [NamedBarrier(f"pingpong_bar[{c}]") for c in range(2)]
             bars[0].arrive()                 # consumer1 lets consumer0 go first
-        return {f"consumer{c}": _consumer_alg2(cta, c, scale, bars) for c in range(2)}
+        return {f"consumer{c}": _consumer_step04(cta, c, scale, bars) for c in range(2)}
 
     return _run(q, k, v, causal, softmax_scale, block_m, block_n, num_stages, 2, trace,
                 schedule, seed, fault, tma_latency, consumers)

@@ -1,4 +1,4 @@
-"""Step 02: the tiled forward pass in FlashAttention-2's loop order, written like the kernel.
+"""Twin of kernel step 01 (cuda/steps/01_tma_wgmma.cu), chapter 02: the tiled forward pass in FlashAttention-2's loop order, written like the kernel.
 
 Paper §2.3 (and FlashAttention-2, Dao 2023, Algorithm 1). Per (batch, head):
 

@@ -1,4 +1,4 @@
-"""Step 05: FP8 e4m3 attention — block quantization and incoherent processing (paper §3.3, §4.3).
+"""Twin of kernel step 05 (cuda/steps/05_fp8.cu), chapter 05: FP8 e4m3 attention — block quantization and incoherent processing (paper §3.3, §4.3).
 
 Hopper's tensor cores multiply FP8 at twice the 16-bit rate, but e4m3 keeps only 3 mantissa bits
 (relative spacing 2^-3 … 2^-4) and a range of ±448. FlashAttention-3 makes that precision go

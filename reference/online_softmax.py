@@ -1,4 +1,4 @@
-"""Step 01: softmax in one pass over blocks — the online normalizer (Milakov & Gimelshein, 2018).
+"""Chapter 01 (no kernel step; every step runs it): softmax in one pass over blocks — the online normalizer (Milakov & Gimelshein, 2018).
 
 The safe softmax reads its row twice before it can write anything: pass 1 finds the max m, pass 2
 sums ℓ = Σ exp(x − m). The online version reads the row once, block by block, keeping a running max

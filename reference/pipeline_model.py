@@ -1,4 +1,4 @@
-"""Steps 03–04: a discrete-event model of one H100 SM running one FlashAttention CTA.
+"""Steps 01–04 timed (chapters 04 and 08): a discrete-event model of one H100 SM running one FlashAttention CTA.
 
 Why do warp specialization, pingpong and the intra-warpgroup pipeline pay, and by how much? This
 module replays one CTA (one Q tile of Br = block_m rows against ``seqlen`` keys, non-causal, 16-bit

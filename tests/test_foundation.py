@@ -15,7 +15,8 @@ import types
 import numpy as np
 import pytest
 
-from fa3_lab import _env, cli, info, readme, results, tour
+from fa3_lab import _env
+from fa3_lab.lab import cli, info, readme, results, tour
 from reference._validate import causal_visible
 
 ROOT = _env.REPO_ROOT
@@ -220,7 +221,7 @@ def test_flops_hand_counts():
     assert results.flops(1, 1, 5, 2, 1, True) == 4 * (0 + 0 + 0 + 1 + 2)
     # seqlen 1: one pair
     assert results.flops(1, 1, 1, 1, 128, True) == 4 * 128
-    # DESIGN.md's ablation config, non-causal: 4·b·h·s²·d
+    # docs/design.md's ablation config, non-causal: 4·b·h·s²·d
     assert results.flops(4, 16, 8448, 8448, 128, False) == 4 * 4 * 16 * 8448 ** 2 * 128
 
 
@@ -267,7 +268,7 @@ def test_validate_accepts_a_good_doc():
     doc = {"meta": _meta(), "rows": [_row(), _row("fa3", 0.85), _row("cudnn", 0.9, causal=True),
                                      _row("step05", 0.5, dtype="e4m3", nheads_kv=4)]}
     assert results.validate(doc) is doc
-    # the example row of DESIGN.md: 4·4·16·4096²·128 = 549755813888 FLOPs in 0.81 ms = 678.7 TFLOPs/s;
+    # the example row of docs/design.md: 4·4·16·4096²·128 = 549755813888 FLOPs in 0.81 ms = 678.7 TFLOPs/s;
     # the 678.2 written there is within the 1% rounding tolerance, a typed 700 is not
     assert _row()["tflops"] == 678.7
     results.validate({"meta": _meta(), "rows": [_row(tflops=678.2)]})
@@ -375,7 +376,7 @@ def _torch_cuda() -> bool:
 # ------------------------------------------------------------------------------------ README
 
 def test_readme_results_table_is_current():
-    r = _python_m("fa3_lab.readme", "--check")
+    r = _python_m("fa3_lab.lab.readme", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -498,7 +499,7 @@ def test_tour_cpu_end_to_end(capsys):
 
 def test_tour_on_sm90_without_the_kernel_part(monkeypatch, capsys):
     monkeypatch.setattr(_env, "sm90_gpu", lambda: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setitem(sys.modules, "fa3_lab.tour_gpu", None)  # import fails: not built
+    monkeypatch.setitem(sys.modules, "fa3_lab.lab.tour_gpu", None)  # import fails: not built
     assert cli.main(["tour", "--seqlen", "64"]) == 0
     out = capsys.readouterr().out
     assert "not built" in out and "flash f32 (step 02)" in out
@@ -506,11 +507,40 @@ def test_tour_on_sm90_without_the_kernel_part(monkeypatch, capsys):
 
 def test_tour_on_sm90_calls_tour_gpu(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("fa3_lab.tour_gpu")
+    fake = types.ModuleType("fa3_lab.lab.tour_gpu")
     fake.run = lambda console: seen.append(console) or 3
     monkeypatch.setattr(_env, "sm90_gpu", lambda: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setitem(sys.modules, "fa3_lab.tour_gpu", fake)
+    monkeypatch.setitem(sys.modules, "fa3_lab.lab.tour_gpu", fake)
     assert cli.main(["tour"]) == 3
     assert len(seen) == 1 and "flash f32" not in capsys.readouterr().out
     # --cpu forces the NumPy part even there
     assert cli.main(["tour", "--cpu", "--seqlen", "16"]) == 0 and len(seen) == 1
+
+
+def test_schema_step_impls_come_from_the_registry():
+    from fa3_lab import registry
+
+    assert results.STEP_IMPLS == tuple(f"step{s.id:02d}" for s in registry.STEPS)
+    results.validate({"meta": _meta(), "rows": [_row(f"step{registry.DEFAULT_STEP:02d}")]})
+    with pytest.raises(results.SchemaError, match="impl"):
+        results.validate({"meta": _meta(), "rows": [_row("step99")]})
+
+
+def test_schema_backward_rows_count_two_and_a_half_forward_flops():
+    fwd = _row("cudnn", 1.0)
+    bwd = _row("cudnn", 1.0, **{"pass": "bwd"})
+    both = _row("cudnn", 1.0, **{"pass": "fwd_bwd"})
+    assert bwd["tflops"] == pytest.approx(2.5 * fwd["tflops"], rel=1e-3)
+    assert both["tflops"] == pytest.approx(3.5 * fwd["tflops"], rel=1e-3)
+    results.validate({"meta": _meta(), "rows": [fwd, bwd, both]})
+    with pytest.raises(results.SchemaError, match="tflops"):  # a backward row timed as if it were a forward
+        results.validate({"meta": _meta(), "rows": [dict(bwd, tflops=fwd["tflops"])]})
+    with pytest.raises(results.SchemaError, match=r"pass"):
+        results.validate({"meta": _meta(), "rows": [dict(fwd, **{"pass": "backward"})]})
+
+
+def test_bench_backward_on_cpu_says_it_needs_a_gpu(capsys):
+    from fa3_lab.lab import cli
+
+    assert cli.main(["bench", "--backward", "--no-save"]) == 1  # no sm_90 GPU here: says so, exit 1
+    assert "needs an sm_90 GPU" in capsys.readouterr().out

@@ -366,7 +366,7 @@ def _kernel_vs_emulation(headdim, causal, seqlen_q, seqlen_k, block_quant, incoh
                          batch=1, nheads=4, nheads_kv=2, softmax_scale=None, device="cuda"):
     """Run the kernel on the emulation's own e4m3 inputs and check it against both.
 
-    Tolerance (FA3's rule, DESIGN.md): ``ref64`` is float64 attention of the *dequantized* inputs
+    Tolerance (FA3's rule, docs/design.md): ``ref64`` is float64 attention of the *dequantized* inputs
     the kernel reads (q8·q_descale, …), so quantization of Q, K, V is common to all three and
     ``err_emul = max|emul − ref64|`` is what the contract itself loses: P rounded to e4m3 after
     the 2^8 scaling, fp32 accumulation, the bf16 output. ``tol = 2·err_emul + 1e-2·max|ref64|``.
@@ -489,13 +489,13 @@ T3_SHAPE = dict(batch=1, seqlen=8192, nheads=2, headdim=128)
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_table3_on_the_gpu(capsys):
-    """Paper Table 3 with the kernel (fa3_lab.table3, what `python -m fa3_lab table3 --emulate` runs):
+    """Paper Table 3 with the kernel (fa3_lab.lab.table3, what `python -m fa3_lab table3 --emulate` runs):
     FA3 FP8 (block quantization + incoherent processing) must have at most half the RMSE of
     per-tensor FP8 on the same kernel (paper: 9.1e-3 vs 2.4e-2 for its standard-attention baseline;
     the NumPy emulation of the kernel at this size: 9.4e-3 vs 2.5e-2), and every FP8 row must be
     within 10 % of the emulation of its configuration. About a minute (four emulations on the CPU,
     9 GB of memory; the float64 reference runs on the GPU)."""
-    from fa3_lab import table3
+    from fa3_lab.lab import table3
 
     rows = {r["impl"]: r for r in table3.measure(**T3_SHAPE, seed=0, emulate=True)}
     with capsys.disabled():
@@ -510,7 +510,9 @@ def test_table3_on_the_gpu(capsys):
 
 @pytest.mark.gpu
 def test_time_quantize_vs_kernel_row():
-    row = F.time_quantize_vs_kernel(1, 1024, 4, 128, causal=True, nheads_kv=2)
+    from fa3_lab.lab.bench import time_quantize_vs_kernel
+
+    row = time_quantize_vs_kernel(1, 1024, 4, 128, causal=True, nheads_kv=2)
     assert row["impl"] == "step05" and row["dtype"] == "e4m3" and row["nheads_kv"] == 2
     for key in ("ms", "quantize_ms", "v_layout_ms", "tflops"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])

@@ -1,4 +1,4 @@
-"""fa3_lab.grading: every check passes a correct answer, fails a wrong one with a helpful message, names
+"""fa3_lab.lab.grading: every check passes a correct answer, fails a wrong one with a helpful message, names
 an unfinished stub; the CUDA exercise compiles (nvcc) and, on a GPU, matches attention_ref."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fa3_lab import _env, grading, results, sass
+from fa3_lab import _env
+from fa3_lab.lab import grading, results, sass
 from reference._validate import causal_visible
 from reference.fa3_pipeline import stage_phase
 from reference.flash_forward import forward_tile_step, online_softmax_update
@@ -183,7 +184,7 @@ def test_check_fails_a_wrong_answer_helpfully(name):
     msg = str(info.value)
     assert msg.startswith(f"{name}: ") and "(case " in msg, msg
     assert "arguments:" in msg, msg
-    assert f"reproduce: fa3_lab.grading.{name}(" in msg and "seed=" in msg, msg
+    assert f"reproduce: fa3_lab.lab.grading.{name}(" in msg and "seed=" in msg, msg
 
 
 def test_numeric_mismatch_reports_index_and_errors():
@@ -220,7 +221,7 @@ def test_a_bug_in_the_student_function_carries_the_case():
         grading.check_online_update(broken, seed=3)
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "check_online_update: raised by online_update on case 1" in notes
-    assert "reproduce: fa3_lab.grading.check_online_update(online_update, seed=3)" in notes
+    assert "reproduce: fa3_lab.lab.grading.check_online_update(online_update, seed=3)" in notes
 
 
 def test_warnings_are_errors():
@@ -284,7 +285,7 @@ def test_cuda_exercise_source_is_step01_with_one_region():
 
 
 def test_exercise_source_problems_flags_stub_and_shortcuts(tmp_path):
-    from fa3_lab.student import strip_cuda_solution
+    from fa3_lab.lab.student import strip_cuda_solution
 
     student = tmp_path / "student.cu"
     student.write_text(strip_cuda_solution(grading.CUDA_EXERCISE.read_text()))
@@ -299,7 +300,7 @@ def test_exercise_source_problems_flags_stub_and_shortcuts(tmp_path):
 @pytest.mark.skipif(_env.nvcc() is None, reason="needs nvcc")
 @pytest.mark.parametrize("copy", ["solution", "student"])
 def test_cuda_exercise_compiles(copy, tmp_path):
-    from fa3_lab.student import strip_cuda_solution
+    from fa3_lab.lab.student import strip_cuda_solution
 
     src = grading.CUDA_EXERCISE
     if copy == "student":
@@ -333,7 +334,7 @@ def test_cuda_exercise():
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_cuda_exercise_stub_fails_clearly(tmp_path):
-    from fa3_lab.student import strip_cuda_solution
+    from fa3_lab.lab.student import strip_cuda_solution
 
     student = tmp_path / grading.CUDA_EXERCISE.name
     student.write_text(strip_cuda_solution(grading.CUDA_EXERCISE.read_text()))

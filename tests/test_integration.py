@@ -19,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fa3_lab
-from fa3_lab import _env, api, ops
+from fa3_lab import _env, _validate, api, ops
 from fa3_lab.torch_ref import attention_ref
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -65,8 +65,9 @@ def pretend_sm90(monkeypatch):
 
 def test_ops_are_registered_with_their_schemas():
     fwd = torch.ops.fa3_lab.flash_attn_fwd.default._schema
-    assert [a.name for a in fwd.arguments] == ["q", "k", "v", "causal", "softmax_scale", "step", "deterministic"]
-    assert [str(a.type) for a in fwd.arguments[3:]] == ["bool", "float", "int", "bool"]
+    assert [a.name for a in fwd.arguments] == ["q", "k", "v", "causal", "softmax_scale", "step", "deterministic",
+                                                "bwd_step"]
+    assert [str(a.type) for a in fwd.arguments[3:]] == ["bool", "float", "int", "bool", "int"]
     assert len(fwd.returns) == 2 and not any(a.alias_info for a in fwd.arguments)
     out = torch.ops.fa3_lab.flash_attn_fwd_out.default._schema
     assert [a.name for a in out.arguments] == ["q", "k", "v", "out", "causal", "softmax_scale", "step"]
@@ -113,10 +114,10 @@ def test_flash_attn_func_checks_run_on_fake_tensors(pretend_sm90):
 
 
 def test_alignment_check_still_sees_real_tensors():
-    assert api._has_storage(torch.zeros(2))
-    assert not api._has_storage(torch.zeros(2, device="meta"))
+    assert _validate.has_storage(torch.zeros(2))
+    assert not _validate.has_storage(torch.zeros(2, device="meta"))
     with FakeTensorMode():
-        assert not api._has_storage(torch.zeros(2))
+        assert not _validate.has_storage(torch.zeros(2))
 
 
 @pytest.mark.parametrize("use_out", [False, True])
@@ -414,7 +415,8 @@ def test_example_flow_on_cpu_with_the_kernel_swapped_for_the_reference(transform
 
     from rich.console import Console
 
-    from fa3_lab import _build, bench, results
+    from fa3_lab import _build
+    from fa3_lab.lab import bench, results
     from fa3_lab.examples import llama_prefill as lp
 
     monkeypatch.setattr(lp, "DEVICE", "cpu")
@@ -444,7 +446,7 @@ def test_example_flow_on_cpu_with_the_kernel_swapped_for_the_reference(transform
 def test_bench_rounds_rotate_and_take_the_median(monkeypatch):
     """run_grid times every implementation once per round, in an order that rotates from round to
     round, and reports the median round (ms_rounds keeps them all); a peer that raises gets no row."""
-    from fa3_lab import bench
+    from fa3_lab.lab import bench
 
     real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *shape, device=None, dtype=None: real_randn(*shape, dtype=dtype))
@@ -556,7 +558,7 @@ def test_gpu_hf_gqa_model_matches_the_float32_model_within_the_stated_tolerance(
 def test_gpu_llama_prefill_example_runs(transformers, tmp_path):
     from rich.console import Console
 
-    from fa3_lab import results
+    from fa3_lab.lab import results
     from fa3_lab.examples import llama_prefill as lp
 
     doc = lp.run(Console(record=True), batch=1, seqlen=2048, out=tmp_path / "prefill.json", num_hidden_layers=2)

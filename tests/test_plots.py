@@ -1,4 +1,4 @@
-"""fa3_lab.plots: the Figure-5 grid and the ablation bars drawn from the recorded JSON runs."""
+"""fa3_lab.lab.plots: the Figure-5 grid and the ablation bars drawn from the recorded JSON runs."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from fa3_lab import plots, results  # noqa: E402
+from fa3_lab.lab import plots, results  # noqa: E402
 
 
 def _run(name):

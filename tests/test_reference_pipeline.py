@@ -22,6 +22,9 @@ from reference.fa3_pipeline import (FAULTS, SCHEDULES, BarrierViolation, MBarrie
 from reference import pipeline_model as pm
 
 FORWARDS = {"alg1": warp_specialized_forward, "alg2": pipelined_forward}
+# alg1 is the twin of step 02; alg2 (pingpong and step 04's consumer) of steps 03, 04 and 09 (registry)
+ALGS = [pytest.param("alg1", marks=pytest.mark.step02),
+        pytest.param("alg2", marks=[pytest.mark.step03, pytest.mark.step04, pytest.mark.step09])]
 
 
 def _qkv(rng, batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim):
@@ -63,7 +66,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("alg", ["alg1", "alg2"])
+@pytest.mark.parametrize("alg", ALGS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_forward_matches_standard_attention(rng, alg, case):
     batch, sq, sk, h, hkv, d, bm, bn, causal, stages, consumers = case
@@ -106,7 +109,7 @@ def test_forward_property(sq, sk, hkv, group, d, bm, bn, causal, stages, consume
     _assert_matches(out, lse, ref_out, ref_lse, what="alg2")
 
 
-@pytest.mark.parametrize("alg", ["alg1", "alg2"])
+@pytest.mark.parametrize("alg", ALGS)
 def test_result_does_not_depend_on_the_interleaving(rng, alg):
     q, k, v = _qkv(rng, 1, 150, 230, 2, 1, 24)
     fn = FORWARDS[alg]
@@ -163,7 +166,7 @@ def _small(rng):
     return _qkv(rng, 1, 128, 512, 1, 1, 16)          # 8 K/V tiles of 64: > any ring below
 
 
-@pytest.mark.parametrize("alg", ["alg1", "alg2"])
+@pytest.mark.parametrize("alg", ALGS)
 @pytest.mark.parametrize("fault,schedule,error", [
     ("consumer_skips_full_wait", "consumers_first", BarrierViolation),
     ("consumer_wrong_parity", "consumers_first", BarrierViolation),

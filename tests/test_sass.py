@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fa3_lab import _build, sass
+from fa3_lab import _build
+from fa3_lab.lab import sass
 
 HERE = Path(__file__).resolve().parent
 STEPS = sorted(_build.step_sources())
@@ -176,7 +177,7 @@ def test_render_html_marks_in_flight_ex2():
 
 @pytest.mark.sass
 def test_cli_unknown_step_is_a_one_line_error(capsys):
-    from fa3_lab.cli import main
+    from fa3_lab.lab.cli import main
 
     assert main(["sass", "--step", "42"]) == 2
     err = capsys.readouterr().err.strip()

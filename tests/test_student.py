@@ -7,7 +7,7 @@ import io
 import nbformat
 import pytest
 
-from fa3_lab import cli, grading, student
+from fa3_lab.lab import cli, grading, student
 
 SOLUTION_MARKERS = ("BEGIN SOLUTION", "END SOLUTION")
 
@@ -113,7 +113,7 @@ def test_student_check_cell_fails_with_the_stub_and_with_a_wrong_answer(copies):
     msg = str(err)
     assert "check_online_update: online_update returned the wrong l_new" in msg
     assert "first mismatch at index" in msg and "max |error|" in msg and "mean |error|" in msg
-    assert "reproduce: fa3_lab.grading.check_online_update(online_update, seed=101)" in msg
+    assert "reproduce: fa3_lab.lab.grading.check_online_update(online_update, seed=101)" in msg
 
 
 def test_cuda_student_copy_has_no_solution(copies):

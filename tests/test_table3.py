@@ -1,4 +1,4 @@
-"""fa3_lab.table3 on the CPU: argument checks, the float64 reference, the record (build, validate,
+"""fa3_lab.lab.table3 on the CPU: argument checks, the float64 reference, the record (build, validate,
 save, load, latest — and that the timing-run loaders never read it), and the CLI without a GPU.
 
 The measurement itself needs an sm_90 GPU: tests/test_fp8_kernel.py::test_table3_on_the_gpu runs it.
@@ -12,8 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fa3_lab import _env, plots, results, table3  # noqa: E402
-from fa3_lab.cli import main  # noqa: E402
+from fa3_lab import _env
+from fa3_lab.lab import plots, results, table3  # noqa: E402
+from fa3_lab.lab.cli import main  # noqa: E402
 from reference import fp8 as R  # noqa: E402
 from reference.attention import standard_attention  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""fa3_lab.trace on synthetic buffers (no GPU): decoding, window pairing, the overlap fraction."""
+"""fa3_lab.lab.trace on synthetic buffers (no GPU): decoding, window pairing, the overlap fraction."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fa3_lab import trace
+from fa3_lab.lab import trace
 
 CAP = 16
 
@@ -65,7 +65,7 @@ def test_fraction_partial_and_zero():
 
 def test_recorded_traces_are_consistent():
     """The committed traces decode, and every fraction lies in [0, 1]."""
-    from fa3_lab import results
+    from fa3_lab.lab import results
 
     paths = sorted((results.RESULTS_DIR / "traces").glob("*/trace_step*.json"))
     if not paths:
@@ -79,7 +79,7 @@ def test_recorded_traces_are_consistent():
 
 
 def test_cli_rejects_bad_shape():
-    from fa3_lab.cli import UsageError
+    from fa3_lab.lab.cli import UsageError
 
     with pytest.raises(UsageError, match="--shape"):
         trace.parse_shape("4,8448,16,96")

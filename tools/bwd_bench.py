@@ -1,5 +1,5 @@
 """Time step 11's backward (the op alone, given out and lse) beside SDPA's cuDNN backward; bf16, TFLOPs/s with
-FLOPs = 2.5 × 4·b·h·sq·sk·d (halved when causal; DESIGN.md). Usage: python tools/bwd_bench.py"""
+FLOPs = 2.5 × 4·b·h·sq·sk·d (halved when causal; docs/design.md). Usage: python tools/bwd_bench.py"""
 import json
 import math
 import os

@@ -7,7 +7,7 @@ order: drift then hits every variant alike. The peer (the official FA3, when ins
 same rounds.
 
 Writes one results file per variant (and one for the peer) to
-``fa3_lab/results/experiments/<gpu-slug>/<name>_<variant>.json``, in the schema of :mod:`fa3_lab.results`
+``fa3_lab/results/experiments/<gpu-slug>/<name>_<variant>.json``, in the schema of :mod:`fa3_lab.lab.results`
 (``ms`` is the median over rounds of do_bench medians; extra row key ``ms_rounds``; the variant's
 defines are in ``meta.command``).
 
@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fa3_lab import _build, bench, fp8, results  # noqa: E402
+from fa3_lab import _build, fp8
+from fa3_lab.lab import bench, results  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str]:

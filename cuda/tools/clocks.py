@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     import torch
 
     import fa3_lab
-    from fa3_lab import bench, results
+    from fa3_lab.lab import bench, results
 
     cfg = next(bench.grid_configs(["bf16"], [args.headdim], [args.seqlen], [args.causal]))
     b, s, h, d = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"]

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     import torch
 
     import fa3_lab
-    from fa3_lab import bench
+    from fa3_lab.lab import bench
 
     cfg = next(bench.grid_configs(["bf16"], [args.headdim], [args.seqlen], [args.causal]))
     q, k, v = (torch.randn(cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], device="cuda",

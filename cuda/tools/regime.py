@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import torch
 
     import fa3_lab
-    from fa3_lab import bench, results
+    from fa3_lab.lab import bench, results
 
     peers = bench.peers()
     flush_buf = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")

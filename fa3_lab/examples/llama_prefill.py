@@ -22,8 +22,8 @@ SDPA were (nearly) exact. The direct difference ours − SDPA and the top-1 agre
 Time. The attention alone on the layer's shapes, as the model calls it (transformers' sdpa function
 vs ours on the same (batch, heads, seqlen, headdim) tensors, and each kernel on BSHD inputs beside the
 SDPA backends and the official FA3 when installed), and the whole-model prefill ``model(input_ids)``;
-``triton.testing.do_bench`` medians (DESIGN.md timing protocol). ``--out PATH`` writes the run as
-JSON: ``meta`` and ``rows`` in the DESIGN.md schema (the kernel timings) plus ``hf_attention``,
+``triton.testing.do_bench`` medians (docs/design.md timing protocol). ``--out PATH`` writes the run as
+JSON: ``meta`` and ``rows`` in the docs/design.md schema (the kernel timings) plus ``hf_attention``,
 ``prefill``, ``logits`` and ``config``.
 
 From Python (the GPU tour calls this): ``run(console) -> dict``, the same dict the JSON holds.
@@ -63,7 +63,7 @@ def logits_tolerance(sdpa_err: float, ref_scale: float) -> float:
     Raises:
         ValueError: either argument negative, NaN or infinite.
 
-    Source: FA3's tolerance rule (hopper/test_flash_attn.py; DESIGN.md "Tests") applied to a model.
+    Source: FA3's tolerance rule (hopper/test_flash_attn.py; docs/design.md "Tests") applied to a model.
     """
     for name, x in (("sdpa_err", sdpa_err), ("ref_scale", ref_scale)):
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
@@ -170,14 +170,15 @@ def time_attention(model, batch: int, seqlen: int, seed: int = SEED):
         (hf_rows, rows): hf_rows — transformers' ``sdpa_attention_forward`` and our
         ``fa3_lab.hf.attention_forward`` on the (batch, heads, seqlen, headdim) tensors a layer hands
         them, each {impl, ms, tflops}, plus the SDPA backend picked; rows — our kernel step and the
-        peers (``fa3_lab.bench.peers``: SDPA flash/cuDNN/efficient, official FA3 if installed) on
-        BSHD inputs, in the DESIGN.md results schema. Our step is the default one (the HF backend's).
+        peers (``fa3_lab.lab.bench.peers``: SDPA flash/cuDNN/efficient, official FA3 if installed) on
+        BSHD inputs, in the docs/design.md results schema. Our step is the default one (the HF backend's).
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .. import api, bench, hf
-    from ..results import flops
+    from .. import api, hf
+    from ..lab import bench
+    from ..lab.results import flops
 
     cfg = model.config
     h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -230,7 +231,7 @@ def run(console, *, batch: int = BATCH, seqlen: int = SEQLEN, out=None, seed: in
         **overrides: LlamaConfig fields (e.g. ``num_hidden_layers=1`` for a quick run).
 
     Returns:
-        dict: ``meta``, ``rows`` (kernel timings, DESIGN.md schema), ``hf_attention``, ``prefill``
+        dict: ``meta``, ``rows`` (kernel timings, docs/design.md schema), ``hf_attention``, ``prefill``
         ({model: ms, tokens_per_s}), ``logits`` (:func:`compare_logits`), ``config``, ``ok``.
 
     Raises:
@@ -239,7 +240,8 @@ def run(console, *, batch: int = BATCH, seqlen: int = SEQLEN, out=None, seed: in
     import torch
     from rich.table import Table
 
-    from .. import _env, bench, results
+    from .. import _env
+    from ..lab import bench, results
 
     reason = _env.why_no_sm90()
     if reason:

@@ -1,6 +1,6 @@
 """Recorded GPU runs: the one JSON schema every benchmark writes and every table/plot reads.
 
-DESIGN.md, "Timing protocol"::
+docs/design.md, "Timing protocol"::
 
     {"meta": {"gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command"},
      "rows": [{"impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
@@ -19,24 +19,27 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fa3_lab import _env
+from fa3_lab import _env, registry
 
 #: Where runs are recorded (inside the package, so an installed copy still finds them).
 RESULTS_DIR = _env.RESULTS_DIR
 
-#: Our kernel steps (cuda/steps/NN_*.cu) and the peers of DESIGN.md "Numbers everyone uses".
-STEP_IMPLS = ("step01", "step02", "step03", "step04", "step05")
+#: Our kernel steps (``fa3_lab/registry.py``) and the peers of docs/design.md "Numbers everyone uses".
+STEP_IMPLS = tuple(s.marker for s in registry.STEPS)
 PEER_IMPLS = ("fa3", "cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 IMPLS = STEP_IMPLS + PEER_IMPLS
 DTYPES = ("fp16", "bf16", "e4m3")
+#: A row's ``pass``: the forward, the backward alone (FLOPs 2.5 × the forward's: five GEMMs against two),
+#: or both (3.5 ×). A row without ``pass`` is a forward row.
+PASSES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 META_KEYS = ("gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command")
 ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
             "nheads", "nheads_kv", "ms", "tflops")
 
 #: Folders of ``fa3_lab/results/`` that hold records of another kind (not timing runs), skipped by
-#: :func:`load_all`: ``sass/`` (fa3_lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
-#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.trace timelines) and ``experiments/``
+#: :func:`load_all`: ``sass/`` (fa3_lab.lab.sass instruction counts), ``cpu/`` (NumPy-only measurements
+#: such as reference.fp8's Table 3 errors), ``traces/`` (fa3_lab.lab.trace timelines) and ``experiments/``
 #: (timing runs of A/B builds, e.g. another tile size; cuda/NOTES.md cites them). Every other folder
 #: is a GPU and must hold timing runs of the default build.
 OTHER_RECORD_DIRS = ("sass", "cpu", "traces", "experiments")
@@ -112,7 +115,7 @@ def flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, c
     """Forward FLOPs of attention: 4 · batch · nheads · (visible query-key pairs) · headdim.
 
     Two matmuls per visible pair (QKᵀ and PV), each headdim multiply-adds = 2·headdim FLOPs. Without
-    a mask that is 4·b·h·sq·sk·d (DESIGN.md, "Numbers everyone uses"); with the causal mask
+    a mask that is 4·b·h·sq·sk·d (docs/design.md, "Numbers everyone uses"); with the causal mask
     (bottom-right aligned) it uses the exact number of visible pairs (:func:`visible_pairs`), i.e.
     the exact average number of keys per query row, not "half". Softmax FLOPs are not counted (the
     convention of FlashAttention 1-3). Backward is 2.5× this.
@@ -133,9 +136,10 @@ def flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, c
 
 
 def tflops(row: dict) -> float:
-    """TFLOPs/s of a results row: :func:`flops` of its shape divided by its ``ms``."""
+    """TFLOPs/s of a results row: :func:`flops` of its shape, times :data:`PASSES` of its ``pass``
+    (backward 2.5 ×), divided by its ``ms``."""
     f = flops(row["batch"], row["nheads"], row["seqlen_q"], row["seqlen_k"], row["headdim"], row["causal"])
-    return f / (row["ms"] * 1e-3) / 1e12
+    return f * PASSES[row.get("pass", "fwd")] / (row["ms"] * 1e-3) / 1e12
 
 
 # ---------------------------------------------------------------------------------------- schema
@@ -178,6 +182,8 @@ def _check_row(i: int, row) -> None:
         raise SchemaError(f"{where}.impl: expected one of {', '.join(IMPLS)}, got {row['impl']!r}")
     if row["dtype"] not in DTYPES:
         raise SchemaError(f"{where}.dtype: expected one of {', '.join(DTYPES)}, got {row['dtype']!r}")
+    if row.get("pass", "fwd") not in PASSES:
+        raise SchemaError(f"{where}.pass: expected one of {', '.join(PASSES)}, got {row['pass']!r}")
     if not isinstance(row["causal"], bool):
         raise SchemaError(f"{where}.causal: expected true or false, got {row['causal']!r}")
     for key in ("headdim", "batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv"):
@@ -192,7 +198,7 @@ def _check_row(i: int, row) -> None:
     expected = tflops(row)
     if abs(row["tflops"] - expected) > TFLOPS_RTOL * expected:
         raise SchemaError(f"{where}.tflops: {row['tflops']} does not match flops()/ms = {expected:.1f} "
-                          f"(tolerance {TFLOPS_RTOL:.0%}); compute it with fa3_lab.results.flops")
+                          f"(tolerance {TFLOPS_RTOL:.0%}); compute it with fa3_lab.lab.results.flops")
 
 
 def validate(doc) -> dict:

@@ -1,6 +1,6 @@
 """`python -m fa3_lab tour` — the lab's main job in one command.
 
-On an sm_90 GPU it runs the kernel tour (``fa3_lab.tour_gpu.run(console)``). Anywhere else (or with
+On an sm_90 GPU it runs the kernel tour (``fa3_lab.lab.tour_gpu.run(console)``). Anywhere else (or with
 ``--cpu``) it runs the NumPy references against each other on a slice of one Llama-3-8B attention
 layer and then shows the GPU results recorded in ``fa3_lab/results/``.
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib
 
-from fa3_lab.cli import UsageError
+from fa3_lab.lab.cli import UsageError
 
 HELP = "run the lab: NumPy references on a Llama-3-8B attention slice, recorded GPU results (kernels on an H100)"
 
 #: Llama-3-8B attention (config.json: num_attention_heads 32, num_key_value_heads 8, head_dim 128).
-LLAMA3_8B = {"nheads": 32, "nheads_kv": 8, "headdim": 128}
+from .tour_gpu import LLAMA3_8B  # the layer both halves of the tour use
 #: The slice the CPU tour runs: one KV head with its query heads.
 SLICE = {"batch": 1, "nheads": 4, "nheads_kv": 1, "headdim": 128}
 DEFAULT_SEQLEN = 1024
@@ -120,7 +120,7 @@ def show_recorded(console) -> int:
     from rich import box
     from rich.table import Table
 
-    from fa3_lab import readme, results
+    from fa3_lab.lab import readme, results
 
     runs = results.load_all()
     if not runs:
@@ -139,7 +139,7 @@ def show_recorded(console) -> int:
             table.add_row(*row)
         console.print(table)
     console.print("Longest sequence of each configuration shown; README.md has every row "
-                  "(python -m fa3_lab.readme).")
+                  "(python -m fa3_lab.lab.readme).")
     return len(runs)
 
 
@@ -175,7 +175,7 @@ def traffic_line(seqlen: int) -> str:
     """What tiling buys on one full Llama-3-8B layer at this seqlen (bf16, batch 1, causal)."""
     from reference.flash_forward import flash_forward_io, standard_attention_io
 
-    from fa3_lab import results
+    from fa3_lab.lab import results
 
     h, d = LLAMA3_8B["nheads"], LLAMA3_8B["headdim"]
     flash = flash_forward_io(1, seqlen, seqlen, h, d, causal=True)
@@ -198,12 +198,12 @@ def run(args) -> int:
     if not args.cpu:
         if _env.sm90_gpu():
             try:
-                tour_gpu = importlib.import_module("fa3_lab.tour_gpu")
+                tour_gpu = importlib.import_module("fa3_lab.lab.tour_gpu")
             except ModuleNotFoundError as e:
-                if e.name != "fa3_lab.tour_gpu":
+                if e.name != "fa3_lab.lab.tour_gpu":
                     raise
                 console.print(f"{_env.sm90_gpu()} found, but the kernel part of the tour is not built "
-                              "yet (no fa3_lab/tour_gpu.py); running the NumPy part.")
+                              "yet (no fa3_lab/lab/tour_gpu.py); running the NumPy part.")
             else:
                 return int(tour_gpu.run(console) or 0)
         else:

@@ -323,7 +323,7 @@ def summarize(instrs: list[dict], loop: dict | None = None) -> dict:
 # ----------------------------------------------------------------------------- compile
 
 def cache_root() -> Path:
-    from ._build import cache_dir
+    from .._build import cache_dir
 
     return cache_dir() / "sass"
 
@@ -335,8 +335,8 @@ def compile_source(source: Path, include_dir: Path | None = None) -> tuple[Path,
     Raises:
         RuntimeError: nvcc is missing or the compile failed (log in the message).
     """
-    from . import _env
-    from ._build import NVCC_FLAGS
+    from .. import _env
+    from .._build import NVCC_FLAGS
 
     nvcc = _env.nvcc()
     if nvcc is None:
@@ -369,7 +369,7 @@ def compile_step(step: int | str) -> tuple[Path, str]:
     Raises:
         ValueError: no such step file.  RuntimeError: nvcc missing or failing.
     """
-    from ._build import step_sources
+    from .._build import step_sources
 
     n = _step_number(step)
     sources = step_sources()
@@ -384,7 +384,7 @@ def dump_sass(cubin: Path) -> dict[str, str]:
     Raises:
         RuntimeError: cuobjdump missing or failing.
     """
-    from . import _env
+    from .. import _env
 
     exe = _env.cuobjdump()
     if exe is None:
@@ -449,7 +449,7 @@ def analyze(step, dtype: str = "bf16", headdim: int = 128, causal: bool = False)
         ValueError: unknown step, dtype or headdim, or no such instantiation.
         RuntimeError: nvcc/cuobjdump missing or failing.
     """
-    from . import _env
+    from .. import _env
 
     n = _step_number(step)
     if not isinstance(dtype, str):
@@ -467,7 +467,7 @@ def analyze(step, dtype: str = "bf16", headdim: int = 128, causal: bool = False)
     name = find_kernel(funcs, n, dtype, headdim, causal)
     instrs = parse_sass(funcs[name])
     result = summarize(instrs)
-    from ._build import ptxas_report
+    from .._build import ptxas_report
 
     rep = next((r for r in ptxas_report(log) if r["kernel"] == name), {})
     result.update(
@@ -479,7 +479,7 @@ def analyze(step, dtype: str = "bf16", headdim: int = 128, causal: bool = False)
 
 def ptxas_spills(step) -> list[dict]:
     """ptxas -v rows ({kernel, registers, spill_stores, spill_loads, stack}) of every instantiation of a step."""
-    from ._build import ptxas_report
+    from .._build import ptxas_report
 
     return ptxas_report(compile_step(step)[1])
 
@@ -494,7 +494,7 @@ def record(path: Path | None = None, steps=(2, 3, 4)) -> Path:
     so notebooks can show listings without a compiler. Returns the path."""
     import datetime
 
-    from . import _env
+    from .. import _env
 
     path = Path(path) if path else Path(__file__).resolve().parent / RECORDED
     data = {"meta": {"nvcc": _env.nvcc_version(), "commit": _env.git_commit(),
@@ -576,7 +576,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from . import _env
+    from .. import _env
     from .cli import UsageError
 
     if _env.nvcc() is None:

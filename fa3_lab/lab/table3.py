@@ -22,10 +22,10 @@ emulation of exactly each kernel configuration on the same inputs (on the CPU, a
 seqlen 8192).
 
 The record is written to ``fa3_lab/results/experiments/<gpu-slug>/table3.json`` — ``experiments/``
-is one of :data:`fa3_lab.results.OTHER_RECORD_DIRS`, and the file is two folders deep, so neither
-:func:`fa3_lab.results.load_all` nor :func:`fa3_lab.plots.latest_run` (both read
+is one of :data:`fa3_lab.lab.results.OTHER_RECORD_DIRS`, and the file is two folders deep, so neither
+:func:`fa3_lab.lab.results.load_all` nor :func:`fa3_lab.lab.plots.latest_run` (both read
 ``results/<gpu>/*.json`` as timing runs) ever reads it. Its ``meta`` has every key of
-:data:`fa3_lab.results.META_KEYS` (gpu, sm_count, torch, cuda, cudnn, commit, date, command) plus
+:data:`fa3_lab.lab.results.META_KEYS` (gpu, sm_count, torch, cuda, cudnn, commit, date, command) plus
 the experiment's (shape, seed, inputs, reference, the NumPy record it is compared with); its rows
 follow ``cpu/table3_numpy.json`` (``impl``, ``rmse``, ``paper_rmse``) plus ``numpy_rmse``,
 ``emulation_rmse``, ``method``, ``dtype``, ``block_quant``, ``incoherent``. :func:`latest` loads the
@@ -38,7 +38,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from . import _env
+from .. import _env
 from .results import _is_number  # the schema's number rule (finite int or float, not bool)
 from .cli import UsageError
 
@@ -55,7 +55,7 @@ MAX_SEQLEN = 65536
 REF_CHUNK = 2048
 
 INPUTS = "N(0,1) + N(0,100)*Bernoulli(0.001), rounded to float16 (reference.fp8.table3_inputs)"
-REFERENCE = "exact attention in torch float64 on the GPU (fa3_lab.table3.reference_fp64)"
+REFERENCE = "exact attention in torch float64 on the GPU (fa3_lab.lab.table3.reference_fp64)"
 
 
 class Method(NamedTuple):
@@ -87,7 +87,7 @@ METHODS = (
 IMPLS = tuple(m.impl for m in METHODS)
 _BY_IMPL = {m.impl: m for m in METHODS}
 SHAPE_KEYS = ("batch", "seqlen", "nheads", "headdim")
-#: Keys of a record's meta beyond fa3_lab.results.META_KEYS.
+#: Keys of a record's meta beyond fa3_lab.lab.results.META_KEYS.
 EXTRA_META_KEYS = ("shape", "seed", "causal", "inputs", "reference", "numpy_record")
 
 
@@ -126,7 +126,7 @@ def check_out(path) -> Path:
     """A ``.json`` path where the loaders of timing runs will not find it.
 
     ``fa3_lab/results/<folder>/<name>.json`` with ``<folder>`` not in OTHER_RECORD_DIRS is where
-    :func:`fa3_lab.results.load_all` reads timing runs (and fails on anything else), so a Table 3
+    :func:`fa3_lab.lab.results.load_all` reads timing runs (and fails on anything else), so a Table 3
     record may not go there.
 
     Raises:
@@ -140,7 +140,7 @@ def check_out(path) -> Path:
     resolved = p.resolve()
     results_dir = Path(RESULTS_DIR).resolve()
     if resolved.parent.parent == results_dir and resolved.parent.name not in OTHER_RECORD_DIRS:
-        raise ValueError(f"out: {str(path)!r} is in a GPU timing folder that fa3_lab.results.load_all reads "
+        raise ValueError(f"out: {str(path)!r} is in a GPU timing folder that fa3_lab.lab.results.load_all reads "
                          f"as benchmark runs; use fa3_lab/results/{RECORD_DIR}/<gpu>/ (the default)")
     if resolved.parent == results_dir:
         raise ValueError(f"out: {str(path)!r} is directly in fa3_lab/results/; use "
@@ -307,7 +307,7 @@ def measure(batch, seqlen, nheads, headdim, seed=0, *, emulate=False, methods=ME
     check_seed(seed)
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"methods: expected entries of fa3_lab.table3.METHODS, got {m!r}")
+            raise ValueError(f"methods: expected entries of fa3_lab.lab.table3.METHODS, got {m!r}")
     reason = _env.why_no_sm90()
     if reason:
         raise RuntimeError(f"table3.measure needs an sm_90 GPU (H100/H200): {reason}")
@@ -338,7 +338,7 @@ def build_record(rows, meta, shape, seed, numpy_doc=None, numpy_path=None) -> di
 
     Args:
         rows: from :func:`measure`.
-        meta: from :func:`fa3_lab.results.collect_meta` (gpu, sm_count, torch, cuda, cudnn,
+        meta: from :func:`fa3_lab.lab.results.collect_meta` (gpu, sm_count, torch, cuda, cudnn,
             commit, date, command).
         shape: {batch, seqlen, nheads, headdim}; seed: the inputs' seed.
         numpy_doc: the NumPy record (:func:`load_numpy`) or None. Its numbers are copied into
@@ -385,13 +385,13 @@ def build_record(rows, meta, shape, seed, numpy_doc=None, numpy_path=None) -> di
 def validate(doc) -> dict:
     """Check a GPU Table 3 document; return it unchanged.
 
-    meta: every key of :data:`fa3_lab.results.META_KEYS` with its types (as a timing run's meta), plus
+    meta: every key of :data:`fa3_lab.lab.results.META_KEYS` with its types (as a timing run's meta), plus
     :data:`EXTRA_META_KEYS` (shape with positive ints, seed >= 0, numpy_record an object or null).
     rows: a non-empty list, impl in :data:`IMPLS` without repeats, ``rmse`` finite > 0,
     ``numpy_rmse`` / ``emulation_rmse`` / ``paper_rmse`` finite >= 0 or null.
 
     Raises:
-        ValueError (fa3_lab.results.SchemaError): the first problem, naming the key.
+        ValueError (fa3_lab.lab.results.SchemaError): the first problem, naming the key.
     """
     from .results import SchemaError, _check_meta
 
@@ -460,7 +460,7 @@ def load(path):
     """Read and validate one GPU Table 3 record.
 
     Returns:
-        :class:`fa3_lab.results.Run` (``path``, ``meta``, ``rows``; ``describe()`` gives "recorded on
+        :class:`fa3_lab.lab.results.Run` (``path``, ``meta``, ``rows``; ``describe()`` gives "recorded on
         <gpu> (<n> SMs), <date>, commit <sha>").
 
     Raises:
@@ -485,7 +485,7 @@ def latest(root=None):
         root: the results folder, default ``fa3_lab/results``.
 
     Returns:
-        :class:`fa3_lab.results.Run`.
+        :class:`fa3_lab.lab.results.Run`.
 
     Raises:
         FileNotFoundError: none recorded (the message names the pattern and the command to record one).
@@ -516,7 +516,7 @@ def format_table(record) -> str:
     """The GPU Table 3 as text: one line per row, kernel | emulation (live) | NumPy record | paper.
 
     Args:
-        record: a :class:`fa3_lab.results.Run` (from :func:`load` / :func:`latest`) or a document
+        record: a :class:`fa3_lab.lab.results.Run` (from :func:`load` / :func:`latest`) or a document
             {"meta", "rows"} (from :func:`build_record`).
 
     Returns:

@@ -1,11 +1,11 @@
 """Figures from recorded GPU runs: the paper's Figure 5 layout and its Table 2 ablation.
 
-Both functions read rows in the one results schema (DESIGN.md, "Timing protocol";
-:mod:`fa3_lab.results`) and draw with Matplotlib only. Nothing is random and nothing is measured
+Both functions read rows in the one results schema (docs/design.md, "Timing protocol";
+:mod:`fa3_lab.lab.results`) and draw with Matplotlib only. Nothing is random and nothing is measured
 here, so the same JSON gives the same picture. Every figure carries a title line naming the GPU,
 the date and the commit of the run it shows (taken from the run's ``meta``, never typed).
 
-Numbers from different runs are never put side by side (DESIGN.md: "never compare numbers taken on
+Numbers from different runs are never put side by side (docs/design.md: "never compare numbers taken on
 different GPUs or in different runs"): each function takes one run, or rows without a ``meta``.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _rows_and_meta(runs_or_rows, where: str):
             return list(items[0].rows), items[0].meta
         rows, meta = items, None
     else:
-        raise TypeError(f"{where}: expected a fa3_lab.results.Run, a results document or a list of row dicts, "
+        raise TypeError(f"{where}: expected a fa3_lab.lab.results.Run, a results document or a list of row dicts, "
                         f"got {type(runs_or_rows).__name__}")
     if not isinstance(rows, (list, tuple)) or not rows:
         raise ValueError(f"{where}: expected a non-empty list of rows, got {rows!r:.60}")
@@ -67,7 +67,7 @@ def latest_run(name: str, root=None) -> Run:
     """The newest recorded run called ``<name>.json`` in any GPU folder of ``fa3_lab/results``.
 
     Reads only the files of that name (other files in the results tree are not touched), validating
-    each with :func:`fa3_lab.results.load`.
+    each with :func:`fa3_lab.lab.results.load`.
 
     Raises:
         TypeError: ``name`` is not a str. FileNotFoundError: no such recorded run (the message
@@ -107,7 +107,7 @@ def bench_table(runs_or_rows, dtype="bf16"):
     """The Figure-5 grid as a dict: {(headdim, causal, seqlen): {impl: tflops}} for one dtype.
 
     Args:
-        runs_or_rows: one :class:`fa3_lab.results.Run`, a results document, or a list of row dicts.
+        runs_or_rows: one :class:`fa3_lab.lab.results.Run`, a results document, or a list of row dicts.
         dtype: "bf16", "fp16" or "e4m3" (must occur in the rows).
 
     Raises:
@@ -137,7 +137,7 @@ def plot_bench(runs_or_rows, dtype="bf16", ax=None):
     first, then FA3, cuDNN, SDPA's backends). The figure's title line names the GPU, date and commit.
 
     Args:
-        runs_or_rows: one :class:`fa3_lab.results.Run` (e.g. ``bench.json`` from ``load_all()``), a
+        runs_or_rows: one :class:`fa3_lab.lab.results.Run` (e.g. ``bench.json`` from ``load_all()``), a
             results document ``{"meta", "rows"}``, or a list of row dicts (then the title says the
             run is unknown).
         dtype: the rows' ``dtype`` to draw ("bf16" or "fp16" in our runs).
@@ -234,7 +234,7 @@ def plot_ablation(rows, paper=PAPER_ABLATION, dtype="bf16", ax=None):
     peer (FA3, cuDNN, SDPA). Values are written above the bars, rounded to whole TFLOPs/s.
 
     Args:
-        rows: one :class:`fa3_lab.results.Run` (``ablation.json``), a results document, or a list
+        rows: one :class:`fa3_lab.lab.results.Run` (``ablation.json``), a results document, or a list
             of row dicts of ONE configuration (the paper's (4, 8448, 16, 128), non-causal).
         paper: {impl: TFLOPs/s} — default :data:`PAPER_ABLATION` (570 / 582 / 620 / 661).
         dtype: which of the rows' dtypes to draw.
@@ -330,7 +330,7 @@ def fp8_table(runs_or_rows, causal=False):
     their times are recorded.
 
     Args:
-        runs_or_rows: one :class:`fa3_lab.results.Run` (``bench_fp8.json``), a results document or a
+        runs_or_rows: one :class:`fa3_lab.lab.results.Run` (``bench_fp8.json``), a results document or a
             list of row dicts.
         causal: which rows (``bench --fp8`` records non-causal ones).
 
@@ -395,7 +395,7 @@ def plot_fp8(runs_or_rows, headdims=None, causal=False, ax=None):
     title line names the GPU, date and commit of the run.
 
     Args:
-        runs_or_rows: one :class:`fa3_lab.results.Run` (``bench_fp8.json`` from
+        runs_or_rows: one :class:`fa3_lab.lab.results.Run` (``bench_fp8.json`` from
             ``latest_run("bench_fp8")``), a results document, or a list of row dicts.
         headdims: None or a sequence of ints present in the step05 rows.
         causal: the rows' mask (``bench --fp8`` records non-causal).

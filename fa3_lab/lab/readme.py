@@ -1,7 +1,7 @@
-"""`python -m fa3_lab.readme [--check]` — regenerate README.md's results table from recorded runs.
+"""`python -m fa3_lab.lab.readme [--check]` — regenerate README.md's results table from recorded runs.
 
 The table lives between ``<!-- results:begin -->`` and ``<!-- results:end -->``. One table per
-recorded run (one GPU, one commit, one process — DESIGN.md forbids comparing across runs): TFLOPs/s
+recorded run (one GPU, one commit, one process — docs/design.md forbids comparing across runs): TFLOPs/s
 of each implementation per (dtype, headdim, mask, seqlen), then our best step divided by each peer.
 ``--check`` changes nothing and exits 1 if README.md differs from what would be generated (a test
 runs it, so the README never shows numbers that are not in ``fa3_lab/results/``).
@@ -13,7 +13,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from fa3_lab import _env, results
+from fa3_lab import _env
+from fa3_lab.lab import results
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -155,7 +156,7 @@ def update(text: str, runs: list[results.Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fa3_lab.readme",
+    parser = argparse.ArgumentParser(prog="python -m fa3_lab.lab.readme",
                                      description="Regenerate README.md's results table from fa3_lab/results/.")
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale; change nothing")
     parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         if new != text:
-            print(f"{parser.prog}: {args.readme} results table is stale; run `python -m fa3_lab.readme`",
+            print(f"{parser.prog}: {args.readme} results table is stale; run `python -m fa3_lab.lab.readme`",
                   file=sys.stderr)
             return 1
         print(f"{args.readme.name} results table is up to date")

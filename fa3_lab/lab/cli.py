@@ -1,6 +1,6 @@
 """`python -m fa3_lab` — the lab's command line.
 
-Each subcommand lives in its own module ``fa3_lab/<name>.py`` that defines
+Each subcommand lives in its own module ``fa3_lab/lab/<name>.py`` that defines
 
 * ``HELP``: one line for the command list,
 * ``add_arguments(parser)``: its options (argparse),
@@ -27,9 +27,9 @@ class UsageError(Exception):
 def _available():
     for name in SUBCOMMANDS:
         try:
-            yield name, importlib.import_module(f"fa3_lab.{name}")
+            yield name, importlib.import_module(f"fa3_lab.lab.{name}")
         except ModuleNotFoundError as e:  # a subcommand whose module has not landed yet
-            if e.name != f"fa3_lab.{name}":
+            if e.name != f"fa3_lab.lab.{name}":
                 raise
 
 

@@ -1,11 +1,11 @@
-"""`python -m fa3_lab bench` — our kernel steps against the peers, DESIGN.md's timing protocol.
+"""`python -m fa3_lab bench` — our kernel steps against the peers, docs/design.md's timing protocol.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median of many runs); inputs fresh from
 N(0, 1) per shape; every implementation in the same process on the same inputs. Peers: PyTorch SDPA
 with the FLASH_ATTENTION backend (FlashAttention-2), CUDNN_ATTENTION (cuDNN), EFFICIENT_ATTENTION,
 MATH (standard attention, only where its S/P fit in memory), and the official FlashAttention-3
 forward (PyPI ``fa3-fwd``) when importable. TFLOPs/s = FLOPs / time with FLOPs from
-:func:`fa3_lab.results.flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
+:func:`fa3_lab.lab.results.flops` (4·b·h·sq·sk·d, causal counts only the visible keys).
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help=f"seqlens {QUICK_SEQLENS}, bf16 only")
     p.add_argument("--ablation", action="store_true", help="the paper's Table 2 configuration, steps 01-04")
+    p.add_argument("--backward", action="store_true",
+                   help="the backward (bwd alone and fwd+bwd) of our default backward step vs cuDNN's and FA2's "
+                        "(SDPA backends), the paper grid; writes bench_backward.json")
     p.add_argument("--fp8", action="store_true",
                    help="FP8: step 05 (kernel alone, plus quantize time) vs FA3's e4m3 forward and our bf16 step 04")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16 (default both; --quick: bf16)")
@@ -142,7 +145,7 @@ def _check_rounds(rounds):
 
 
 def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
-    """Time every (impl, config); returns rows in the DESIGN.md schema.
+    """Time every (impl, config); returns rows in the docs/design.md schema.
 
     configs: iterable of dicts with dtype, headdim, causal, batch, seqlen, nheads, nheads_kv.
     rounds: per config, every implementation is timed once per round (``time_ms``: a do_bench median),
@@ -193,6 +196,67 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     return rows
 
 
+def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rounds=ROUNDS):
+    """Time the backward: rows with ``"pass": "bwd"`` (``torch.autograd.grad`` of a saved forward with a
+    fixed dout, docs/design.md) and ``"fwd_bwd"`` (forward and backward together), for our backward steps
+    (``flash_attn_func(..., bwd_step=N)``'s autograd) and the peers' backward through SDPA's CUDNN_ATTENTION
+    (``cudnn``) and FLASH_ATTENTION (``sdpa_flash``, FlashAttention-2) backends; rounds rotate as in
+    :func:`run_grid`. TFLOPs/s use 2.5 × (bwd) and 3.5 × (fwd_bwd) the forward FLOPs.
+
+    Raises:
+        UsageError: rounds < 1.
+    """
+    _check_rounds(rounds)
+    import torch
+
+    import fa3_lab
+
+    peer_fns = {k: v for k, v in (peers() if with_peers else {}).items() if k in ("cudnn", "sdpa_flash")}
+    rows = []
+    for cfg in configs:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
+        b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["nheads_kv"], cfg["headdim"]
+        q = torch.randn(b, s, h, d, device="cuda", dtype=dt, requires_grad=True)
+        k = torch.randn(b, s, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+        v = torch.randn(b, s, hkv, d, device="cuda", dtype=dt, requires_grad=True)
+        dout = torch.randn(b, s, h, d, device="cuda", dtype=dt)
+        fl = flops(b, h, s, s, d, cfg["causal"])
+        fwd = {f"step{n:02d}": (lambda q, k, v, n=n: fa3_lab.flash_attn_func(q, k, v, causal=cfg["causal"],
+                                                                             bwd_step=n))
+               for n in bwd_step_ids}
+        fwd.update({name: (lambda q, k, v, fn=fn: fn(q, k, v, cfg["causal"])) for name, fn in peer_fns.items()})
+        jobs, saved = {}, {}
+        for name, f in fwd.items():
+            def bwd(f=f, name=name):
+                if name not in saved:
+                    saved[name] = f(q, k, v)
+                return torch.autograd.grad(saved[name], (q, k, v), dout, retain_graph=True)
+            jobs[(name, "bwd")] = round_timer(bwd)
+            jobs[(name, "fwd_bwd")] = round_timer(lambda f=f: torch.autograd.grad(f(q, k, v), (q, k, v), dout))
+
+        def skipped(key, e):
+            if key[0].startswith("step"):
+                raise e  # our kernel failing is an error, not a missing row
+            if progress:
+                progress(f"{key[0]} {key[1]} skipped for {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            torch.cuda.synchronize()
+
+        times, dropped = rotating_rounds(jobs, rounds, skipped)
+        for (impl, pass_) in jobs:
+            if (impl, pass_) in dropped or not times[(impl, pass_)]:
+                continue
+            ms = statistics.median(times[(impl, pass_)])
+            rows.append({"impl": impl, "dtype": cfg["dtype"], "pass": pass_, "headdim": d, "causal": cfg["causal"],
+                         "batch": b, "seqlen_q": s, "seqlen_k": s, "nheads": h, "nheads_kv": hkv,
+                         "ms": round(ms, 5), "tflops": round(fl * {"bwd": 2.5, "fwd_bwd": 3.5}[pass_] / ms / 1e9, 2),
+                         "ms_rounds": [round(x, 5) for x in times[(impl, pass_)]]})
+        del q, k, v, dout, saved
+        torch.cuda.empty_cache()
+        if progress:
+            progress(None)
+    return rows
+
+
 def grid_configs(dtypes, headdims, seqlens, causals):
     for dtype in dtypes:
         for d in headdims:
@@ -227,7 +291,7 @@ def format_table(rows, title=""):
 def run(args):
     from rich.console import Console
 
-    from . import _env
+    from .. import _env
 
     console = Console()
     reason = _env.why_no_sm90()
@@ -235,14 +299,17 @@ def run(args):
         console.print(f"bench needs an sm_90 GPU: {reason}. Recorded results: fa3_lab/results/ "
                       f"(README table, notebook 06).")
         return 1
-    from . import api
+    from .. import api
 
-    step_ids = [s.id for s in api.steps() if "bf16" in s.dtypes]
-    if args.steps:
+    step_ids = [s.id for s in api.steps() if s.series == "fwd" and "bf16" in s.dtypes]
+    if args.steps and not args.backward:
         step_ids = _int_list(args.steps, "steps", allowed=tuple(step_ids))
     headdims = _int_list(args.headdims, "headdims", allowed=(64, 128, 256))
     if args.fp8:
         return run_fp8(console, args)
+    if args.backward and args.ablation:
+        raise UsageError("--backward: not with --ablation (the backward ablation times the backward steps: "
+                         "--backward --steps 11,12,…)")
     if args.ablation:
         a = ABLATION
         configs = [dict(dtype=dt, headdim=a["headdim"], causal=False, batch=a["batch"], seqlen=a["seqlen"],
@@ -255,7 +322,7 @@ def run(args):
         seqlens = _int_list(args.seqlens, "seqlens") if args.seqlens else (QUICK_SEQLENS if args.quick else PAPER_SEQLENS)
         causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
         configs = list(grid_configs(dtypes, headdims, seqlens, causals))
-        name = args.name or ("bench_quick" if args.quick else "bench")
+        name = args.name or ("bench_backward" if args.backward else "bench_quick" if args.quick else "bench")
 
     from rich.progress import Progress
 
@@ -268,11 +335,25 @@ def run(args):
             else:
                 console.print(f"[dim]{msg}[/dim]")
 
-        rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
+        if args.backward:
+            bwd_ids = [s.id for s in api.steps() if s.series == "bwd"]
+            if not bwd_ids:
+                raise UsageError("--backward: no backward step (cuda/steps/bwd/) in this build")
+            if args.steps:
+                bwd_ids = _int_list(args.steps, "steps", allowed=tuple(bwd_ids))
+            rows = run_backward_grid(configs, bwd_ids, with_peers=not args.no_peers, progress=progress,
+                                     rounds=args.rounds)
+        else:
+            rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
     from . import results
 
     meta = results.collect_meta(command="python -m fa3_lab bench " + " ".join(_argv_tail(args)))
-    console.print(format_table(rows, title=f"{meta['gpu']} — TFLOPs/s (median of {args.rounds} rounds of do_bench), {meta['date']}"))
+    for pass_ in ("fwd", "bwd", "fwd_bwd"):
+        got = [r for r in rows if r.get("pass", "fwd") == pass_]
+        if got:
+            what = {"fwd": "forward", "bwd": "backward (2.5 × forward FLOPs)", "fwd_bwd": "forward + backward (3.5 ×)"}
+            console.print(format_table(got, title=f"{meta['gpu']} — {what[pass_]}, TFLOPs/s (median of {args.rounds} "
+                                                  f"rounds of do_bench), {meta['date']}"))
     if not args.no_save:
         path = results.save(name, rows, meta)
         console.print(f"saved {path}")
@@ -289,7 +370,7 @@ FP8_SEQLENS = (4096, 8192, 16384)
 
 
 def _median_fp8_row(rounds, fl):
-    """One step-05 row from the rounds' :func:`fa3_lab.fp8.time_quantize_vs_kernel` rows: every time
+    """One step-05 row from the rounds' :func:`fa3_lab.time_quantize_vs_kernel` rows: every time
     (``ms``, ``quantize_ms``, ``quantize_torch_ms``, ``v_layout_ms``) the median over rounds, and the
     rates recomputed from those medians (``quantize_gbps`` scaled by the quantize time's ratio)."""
     row = dict(rounds[0])
@@ -311,7 +392,8 @@ def run_fp8(console, args):
 
     import fa3_lab
 
-    from . import api, fp8, results
+    from .. import api, fp8
+    from . import results
 
     headdims = [d for d in _int_list(args.headdims, "headdims", allowed=(64, 128, 256)) if d in (128, 256)] or [128, 256]
     peer = peers().get("fa3")
@@ -337,7 +419,7 @@ def run_fp8(console, args):
                 console.print(f"[dim]{impl} {dtype} skipped for d={d} s={s}: {type(e).__name__}: "
                               f"{str(e)[:100]}[/dim]")
 
-            jobs = {"step05": lambda first: fp8.time_quantize_vs_kernel(b, s, h, d, False)}
+            jobs = {"step05": lambda first: time_quantize_vs_kernel(b, s, h, d, False)}
             jobs.update({key: round_timer(fn) for key, (_, _, fn) in impls.items()})
             times, dropped = rotating_rounds(jobs, rounds, skipped)
             rows.append(_median_fp8_row(times["step05"], fl))
@@ -373,3 +455,55 @@ def run_fp8(console, args):
     if not args.no_save:
         console.print(f"saved {results.save(args.name or 'bench_fp8', rows, meta)}")
     return 0
+
+
+def time_quantize_vs_kernel(batch, seqlen, nheads, headdim, causal=False, *, nheads_kv=None,
+                            block_quant=True, incoherent=True, seed=0) -> dict:
+    """Time the parts of :func:`fa3_lab.flash_attn_fp8_func` on fresh N(0,1) bf16 inputs (GPU only).
+
+    Median of ``triton.testing.do_bench`` (CUDA events) for: the fused quantize kernel
+    (``ext.quantize_fp8``, what :func:`fa3_lab.fp8.quantize_for_kernel` launches, without its inf/NaN
+    read-back), the torch path it replaces (:func:`fa3_lab.fp8.quantize`, then :func:`fa3_lab.fp8.kernel_v_layout` timed
+    separately) and the attention kernel ``ext.fwd_fp8`` alone. ``seed`` seeds the inputs; the
+    rotation uses seed 0 as :func:`fa3_lab.flash_attn_fp8_func` does.
+
+    Returns:
+        A row in the results schema (docs/design.md): impl "step05", dtype "e4m3", the shape, ``ms``
+        and ``tflops`` of the attention kernel alone, plus ``quantize_ms`` (fused kernel),
+        ``quantize_gbps`` (:func:`fa3_lab.fp8.quantize_bytes` / quantize_ms), ``tflops_with_quantize`` (FLOPs
+        / (ms + quantize_ms)), ``quantize_torch_ms`` and ``v_layout_ms`` (the torch path),
+        ``block_quant``, ``incoherent``.
+
+    Raises:
+        RuntimeError: no sm_90 GPU.  ValueError / TypeError: as :func:`fa3_lab.fp8.quantize_for_kernel`.
+    """
+    import torch
+
+    from ..fp8 import (BLOCK_M, BLOCK_N, _check_quantized, _load_ext, _signs_cpu, kernel_v_layout, quantize,
+                       quantize_bytes, quantize_for_kernel)
+    from .results import flops as attention_flops
+
+    nheads_kv = nheads if nheads_kv is None else nheads_kv
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, seqlen, nheads_kv, headdim, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = quantize_for_kernel(q, k, v, block_quant=block_quant, incoherent=incoherent)
+    scale = _check_quantized(*t[:6], None, None, vt=True, caller="time_quantize_vs_kernel")
+    ext = _load_ext("time_quantize_vs_kernel", need_fwd=True)
+    signs = _signs_cpu(headdim, 0) if incoherent else None
+    fused_ms = time_ms(lambda: ext.quantize_fp8(q, k, v, signs, block_quant))
+    torch_ms = time_ms(lambda: quantize(q, k, v, block_quant=block_quant, incoherent=incoherent))
+    v8 = quantize(q, k, v, block_quant=block_quant, incoherent=incoherent).v8
+    layout_ms = time_ms(lambda: kernel_v_layout(v8))
+    kernel_ms = time_ms(lambda: ext.fwd_fp8(t.q8, t.k8, t.vt8, t.q_descale, t.k_descale, t.v_descale,
+                                            BLOCK_M, BLOCK_N, bool(causal), scale, None))
+    flops = attention_flops(batch, nheads, seqlen, seqlen, headdim, bool(causal))
+    nbytes = quantize_bytes(batch, seqlen, seqlen, nheads, nheads_kv, headdim)
+    return {"impl": "step05", "dtype": "e4m3", "headdim": headdim, "causal": bool(causal), "batch": batch,
+            "seqlen_q": seqlen, "seqlen_k": seqlen, "nheads": nheads, "nheads_kv": nheads_kv,
+            "ms": kernel_ms, "tflops": flops / (kernel_ms * 1e-3) / 1e12,
+            "quantize_ms": fused_ms, "quantize_gbps": nbytes / (fused_ms * 1e-3) / 1e9,
+            "tflops_with_quantize": flops / ((kernel_ms + fused_ms) * 1e-3) / 1e12,
+            "quantize_torch_ms": torch_ms, "v_layout_ms": layout_ms,
+            "block_quant": bool(block_quant), "incoherent": bool(incoherent)}

@@ -3,14 +3,14 @@
 The layer: a Llama-3-8B attention layer at prefill — 32 query heads, 8 KV heads (GQA), headdim 128,
 seqlen 4096, bf16, causal, batch 1. Each kernel step is checked against the NumPy float64 reference
 (`reference.attention.standard_attention`) with FA3's tolerance rule (max error ≤ 2 × the error of
-bf16 standard attention + 1e-3), then timed with the peers (DESIGN.md timing protocol). Last, a
+bf16 standard attention + 1e-3), then timed with the peers (docs/design.md timing protocol). Last, a
 Llama-style model built from a config (random weights, no download) runs its prefill with our kernel
 through transformers' attention interface and with SDPA (fa3_lab.examples.llama_prefill).
 """
 from __future__ import annotations
 
-from .tour import LLAMA3_8B
-
+#: One Llama-3-8B attention layer (GQA 32/8, headdim 128): the layer both halves of the tour use.
+LLAMA3_8B = {"nheads": 32, "nheads_kv": 8, "headdim": 128}
 SEQLEN = 4096
 
 
@@ -25,8 +25,9 @@ def run(console) -> int:
     import fa3_lab
     from reference.attention import standard_attention
 
-    from . import _build, api, bench
-    from .torch_ref import attention_ref
+    from .. import _build, api
+    from . import bench
+    from ..torch_ref import attention_ref
 
     gpu = torch.cuda.get_device_name(0)
     m = LLAMA3_8B
@@ -79,7 +80,7 @@ def run(console) -> int:
     console.print("Full paper grid: python -m fa3_lab bench (recorded runs: fa3_lab/results/, README, notebook 06).")
 
     # The kernel inside a model: a Llama-style GQA model through transformers' attention interface.
-    from .examples import llama_prefill
+    from ..examples import llama_prefill
 
     console.rule("Llama-style model prefill: attn_implementation=\"fa3_lab\" vs \"sdpa\"")
     prefill = llama_prefill.run(console)

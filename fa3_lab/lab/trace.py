@@ -176,7 +176,7 @@ def record(step, batch, seqlen, nheads, headdim, causal=False, ctas=4, capacity=
     """Run the traced build once (after a warm-up) and return the decoded CTAs. Needs an sm_90 GPU."""
     import torch
 
-    from . import _build
+    from .. import _build
 
     ext = _build.load(traced=True)
     q = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16)
@@ -192,7 +192,7 @@ def record(step, batch, seqlen, nheads, headdim, causal=False, ctas=4, capacity=
 def traced_overhead(step, batch, seqlen, nheads, headdim, causal=False, ctas=4):
     """(ms untraced, ms traced) for the same shape, median of do_bench: the cost of tracing."""
     import torch
-    from . import _build
+    from .. import _build
     from .bench import time_ms
 
     plain, traced = _build.load(), _build.load(traced=True)
@@ -211,7 +211,8 @@ def run(args):
 
     from rich.console import Console
 
-    from . import _env, api, results
+    from .. import _env, api
+    from . import results
 
     console = Console()
     try:

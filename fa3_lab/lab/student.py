@@ -3,7 +3,7 @@
 Notebooks go through nbgrader's ``ClearSolutions`` (every ``### BEGIN SOLUTION`` … ``### END
 SOLUTION`` region becomes ``# YOUR CODE HERE`` / ``raise NotImplementedError()``) and ``ClearOutput``
 preprocessors — nothing else of nbgrader's course machinery is needed. The check cells stay: they call
-``fa3_lab.grading.check_*``, which fail with a message naming the function to write until it is right.
+``fa3_lab.lab.grading.check_*``, which fail with a message naming the function to write until it is right.
 
 The CUDA exercise (``cuda/exercises/*.cu``) loses the lines between ``// ### BEGIN SOLUTION`` and
 ``// ### END SOLUTION``; in their place go ``// YOUR CODE HERE`` and the region's ``// stub:`` lines
@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ._env import CUDA_DIR, REPO_ROOT
+from .._env import CUDA_DIR, REPO_ROOT
 from .cli import UsageError
 
 HELP = "write student copies: notebooks without solutions/outputs (nbgrader) and the CUDA exercise stub"
@@ -182,6 +182,6 @@ def run(args) -> int:
     for path in written:
         print(path)
     print(f"{len(written)} files written to {args.outdir}; solutions and outputs removed. "
-          f"Grade: run the check cells (fa3_lab.grading), and on a GPU "
+          f"Grade: run the check cells (fa3_lab.lab.grading), and on a GPU "
           f"FA3_EXERCISE=<copy>.cu pytest tests/test_grading.py -k cuda_exercise")
     return 0

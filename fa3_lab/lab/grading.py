@@ -2,13 +2,13 @@
 
 Every ``check_<function>(fn, *, seed=...)`` runs the student's ``fn`` on FRESH random inputs drawn
 from ``np.random.default_rng(seed)`` (several shapes and edge cases per call) and compares it with the
-lab's reference (``reference/``, ``fa3_lab.results``, ``fa3_lab.sass``, the pipeline model).
+lab's reference (``reference/``, ``fa3_lab.lab.results``, ``fa3_lab.lab.sass``, the pipeline model).
 
 * On success it prints one line — ``check_x: ok — fn matches <reference> on N fresh random cases
   (seed S)`` — and returns None.
 * On a wrong answer it raises ``AssertionError`` whose message names the case, the arguments
   (shapes and values), the first mismatching index with both values, the max and mean error and the
-  tolerance, and how to reproduce (``fa3_lab.grading.check_x(fn, seed=S)``).
+  tolerance, and how to reproduce (``fa3_lab.lab.grading.check_x(fn, seed=S)``).
 * If ``fn`` still holds the student copy's stub (``raise NotImplementedError()``) it raises
   ``NotImplementedError`` saying which function to write; any other exception of ``fn`` propagates
   with a note naming the arguments that caused it.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._env import CUDA_DIR
+from .._env import CUDA_DIR
 
 # H100 SXM5 rates used by notebook 00 (paper §3.1; NVIDIA datasheet), TFLOPs/s.
 H100_FP16_TFLOPS = 989.4
@@ -85,7 +85,7 @@ class _Grader:
 
     @property
     def repro(self) -> str:
-        return f"reproduce: fa3_lab.grading.{self.check}({self.fn_name}, seed={self.seed})"
+        return f"reproduce: fa3_lab.lab.grading.{self.check}({self.fn_name}, seed={self.seed})"
 
     def _arguments(self) -> str:
         return ", ".join(f"{k}={_describe(v)}" for k, v in self.args.items())
@@ -204,7 +204,7 @@ def check_flash_intensity(flash_intensity, *, seed: int = 2024, cases: int = 25)
 
     Expected: ``4·headdim·pairs / (element_bytes·headdim·2·(seqlen_q + seqlen_k))`` as a Python float,
     pairs = seqlen_q·seqlen_k, or the exact count of the bottom-right causal mask
-    (``reference._validate.causal_visible``). Source: paper §2.3; DESIGN.md "Numbers everyone uses".
+    (``reference._validate.causal_visible``). Source: paper §2.3; docs/design.md "Numbers everyone uses".
 
     Raises:
         AssertionError: a wrong value or type (message: case, arguments, error, how to reproduce).
@@ -697,7 +697,7 @@ def check_smem_bytes(smem_bytes, *, seed: int = 2607, cases: int = 50) -> None:
 def check_tflops_from_ms(tflops_from_ms, *, seed: int = 2608, cases: int = 50, rows=None) -> None:
     """Notebook 06, exercise 3: TFLOPs/s of a forward run from its milliseconds.
 
-    Expected: ``fa3_lab.results.flops(...) / (ms · 1e-3) / 1e12`` (exact causal pair count), rtol
+    Expected: ``fa3_lab.lab.results.flops(...) / (ms · 1e-3) / 1e12`` (exact causal pair count), rtol
     1e-12, on fresh random shapes; and, if ``rows`` (results-schema rows) are given, each row's
     recorded ``tflops`` to 1%.
 
@@ -718,7 +718,7 @@ def check_tflops_from_ms(tflops_from_ms, *, seed: int = 2608, cases: int = 50, r
         g.start(batch=b, nheads=h, seqlen_q=sq, seqlen_k=sk, headdim=d, causal=causal, ms=ms)
         want = results.flops(b, h, sq, sk, d, causal) / (ms * 1e-3) / 1e12
         g.close(g.call(b, h, sq, sk, d, causal, ms), want, "TFLOPs/s")
-    g.ok("fa3_lab.results.flops")
+    g.ok("fa3_lab.lab.results.flops")
 
 
 # ------------------------------------------------------------------------------ notebook 07
@@ -735,7 +735,7 @@ _SASS_OPS = ["HGMMA.64x64x16.F32.F16 R24, gdesc[UR4], R24, gsb0", "MUFU.EX2 R1, 
 def check_hgmma_per_group(hgmma_per_group, *, seed: int = 7, cases: int = 200) -> None:
     """Notebook 07, exercise 1: GEMM issues per committed group of a SASS listing.
 
-    Expected: ``fa3_lab.sass.gemm_groups`` on random listings (HGMMA/QGMMA with and without ``gsb0``
+    Expected: ``fa3_lab.lab.sass.gemm_groups`` on random listings (HGMMA/QGMMA with and without ``gsb0``
     mixed with other instructions) and on the recorded step 02/04 loops.
 
     Raises:
@@ -762,13 +762,13 @@ def check_hgmma_per_group(hgmma_per_group, *, seed: int = 7, cases: int = 200) -
     for step, r in (rec or {}).get("steps", {}).items():
         g.start(listing=f"recorded step {step} main loop")
         g.equal(g.call(r["listing"]), sass.gemm_groups(r["listing"]), f"list of group sizes of step {step}")
-    g.ok("fa3_lab.sass.gemm_groups")
+    g.ok("fa3_lab.lab.sass.gemm_groups")
 
 
 def check_classify_line(classify_line, *, seed: int = 11, cases: int = 300) -> None:
     """Notebook 07, exercise 2: the category of one SASS line, predicate allowed.
 
-    Expected: ``fa3_lab.sass.classify`` on every line of the recorded loops and on random lines with
+    Expected: ``fa3_lab.lab.sass.classify`` on every line of the recorded loops and on random lines with
     predicates ``@P0``, ``@!P1``, ``@!UP0`` …
 
     Raises:
@@ -789,7 +789,7 @@ def check_classify_line(classify_line, *, seed: int = 11, cases: int = 300) -> N
     for text in lines:
         g.start(text=text)
         g.equal(g.call(text), sass.classify(text), "category")
-    g.ok("fa3_lab.sass.classify")
+    g.ok("fa3_lab.lab.sass.classify")
 
 
 # ------------------------------------------------------------------------------ notebook 08
@@ -891,7 +891,7 @@ def build_exercise(path=None, *, verbose: bool = False):
     import hashlib
     import os
 
-    from . import _build, _env
+    from .. import _build, _env
 
     path = Path(path) if path is not None else CUDA_EXERCISE
     if not path.is_file():
@@ -933,7 +933,7 @@ CUDA_EXERCISE_SHAPES = (
 def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CUDA_EXERCISE_SHAPES) -> None:
     """Check a built CUDA exercise (``build_exercise(...)``) against ``fa3_lab.torch_ref.attention_ref``.
 
-    FA3's tolerance rule (DESIGN.md, Tests): max |out − ref| ≤ 2 · max |emulation − ref| + 1e-3 (ref in
+    FA3's tolerance rule (docs/design.md, Tests): max |out − ref| ≤ 2 · max |emulation − ref| + 1e-3 (ref in
     float32, emulation = standard attention in ``dtype``); lse to 1e-3 absolute where finite, +inf where
     a row sees no key. The output is poisoned with NaN before each call.
 
@@ -943,7 +943,7 @@ def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CU
     """
     import torch
 
-    from .torch_ref import attention_ref
+    from ..torch_ref import attention_ref
 
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -960,7 +960,7 @@ def check_cuda_exercise(module, *, seed: int = 1, dtype: str = "bf16", shapes=CU
         torch.cuda.synchronize()
         err = (out.float() - ref).abs()
         tol = 2 * (emu.float() - ref).abs().max().item() + 1e-3
-        repro = f"reproduce: fa3_lab.grading.check_cuda_exercise(fa3_lab.grading.build_exercise(PATH), seed={seed})"
+        repro = f"reproduce: fa3_lab.lab.grading.check_cuda_exercise(fa3_lab.lab.grading.build_exercise(PATH), seed={seed})"
         if torch.isnan(out).all():
             raise AssertionError(f"check_cuda_exercise: the output is NaN everywhere ({what}): the exercise region "
                                  f"still holds the stub (exercise01_stub poisons O). Write step 3 of the main loop.\n"
