@@ -337,6 +337,24 @@ def test_hf_decode_with_a_kv_cache_matches_sdpa(transformers, kernel_is_the_refe
     assert kernel_is_the_reference[-1]["q"][1] == 1 and kernel_is_the_reference[-1]["k"][1] == 16
 
 
+def test_hf_autocast_hands_the_kernel_the_autocast_dtype(transformers, kernel_is_the_reference):
+    """fp32 weights under bf16 autocast: the rotary embedding gives float32 q, k; the backend casts them to
+    bf16 as SDPA does (the kernel takes 16-bit only)."""
+    import fa3_lab.hf as hf
+
+    seen = []
+    real = api.flash_attn_func
+    api.flash_attn_func = lambda q, k, v, **kw: (seen.append((q.dtype, k.dtype, v.dtype)), real(q, k, v, **kw))[1]
+    try:
+        q = torch.randn(1, 2, 8, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = hf.attention_forward(_Layer(), q, q, q, None)
+        hf.attention_forward(_Layer(), q, q, q, None)  # no autocast: unchanged
+    finally:
+        api.flash_attn_func = real
+    assert seen == [(BF16, BF16, BF16), (torch.float32,) * 3] and out.dtype == BF16
+
+
 def test_hf_padding_mask_raises(transformers, kernel_is_the_reference):
     ours, _ = _model_pair(seed=0)
     mask = torch.ones(2, 9, dtype=torch.long)
