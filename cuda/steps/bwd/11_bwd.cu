@@ -44,9 +44,14 @@
 // 321; headdim 64 8k 313; headdim 256 8k 186 — 0.61 / 0.63 / 0.64 / 0.71 / 0.52 × SDPA's cuDNN backward in the
 // same run. ptxas: 238 / 234 registers at headdim 128 (non-causal / causal), 254 at 64, 245 / 251 at 256; no
 // spills. Extra memory at (1, 16384, 16, 128): 131 MiB (dq_accum fp32 + row stats), cuDNN 130 MiB.
+// (fa3_lab/results/experiments/nvidia-h200/bwd_step11.json.) Correctness: tests/test_backward_kernel.py (every
+// headdim, causal and not, bf16/fp16, GQA 1/2/8/MQA, seqlens 1…16384) within FA3's rule; compute-sanitizer
+// memcheck, racecheck and synccheck clean (tools/device_bwd.sh).
 // Known limits: one thread issues the loads between compute phases (no producer warpgroup, no overlap
-// of the softmax-like stages 2–4 with the GEMMs beyond the Sᵀ/dPᵀ pair); two CTA-wide barriers per
-// m_block; dQ atomics straight from registers; headdim 256 computes Sᵀ and dPᵀ twice.
+// of stages 2–4 with the GEMMs beyond the Sᵀ/dPᵀ pair); two CTA-wide barriers per m_block; dQ atomics
+// straight from registers (deterministic mode: n_blocks wait their turn per m_block, serialising them);
+// headdim 256 computes Sᵀ and dPᵀ twice; dout is copied when its strides do not suit TMA; a gradient
+// flowing into lse is ignored (as FlashAttention).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
