@@ -229,8 +229,14 @@ std::vector<at::Tensor> quantize_fp8(const at::Tensor& q, const at::Tensor& k, c
 
 }  // namespace
 
+// cuda/binding_bwd.cpp: the backward (steps in cuda/steps/bwd/)
+std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                double softmax_scale, bool deterministic);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "FlashAttention-3 forward, one of the lab's steps");
+  m.def("bwd", &fa3_bwd, "FlashAttention-3 backward (dq, dk, dv), one of the lab's backward steps");
   m.def("quantize_fp8", &quantize_fp8, "16-bit Q, K, V -> step 05's e4m3 inputs and descales, one fused pass");
 #ifdef FA3_HAS_STEP05
   m.def("fwd_fp8", &fwd_fp8, "FP8 e4m3 forward (step 05)");

@@ -1,6 +1,7 @@
 """Build and load the CUDA kernels with torch's cpp_extension (JIT on first use, cached by source hash).
 
-The extension holds every step in ``cuda/steps/NN_*.cu`` plus ``cuda/binding.cpp`` and
+The extension holds every step in ``cuda/steps/NN_*.cu`` and ``cuda/steps/bwd/NN_*.cu`` (``$FA3_LAB_STEPS``,
+e.g. ``4,11``, builds only those) plus ``cuda/binding.cpp``, ``cuda/binding_bwd.cpp`` and
 ``cuda/fp8_quantize.cu`` (the fused quantization of step 05's inputs, built whatever steps exist). The build
 directory is ``$FA3_LAB_CACHE`` (default ``~/.cache/fa3_lab``) / ``<name>-<hash of all sources>``, so
 editing any kernel source rebuilds, and an unchanged tree loads in a second.
@@ -21,6 +22,7 @@ from pathlib import Path
 from ._env import CUDA_DIR
 
 QUANTIZE_SOURCE = CUDA_DIR / "fp8_quantize.cu"  # not a step: fa3_lab.fp8.quantize_for_kernel's kernel
+BWD_BINDING_SOURCE = CUDA_DIR / "binding_bwd.cpp"  # the backward's entry (binding.cpp registers it as `bwd`)
 
 NVCC_FLAGS = [
     "-std=c++17",
@@ -34,16 +36,36 @@ NVCC_FLAGS = [
 
 @functools.lru_cache(None)
 def _step_files() -> tuple:
-    steps = CUDA_DIR / "steps"
-    paths = sorted(steps.glob("[0-9][0-9]_*.cu")) + sorted((steps / "bwd").glob("[0-9][0-9]_*.cu"))
-    return tuple((int(path.name[:2]), path) for path in paths)
+    return tuple((int(path.name[:2]), path) for path in sorted((CUDA_DIR / "steps").glob("[0-9][0-9]_*.cu")))
+
+
+def _only_steps() -> set | None:
+    """``$FA3_LAB_STEPS`` ("4,11"): build only these steps (a quick device build for one test); unset: all."""
+    raw = os.environ.get("FA3_LAB_STEPS", "").strip()
+    if not raw:
+        return None
+    try:
+        return {int(x) for x in raw.split(",") if x.strip()}
+    except ValueError:
+        raise ValueError(f"FA3_LAB_STEPS: expected comma-separated step ids like '4,11', got {raw!r}") from None
 
 
 def step_sources() -> dict[int, Path]:
-    """{step id: path} of the step files present: the forward series in cuda/steps/ and the backward series
-    in cuda/steps/bwd/ (fa3_lab/registry.py names them; scanned once per process: every flash_attn_func call
-    asks, through fa3_lab.steps())."""
-    return dict(_step_files())
+    """{step number: path} of the forward step files present in cuda/steps/ (scanned once per process: every
+    flash_attn_func call asks, through fa3_lab.steps()), restricted by ``$FA3_LAB_STEPS`` when set."""
+    only = _only_steps()
+    return {n: p for n, p in _step_files() if only is None or n in only}
+
+
+@functools.lru_cache(None)
+def _bwd_step_files() -> tuple:
+    return tuple((int(path.name[:2]), path) for path in sorted((CUDA_DIR / "steps" / "bwd").glob("[0-9][0-9]_*.cu")))
+
+
+def bwd_step_sources() -> dict[int, Path]:
+    """{step number: path} of the backward step files in cuda/steps/bwd/ (same ``$FA3_LAB_STEPS`` filter)."""
+    only = _only_steps()
+    return {n: p for n, p in _bwd_step_files() if only is None or n in only}
 
 
 def source_hash(extra: str = "") -> str:
@@ -75,22 +97,24 @@ def load(traced: bool = False):
     import torch.utils.cpp_extension as cpp_ext
 
     steps = step_sources()
+    bwd_steps = bwd_step_sources()
     extra = os.environ.get("FA3_LAB_DEFINES", "").split()  # e.g. "-DFA3_BLOCK_N_HD128=128" (A/B builds)
     if any(not d.startswith("-D") for d in extra):
         raise ValueError(f"FA3_LAB_DEFINES: expected -DNAME[=VALUE] flags, got {extra}")
-    defines = [f"-DFA3_HAS_STEP{n:02d}" for n in steps] + (["-DFA3_TRACE"] if traced else []) + extra
+    defines = [f"-DFA3_HAS_STEP{n:02d}" for n in (*steps, *bwd_steps)] + (["-DFA3_TRACE"] if traced else []) + extra
     name = "fa3_lab_ext_trace" if traced else "fa3_lab_ext"
     digest = source_hash(" ".join(defines))
     build_dir = cache_dir() / f"{name}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
-        print(f"fa3_lab: compiling the CUDA kernels (steps {', '.join(f'{n:02d}' for n in steps)}) for sm_90a "
+        print(f"fa3_lab: compiling the CUDA kernels (steps {', '.join(f'{n:02d}' for n in (*steps, *bwd_steps))}) for sm_90a "
               f"into {build_dir} — first use only, a few minutes…", file=sys.stderr, flush=True)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     return cpp_ext.load(
         name=f"{name}_{digest}",
-        sources=[str(CUDA_DIR / "binding.cpp")] + [str(p) for p in steps.values()] + [str(QUANTIZE_SOURCE)],
+        sources=[str(CUDA_DIR / "binding.cpp"), str(BWD_BINDING_SOURCE)] + [str(p) for p in steps.values()]
+        + [str(p) for p in bwd_steps.values()] + [str(QUANTIZE_SOURCE)],
         extra_include_paths=[str(CUDA_DIR / "include")],
         extra_cflags=["-O3", "-std=c++17"] + defines,
         extra_cuda_cflags=NVCC_FLAGS + defines,

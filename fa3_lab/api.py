@@ -19,9 +19,22 @@ Step = registry.StepInfo
 # dynamo may call steps() once at trace time instead of tracing its directory glob (fa3_lab/ops.py).
 @torch.compiler.assume_constant_result
 def steps() -> list[Step]:
-    """The kernel steps whose source is present in ``cuda/steps/``, in id order (``fa3_lab.registry``)."""
-    present = _build.step_sources()
+    """The kernel steps whose source is present in ``cuda/steps/`` and ``cuda/steps/bwd/``, in id order
+    (``fa3_lab.registry``)."""
+    present = {**_build.step_sources(), **_build.bwd_step_sources()}
     return [s for s in registry.STEPS if s.id in present]
+
+
+def backward_steps() -> list[int]:
+    """Ids of the backward steps present (what ``flash_attn_func(bwd_step=...)`` accepts)."""
+    return [s.id for s in steps() if s.series == "bwd"]
+
+
+def default_bwd_step() -> int:
+    """The backward step autograd runs when ``bwd_step`` is None: ``registry.DEFAULT_BWD_STEP``, or the last
+    one present (``registry.DEFAULT_BWD_STEP`` when none is: the backward then raises that it is not built)."""
+    ids = backward_steps()
+    return registry.DEFAULT_BWD_STEP if registry.DEFAULT_BWD_STEP in ids or not ids else max(ids)
 
 
 def forward_steps16() -> list[int]:
@@ -70,8 +83,9 @@ def _check_inputs(q, k, v, softmax_scale, causal, step, out):
     return scale, step
 
 
-def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, return_lse=False, out=None):
-    """FlashAttention-3 forward on Hopper: softmax(α·QKᵀ)·V, one of the lab's kernel steps.
+def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, return_lse=False, out=None,
+                    deterministic=False, bwd_step=None):
+    """FlashAttention-3 forward on Hopper: softmax(α·QKᵀ)·V, one of the lab's kernel steps; differentiable.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim) fp16/bf16 CUDA tensor, last dim contiguous.
@@ -84,6 +98,13 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
             that see no key).
         out: optional preallocated output, shape and dtype of q (tests poison it first); any strides with
             a contiguous last dim and a 16-byte aligned base and strides (step 04 stores O with TMA).
+        deterministic: the backward adds dQ in a fixed order, bitwise reproducible run to run (FA3's flag);
+            default False (unordered fp32 atomics, slightly faster).
+        bwd_step: the backward kernel step autograd runs (``cuda/steps/bwd/``); default :func:`default_bwd_step`.
+
+    Backward (autograd, when q, k or v requires grad): the backward kernel ``cuda/steps/bwd/11_bwd.cu`` (paper
+    App. B.1): dq, dk, dv in the inputs' dtype, dk and dv summed over each GQA group; rows that see no key get
+    zero gradients; a gradient flowing into lse (``return_lse``) is ignored, as in FlashAttention.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim), dtype of q; and lse if ``return_lse``.
@@ -95,11 +116,16 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
             softmax_scale, step, out.
         RuntimeError: no sm_90 GPU here (nothing is computed; there is no fallback).
 
-    Source: paper §3 (Alg. 1–2); kernels in ``cuda/steps/``.
+    Source: paper §3 (Alg. 1–2), App. B.1 (Alg. 3); kernels in ``cuda/steps/`` and ``cuda/steps/bwd/``.
     """
     scale, step = _check_inputs(q, k, v, softmax_scale, causal, step, out)
+    check_flag("deterministic", deterministic)
+    if bwd_step is None:
+        bwd_step = default_bwd_step()
+    elif isinstance(bwd_step, bool) or not isinstance(bwd_step, int) or bwd_step not in backward_steps():
+        raise ValueError(f"bwd_step: expected one of {backward_steps()}, got {bwd_step!r}")
     from . import ops  # torch.library custom ops (compile-friendly; the extension is loaded lazily)
-    o, lse = ops.forward(q, k, v, bool(causal), scale, step, out)
+    o, lse = ops.forward(q, k, v, bool(causal), scale, step, out, bool(deterministic), bwd_step)
     return (o, lse) if return_lse else o
 
 
@@ -138,5 +164,30 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
         raise RuntimeError("flash_attn_fp8_func: the FP8 kernel (cuda/steps/05_fp8.cu) is not built yet")
     from . import fp8
 
-    return fp8.flash_attn_fp8_func(q, k, v, causal, softmax_scale, block_quant=block_quant,
-                                   incoherent=incoherent, return_lse=return_lse)
+    result = fp8.flash_attn_fp8_func(q, k, v, causal, softmax_scale, block_quant=block_quant,
+                                     incoherent=incoherent, return_lse=return_lse)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+        # The e4m3 forward has no backward: mark the output so that .backward() says so instead of
+        # "does not require grad" (or silently leaving q, k, v without gradients).
+        if return_lse:
+            return _Fp8NoBackward.apply(result[0], q, k, v), result[1]
+        return _Fp8NoBackward.apply(result, q, k, v)
+    return result
+
+
+#: What a backward through :func:`flash_attn_fp8_func` raises.
+FP8_BACKWARD_MESSAGE = (
+    "flash_attn_fp8_func: the FP8 (e4m3) path has no backward; train with flash_attn_func on the 16-bit "
+    "inputs (its backward is cuda/steps/bwd/11_bwd.cu), or run the FP8 forward under torch.no_grad()")
+
+
+class _Fp8NoBackward(torch.autograd.Function):
+    """Identity on the FP8 output that connects it to q, k, v; its backward raises FP8_BACKWARD_MESSAGE."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(FP8_BACKWARD_MESSAGE)

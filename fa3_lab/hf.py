@@ -86,10 +86,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                   "weights P; use attn_implementation='eager' to get them")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    query, key, value = _autocast_inputs(query, key, value)
     # (b, h, s, d) -> (b, s, h, d): views, no copy; the kernel reads any batch/row/head strides.
     out = api.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               causal=bool(is_causal), softmax_scale=scaling)
     return out.contiguous(), None
+
+
+def _autocast_inputs(query, key, value):
+    """Under autocast, q, k, v in the autocast dtype, as SDPA gets them (it is on autocast's lower-precision
+    list). Training with fp32 weights under bf16 autocast hands attention a float32 q and k: the rotary
+    embedding multiplies the bf16 projections by float32 cos/sin. Outside autocast: unchanged (and a float32
+    input still raises, naming q)."""
+    import torch
+
+    device = query.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype in (torch.float16, torch.bfloat16):
+            return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
 
 
 def _short(x) -> str:

@@ -15,11 +15,11 @@ anything, which is what ``torch.compile`` (dynamo + AOTAutograd) traces with: ``
 first use (``fa3_lab._build.load``), never at import.
 
 Autograd: when q, k or v requires grad, the forward records a backward node that calls
-``torch.ops.fa3_lab.flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale) -> (dq, dk, dv)``, a
-placeholder op that raises NotImplementedError when it runs (the backward kernel is not written yet;
-``reference.backward.flash_attention_backward`` is the NumPy reference, paper App. B.1 Algorithm 3).
-Its fake implementation gives dq/dk/dv shapes, so compiling a model whose weights require grad still
-works; only an actual ``.backward()`` raises. A forward under ``torch.no_grad()`` records nothing.
+``torch.ops.fa3_lab.flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, step)
+-> (dq, dk, dv)``, the backward kernel (``cuda/steps/bwd/11_bwd.cu``, paper App. B.1 Algorithm 3; its NumPy
+twin is ``reference.backward.flash_attention_backward``). Its fake implementation gives dq/dk/dv shapes,
+so ``torch.compile(fullgraph=True)`` traces a whole training step. A dout of the wrong shape, dtype or
+device raises at once, naming dout. A forward under ``torch.no_grad()`` records nothing.
 
 Importing this module registers the ops (once per process). Needs torch >= 2.4 (``custom_op``).
 """
@@ -27,21 +27,16 @@ Importing this module registers the ops (once per process). Needs torch >= 2.4 (
 # time; the schemas below are written out anyway, so the ops do not depend on annotation handling.
 import torch
 
-__all__ = ["flash_attn_fwd", "flash_attn_fwd_out", "flash_attn_bwd", "forward", "OP", "OP_OUT", "OP_BWD",
-           "BACKWARD_MESSAGE"]
+__all__ = ["flash_attn_fwd", "flash_attn_fwd_out", "flash_attn_bwd", "forward", "check_dout", "OP", "OP_OUT",
+           "OP_BWD", "BWD_STEP"]
 
 #: Qualified names of the ops (``torch.ops.fa3_lab.<name>``).
 OP = "fa3_lab::flash_attn_fwd"
 OP_OUT = "fa3_lab::flash_attn_fwd_out"
 OP_BWD = "fa3_lab::flash_attn_bwd"
 
-#: What a backward through the forward raises.
-BACKWARD_MESSAGE = (
-    "fa3_lab.flash_attn_func: backward kernel not implemented yet; "
-    "reference.backward.flash_attention_backward is the NumPy reference (paper App. B.1, Algorithm 3). "
-    "Run the forward under torch.no_grad() (inference) or use torch.nn.functional.scaled_dot_product_attention "
-    "for training."
-)
+#: The backward kernel step autograd runs by default (cuda/steps/bwd/11_bwd.cu; registry.DEFAULT_BWD_STEP).
+BWD_STEP = 11
 
 
 def _ext():
@@ -78,9 +73,9 @@ def _check_real(q, k, v):
 
 
 @torch.library.custom_op(OP, mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int step)"
-                                " -> (Tensor, Tensor)")
-def flash_attn_fwd(q, k, v, causal, softmax_scale, step):
+                         schema="(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int step,"
+                                " bool deterministic=False, int bwd_step=11) -> (Tensor, Tensor)")
+def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False, bwd_step=BWD_STEP):
     """FlashAttention-3 forward, one kernel step, as an opaque op (paper §3, Alg. 1–2).
 
     Args:
@@ -89,6 +84,8 @@ def flash_attn_fwd(q, k, v, causal, softmax_scale, step):
         causal: bottom-right aligned causal mask.
         softmax_scale: α (already resolved: flash_attn_func turns None into 1/sqrt(headdim)).
         step: kernel step id (``fa3_lab.steps()``).
+        deterministic, bwd_step: not used by the forward; saved for the backward (dQ accumulated in a fixed
+            order; the backward kernel step).
 
     Returns:
         out (q's shape, dtype and strides) and lse (batch, nheads, seqlen_q) float32, natural log.
@@ -104,7 +101,7 @@ def flash_attn_fwd(q, k, v, causal, softmax_scale, step):
 
 
 @flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, causal, softmax_scale, step):
+def _flash_attn_fwd_fake(q, k, v, causal, softmax_scale, step, deterministic=False, bwd_step=BWD_STEP):
     # Shapes/dtypes/strides only; mirrors cuda/binding.cpp: out = at::empty_like(q) (q's strides kept
     # for a dense q), lse = at::empty({batch, nheads, seqlen_q}, float32).
     out = torch.empty_like(q)
@@ -112,38 +109,78 @@ def _flash_attn_fwd_fake(q, k, v, causal, softmax_scale, step):
     return out, lse
 
 
-@torch.library.custom_op(OP_BWD, mutates_args=(),
-                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal,"
-                                " float softmax_scale) -> (Tensor, Tensor, Tensor)")
-def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale):
-    """Placeholder for the backward kernel (paper App. B.1, Algorithm 3): always raises.
+def check_dout(dout, out):
+    """dout must be a tensor of out's shape, dtype and device (checked before any backward work).
 
-    It is an op, not a Python ``raise`` in the autograd formula, so that ``torch.compile`` of a module
-    whose inputs require grad can still trace the joint forward/backward graph (AOTAutograd runs the
-    fake implementation below); the error comes when a backward actually runs.
+    Works on fake tensors too (shape/dtype/device only), so a compiled graph checks it at trace time.
 
     Raises:
-        NotImplementedError: :data:`BACKWARD_MESSAGE`.
+        TypeError: not a tensor, or another dtype or device than out.  ValueError: another shape.
     """
-    raise NotImplementedError(BACKWARD_MESSAGE)
+    if not isinstance(dout, torch.Tensor):
+        raise TypeError(f"dout: expected a torch.Tensor (the gradient of out), got {type(dout).__name__}")
+    if dout.dtype != out.dtype:
+        raise TypeError(f"dout: expected dtype {out.dtype} (that of out), got {dout.dtype}")
+    if dout.device != out.device:
+        raise TypeError(f"dout: expected device {out.device} (that of out), got {dout.device}")
+    if dout.shape != out.shape:
+        raise ValueError(f"dout: expected shape {tuple(out.shape)} (that of out), got {tuple(dout.shape)}")
+
+
+@torch.library.custom_op(OP_BWD, mutates_args=(),
+                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal,"
+                                " float softmax_scale, bool deterministic=False, int step=11)"
+                                " -> (Tensor, Tensor, Tensor)")
+def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic=False, step=BWD_STEP):
+    """FlashAttention-3 backward (paper App. B.1, Algorithm 3): dq, dk, dv from the forward's out and lse.
+
+    Runs backward step ``step`` (``cuda/steps/bwd/``; 11 = ``11_bwd.cu``): a preprocess kernel (D =
+    rowsum(dout ∘ out)), the main kernel (K/V tiles stationary per CTA, Q/dout tiles streamed, dQ added in fp32
+    to a workspace) and a postprocess (dQ to the input dtype; for GQA, dk and dv summed over each head group).
+
+    Args:
+        dout: dL/d(out), out's shape and dtype; any strides (copied to a contiguous tensor first when its last
+            dim is not contiguous or a stride is not 16-byte aligned: it is loaded by TMA).
+        q, k, v, out, lse: the forward's inputs and outputs (see :func:`flash_attn_fwd`).
+        causal, softmax_scale: the forward's.
+        deterministic: dQ accumulated in n_block order (bitwise reproducible); default unordered atomics.
+        step: backward kernel step id.
+
+    Returns:
+        (dq, dk, dv): contiguous, shapes and dtype of q, k, v; dk, dv summed over the query heads of each KV head.
+        Rows that see no key (causal, seqlen_q > seqlen_k) get zero gradients.
+
+    Raises:
+        TypeError / ValueError: dout of another dtype, device or shape than out; q, k, v outside the contract.
+    """
+    check_dout(dout, out)
+    _check_real(q, k, v)
+    dq, dk, dv = _ext().bwd(int(step), dout, q, k, v, out, lse, bool(causal), float(softmax_scale),
+                            bool(deterministic))
+    return dq, dk, dv
 
 
 @flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, causal, softmax_scale, deterministic=False, step=BWD_STEP):
+    check_dout(dout, out)
+    # cuda/binding_bwd.cpp returns contiguous tensors whatever the inputs' strides
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, _step = inputs
+    q, k, v, causal, softmax_scale, _step, deterministic, bwd_step = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.bwd_step = causal, softmax_scale, deterministic, bwd_step
 
 
 def _backward(ctx, grad_out, grad_lse):
+    # grad_lse is ignored (as FlashAttention): lse is returned for inspection, not as a differentiable output.
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fa3_lab.flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None
+    check_dout(grad_out, out)
+    dq, dk, dv = torch.ops.fa3_lab.flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
+                                                  ctx.deterministic, ctx.bwd_step)
+    return dq, dk, dv, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -172,13 +209,15 @@ def _flash_attn_fwd_out_fake(q, k, v, out, causal, softmax_scale, step):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
-def forward(q, k, v, causal, softmax_scale, step, out=None):
+def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False, bwd_step=BWD_STEP):
     """Run the forward through the custom ops; what :func:`fa3_lab.flash_attn_func` calls last.
 
     Args:
         q, k, v: validated BSHD tensors (see :func:`flash_attn_fwd`).
         causal: bool.  softmax_scale: float α.  step: int kernel step.
         out: None, or a preallocated (batch, seqlen_q, nheads, headdim) tensor of q's dtype/device.
+        deterministic: the backward accumulates dQ in a fixed order (bitwise reproducible).
+        bwd_step: the backward kernel step autograd runs.
 
     Returns:
         (out, lse): out (batch, seqlen_q, nheads, headdim), dtype of q; lse (batch, nheads, seqlen_q)
@@ -189,7 +228,8 @@ def forward(q, k, v, causal, softmax_scale, step, out=None):
             write cannot be differentiated, as for torch's own ``out=`` functions).
     """
     if out is None:
-        return torch.ops.fa3_lab.flash_attn_fwd(q, k, v, bool(causal), float(softmax_scale), int(step))
+        return torch.ops.fa3_lab.flash_attn_fwd(q, k, v, bool(causal), float(softmax_scale), int(step),
+                                                bool(deterministic), int(bwd_step))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out)):
         raise RuntimeError("out: flash_attn_func(..., out=...) does not support autograd (q, k, v or out "
                            "requires grad); call it without out=, or under torch.no_grad()")

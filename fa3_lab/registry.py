@@ -60,6 +60,8 @@ class Chapter:
     name: str
     title: str
     steps: tuple = ()
+    planned: str | None = None  # the issue that writes the notebook, while it does not exist yet
+    planned: str | None = None  # the issue that writes the notebook, while it does not exist yet
 
 
 STEPS: tuple[StepInfo, ...] = (
@@ -93,6 +95,10 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(10, "10_kv_multicast", "fwd", 9,
              "clusters of two CTAs share each K/V tile by TMA multicast",
              "beyond the paper", None),
+    StepInfo(11, "11_bwd", "bwd", None,
+             "backward: preprocess (D, lse·log2 e), K/V-stationary main kernel on WGMMA (Sᵀ, dPᵀ; dV, dK from "
+             "registers; dQ = dS·K through smem, fp32 atomics), postprocess (dQ, GQA sums)",
+             "App. B.1 Alg. 3", "reference/backward.py::flash_attention_backward"),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -106,11 +112,15 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(7, "07_sass_overlap", "reading the SASS: is the softmax under the GEMM?", (4, 10)),
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
+    Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated", (11,),
+            planned="issue #22"),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
 DEFAULT_STEP = 10
 FP8_STEP = 5
+#: The backward step autograd runs by default (``flash_attn_func(..., bwd_step=None)``).
+DEFAULT_BWD_STEP = 11
 
 
 def step(step_id: int) -> StepInfo:

@@ -3,10 +3,11 @@ backend), fa3_lab/examples/llama_prefill.py.
 
 CPU (always): the ops are registered with the right schemas; their fake implementations give the
 right shapes/dtypes/strides on fake CUDA tensors; ``torch.compile(fullgraph=True)`` traces
-flash_attn_func (its checks included) into one graph holding our op, forward and backward; the
-backward placeholder raises; the HF backend registers, wires layout/GQA/causal/scale like SDPA (the
+flash_attn_func (its checks included) into one graph holding our op, forward and backward; a bad
+dout raises naming it; the HF backend registers, wires layout/GQA/causal/scale like SDPA (the
 kernel swapped for the torch reference, float32 on the CPU) and refuses masks and dropout.
-GPU (marker ``gpu``): the same on the real kernel — compiled == eager, backward raises, and the HF GQA
+GPU (marker ``gpu``): the same on the real kernel — compiled == eager, compiled backward == eager backward,
+and the HF GQA
 model's logits within the stated tolerance of the float32 model.
 """
 from __future__ import annotations
@@ -64,15 +65,17 @@ def pretend_sm90(monkeypatch):
 
 def test_ops_are_registered_with_their_schemas():
     fwd = torch.ops.fa3_lab.flash_attn_fwd.default._schema
-    assert [a.name for a in fwd.arguments] == ["q", "k", "v", "causal", "softmax_scale", "step"]
-    assert [str(a.type) for a in fwd.arguments[3:]] == ["bool", "float", "int"]
+    assert [a.name for a in fwd.arguments] == ["q", "k", "v", "causal", "softmax_scale", "step", "deterministic",
+                                                "bwd_step"]
+    assert [str(a.type) for a in fwd.arguments[3:]] == ["bool", "float", "int", "bool", "int"]
     assert len(fwd.returns) == 2 and not any(a.alias_info for a in fwd.arguments)
     out = torch.ops.fa3_lab.flash_attn_fwd_out.default._schema
     assert [a.name for a in out.arguments] == ["q", "k", "v", "out", "causal", "softmax_scale", "step"]
     writes = [a.name for a in out.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert writes == ["out"]
     bwd = torch.ops.fa3_lab.flash_attn_bwd.default._schema
-    assert [a.name for a in bwd.arguments][:6] == ["dout", "q", "k", "v", "out", "lse"] and len(bwd.returns) == 3
+    assert [a.name for a in bwd.arguments] == ["dout", "q", "k", "v", "out", "lse", "causal", "softmax_scale",
+                                                "deterministic", "step"] and len(bwd.returns) == 3
 
 
 @pytest.mark.parametrize("b,sq,sk,h,hkv,d,dtype", [(2, 113, 203, 8, 2, 128, BF16), (1, 1, 1000, 4, 4, 64, FP16),
@@ -147,7 +150,7 @@ def test_bad_input_under_compile_raises_our_error(pretend_sm90):
 
 
 def test_compile_with_grad_traces_forward_and_backward_graphs():
-    """AOTAutograd traces the backward at compile time: the placeholder op's fake impl lets it."""
+    """AOTAutograd traces the backward at compile time: the backward op's fake impl lets it."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -174,10 +177,35 @@ def test_compile_with_grad_traces_forward_and_backward_graphs():
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
-def test_backward_placeholder_raises_with_the_reference_named():
+def test_backward_op_checks_dout_then_the_kernel_contract():
     x = torch.zeros(1, 4, 2, 64, dtype=BF16)
-    with pytest.raises(NotImplementedError, match=r"reference\.backward\.flash_attention_backward"):
-        torch.ops.fa3_lab.flash_attn_bwd(x, x, x, x, x, torch.zeros(1, 2, 4), True, 0.125)
+    lse = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match=r"dout: expected shape \(1, 4, 2, 64\) \(that of out\), got \(1, 4, 2, 32\)"):
+        torch.ops.fa3_lab.flash_attn_bwd(x[..., :32], x, x, x, x, lse, True, 0.125)
+    with pytest.raises(TypeError, match=r"dout: expected dtype torch.bfloat16 \(that of out\), got torch.float32"):
+        torch.ops.fa3_lab.flash_attn_bwd(x.float(), x, x, x, x, lse, True, 0.125)
+    with pytest.raises(TypeError, match=r"dout: expected device meta \(that of out\), got cpu"):
+        torch.ops.fa3_lab.flash_attn_bwd(x, x, x, x, x.to("meta"), lse, True, 0.125)
+    with pytest.raises(TypeError, match=r"expected CUDA tensors"):
+        torch.ops.fa3_lab.flash_attn_bwd(x, x, x, x, x, lse, True, 0.125)
+
+
+def test_bad_dout_raises_at_once_through_autograd_on_meta_tensors():
+    """The backward formula checks dout before calling the op (meta tensors: nothing runs)."""
+    q = torch.randn(1, 64, 4, 64, device="meta", dtype=BF16, requires_grad=True)
+    o, _ = torch.ops.fa3_lab.flash_attn_fwd(q, q, q, False, 0.125, 2)
+    with pytest.raises(TypeError, match=r"dout: expected dtype torch.bfloat16 \(that of out\), got torch.float16"):
+        torch.ops.fa3_lab.flash_attn_bwd(torch.ones(o.shape, device="meta", dtype=torch.float16), q, q, q, o,
+                                         torch.zeros(1, 4, 64, device="meta"), False, 0.125)
+    dq, = torch.autograd.grad(o, q, torch.ones_like(o))
+    assert dq.shape == q.shape and dq.dtype == BF16
+
+
+def test_fp8_backward_raises_a_clear_error():
+    x = torch.zeros(2, requires_grad=True)
+    y = api._Fp8NoBackward.apply(x * 1, x, x, x)
+    with pytest.raises(NotImplementedError, match=r"FP8 \(e4m3\) path has no backward.*flash_attn_func"):
+        y.sum().backward()
 
 
 def test_op_called_directly_checks_the_kernel_contract():
@@ -307,6 +335,24 @@ def test_hf_decode_with_a_kv_cache_matches_sdpa(transformers, kernel_is_the_refe
         g_sdpa = sdpa.generate(ids, max_new_tokens=6, do_sample=False)
     assert g_ours.tolist() == g_sdpa.tolist()
     assert kernel_is_the_reference[-1]["q"][1] == 1 and kernel_is_the_reference[-1]["k"][1] == 16
+
+
+def test_hf_autocast_hands_the_kernel_the_autocast_dtype(transformers, kernel_is_the_reference):
+    """fp32 weights under bf16 autocast: the rotary embedding gives float32 q, k; the backend casts them to
+    bf16 as SDPA does (the kernel takes 16-bit only)."""
+    import fa3_lab.hf as hf
+
+    seen = []
+    real = api.flash_attn_func
+    api.flash_attn_func = lambda q, k, v, **kw: (seen.append((q.dtype, k.dtype, v.dtype)), real(q, k, v, **kw))[1]
+    try:
+        q = torch.randn(1, 2, 8, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = hf.attention_forward(_Layer(), q, q, q, None)
+        hf.attention_forward(_Layer(), q, q, q, None)  # no autocast: unchanged
+    finally:
+        api.flash_attn_func = real
+    assert seen == [(BF16, BF16, BF16), (torch.float32,) * 3] and out.dtype == BF16
 
 
 def test_hf_padding_mask_raises(transformers, kernel_is_the_reference):
@@ -490,21 +536,22 @@ def test_gpu_compile_fullgraph_matches_eager_and_holds_our_op():
 
 
 @pytest.mark.gpu
-def test_gpu_forward_with_grad_works_and_backward_raises():
+def test_gpu_forward_with_grad_and_compiled_backward_match_eager():
     q, k, v = _qkv(1, 256, 256, 4, 2, 64, requires_grad=True)
     with torch.no_grad():
         ref = fa3_lab.flash_attn_func(q, k, v, causal=True)
-    out = fa3_lab.flash_attn_func(q, k, v, causal=True)
+    out = fa3_lab.flash_attn_func(q, k, v, causal=True, deterministic=True)
     assert out.requires_grad
     torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
-    with pytest.raises(NotImplementedError, match=r"backward kernel not implemented yet; reference\.backward"):
-        out.float().sum().backward()
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v: fa3_lab.flash_attn_func(q, k, v, causal=True), fullgraph=True)
-    out_c = compiled(q, k, v)  # compiles forward + backward graphs without raising
+    compiled = torch.compile(lambda q, k, v: fa3_lab.flash_attn_func(q, k, v, causal=True, deterministic=True),
+                             fullgraph=True)
+    out_c = compiled(q, k, v)
     torch.testing.assert_close(out_c.detach(), ref, rtol=0, atol=0)
-    with pytest.raises(NotImplementedError, match=r"backward kernel not implemented yet"):
-        out_c.float().sum().backward()
+    grads_c = torch.autograd.grad(out_c.float().sum(), (q, k, v))
+    for g, gc in zip(grads, grads_c):
+        torch.testing.assert_close(gc, g, rtol=0, atol=0)  # deterministic: bitwise
     torch._dynamo.reset()
 
 

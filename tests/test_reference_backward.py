@@ -1,4 +1,5 @@
-"""Step 06: the tiled backward (App. B.1, Algorithm 3) against a dense backward derived here.
+"""Step 11's twin, reference/backward.py (App. B.1, Algorithm 3), against a dense backward derived here and
+against float64 torch.autograd.
 
 The dense backward below is written from the formulas, not from the tiled code:
     P = softmax(α S) (masked),  dV = Pᵀ dO,  dP = dO Vᵀ,  D = rowsum(dO ∘ O),
@@ -19,7 +20,7 @@ from reference._validate import causal_visible
 from reference.attention import standard_attention
 from reference.backward import flash_attention_backward, m_block_range
 
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.step11]
 
 RTOL = 1e-10
 
@@ -133,6 +134,35 @@ def test_backward_agrees_with_torch_autograd(rng):
     got = flash_attention_backward(q, k, v, out, lse, dout, causal=True, block_m=8, block_n=16)
     for g, t in zip(got, (tq.grad, tk.grad, tv.grad)):
         assert rel_err(g, t.numpy()) <= RTOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("seqlen_q,seqlen_k,nheads,nheads_kv", [(1, 1, 1, 1), (7, 7, 2, 2), (113, 203, 4, 2),
+                                                                (203, 113, 8, 1), (130, 70, 4, 4)])
+def test_kernel_tiles_match_torch_autograd_float64(rng, causal, headdim, seqlen_q, seqlen_k, nheads, nheads_kv):
+    """The twin with step 11's own tiles (kernel_tiles: padding of the last m_block and n_block, causal
+    m_block_min, GQA per-head slices summed in the postprocess) against float64 torch.autograd, 1e-10."""
+    torch = pytest.importorskip("torch")
+    from reference.backward import kernel_tiles
+
+    q = rng.standard_normal((1, seqlen_q, nheads, headdim))
+    k = rng.standard_normal((1, seqlen_k, nheads_kv, headdim))
+    v = rng.standard_normal((1, seqlen_k, nheads_kv, headdim))
+    dout = rng.standard_normal(q.shape)
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    group = nheads // nheads_kv
+    s = torch.einsum("bqhd,bkhd->bhqk", tq, tk.repeat_interleave(group, dim=2)) / np.sqrt(headdim)
+    if causal:
+        s = s.masked_fill(~torch.tensor(causal_visible(seqlen_q, seqlen_k)), -torch.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows that see no key: P = 0
+    o = torch.einsum("bhqk,bkhd->bqhd", p, tv.repeat_interleave(group, dim=2))
+    o.backward(torch.tensor(dout))
+    out, lse = standard_attention(q, k, v, causal=causal)
+    got = flash_attention_backward(q, k, v, out, lse, dout, causal=causal)  # block sizes: kernel_tiles(headdim)
+    assert kernel_tiles(headdim) == {64: (128, 128), 128: (64, 128), 256: (64, 64)}[headdim]
+    for name, g, t in zip(("dq", "dk", "dv"), got, (tq.grad, tk.grad, tv.grad)):
+        assert rel_err(g, t.numpy()) <= RTOL, (name, rel_err(g, t.numpy()))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,0 +1,90 @@
+// binding_bwd.cpp — the backward's torch entry (binding.cpp registers it as `bwd`): workspace, outputs and
+// the launch of a backward step (cuda/steps/bwd/). Python validates first (fa3_lab/ops.py); these checks are
+// the last line of defence.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "fa3/bwd_params.h"
+
+namespace fa3 {
+#ifdef FA3_HAS_STEP11
+void run_bwd_step11(const BwdParams&, cudaStream_t);
+int bwd_step11_block_m(int headdim);
+#endif
+}  // namespace fa3
+
+// dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
+// dout is copied to a contiguous tensor when its last dim is not contiguous or a stride is not 16-byte
+// aligned (it is loaded by TMA).
+std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_in, bool causal,
+                                double softmax_scale, bool deterministic) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && out.is_cuda() && dout_in.is_cuda() && lse_in.is_cuda(),
+              "bwd: every tensor must be on CUDA");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "bwd: q must be fp16 or bf16");
+  for (const auto* t : {&k, &v, &out, &dout_in})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "bwd: q, k, v, out, dout must share one dtype");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && out.sizes() == q.sizes() &&
+              dout_in.sizes() == q.sizes(), "bwd: shapes do not fit");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1,
+              "bwd: the last dim of q, k, v, out must be contiguous");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t elem = q.element_size();
+  bool dout_ok = dout_in.stride(3) == 1 && reinterpret_cast<uintptr_t>(dout_in.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) dout_ok = dout_ok && (dout_in.stride(d) * elem) % 16 == 0;
+  const at::Tensor dout = dout_ok ? dout_in : dout_in.contiguous();
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), headdim = q.size(3);
+  const int64_t seqlen_k = k.size(1), nheads_kv = k.size(2);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == batch && lse.size(1) == nheads && lse.size(2) == seqlen_q,
+              "bwd: lse must be (batch, nheads, seqlen_q)");
+  const int64_t rounded = (seqlen_q + fa3::kBwdRowPad - 1) / fa3::kBwdRowPad * fa3::kBwdRowPad;
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor lse_log2 = at::empty({batch, nheads, rounded}, f32);
+  at::Tensor dpsum = at::empty({batch, nheads, rounded}, f32);
+  at::Tensor dq_accum = at::zeros({batch, nheads, rounded, headdim}, f32);
+  at::Tensor dq = at::empty({batch, seqlen_q, nheads, headdim}, q.options());
+  at::Tensor dk = at::empty({batch, seqlen_k, nheads_kv, headdim}, q.options());
+  at::Tensor dv = at::empty({batch, seqlen_k, nheads_kv, headdim}, q.options());
+  at::Tensor dk_accum, dv_accum, semaphore;
+
+  fa3::BwdParams p{};
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = out.data_ptr(), p.dout = dout.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.lse_log2 = lse_log2.data_ptr<float>(), p.dpsum = dpsum.data_ptr<float>(), p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  if (nheads != nheads_kv) {  // GQA/MQA: one fp32 slice per query head, summed over the group afterwards
+    dk_accum = at::empty({batch, seqlen_k, nheads, headdim}, f32);
+    dv_accum = at::empty({batch, seqlen_k, nheads, headdim}, f32);
+    p.dk_accum = dk_accum.data_ptr<float>(), p.dv_accum = dv_accum.data_ptr<float>();
+  }
+  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k, p.nheads = nheads, p.nheads_kv = nheads_kv;
+  p.headdim = headdim, p.seqlen_q_rounded = rounded;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.causal = causal, p.deterministic = deterministic;
+  p.dtype = q.scalar_type() == at::kHalf ? fa3::Dtype::kFloat16 : fa3::Dtype::kBFloat16;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (step) {
+#ifdef FA3_HAS_STEP11
+    case 11: {
+      if (deterministic) {
+        const int bm = fa3::bwd_step11_block_m(static_cast<int>(headdim));
+        semaphore = at::zeros({batch, nheads, (seqlen_q + bm - 1) / bm}, q.options().dtype(at::kInt));
+        p.dq_semaphore = semaphore.data_ptr<int>();
+      }
+      fa3::run_bwd_step11(p, stream);
+      break;
+    }
+#endif
+    default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
+  }
+  return {dq, dk, dv};
+}

@@ -1,0 +1,66 @@
+// fa3/bwd.h — device code the backward series (cuda/steps/bwd/) shares (its parameters: bwd_params.h): the
+// 1-D bulk copy of the lse/D rows, the dSᵀ store into a swizzled tile, the dQ accumulation and the GEMM forms.
+#pragma once
+#include <cstdint>
+
+#include "bwd_params.h"
+#include "ptx.h"
+#include "wgmma.h"
+#include "wgmma_bwd.h"
+
+namespace fa3 {
+
+// ---------------------------------------------------------------- 1-D bulk copy (PTX §9.7.9.25.4.1)
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory, counted on `bar`.
+__device__ __forceinline__ void bulk_load_1d(void* smem_dst, const void* gmem_src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_u32(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(gmem_src)), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// ---------------------------------------------------------------- acquire/release on a global int
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// ---------------------------------------------------------------- GEMM forms of the backward
+// D(64 × kN) (+)= A(64 × kK) · B(kK × kN), both from smem MN-major (A stored as Aᵀ: kK rows of 64 contiguous
+// M-elements; B stored kK rows × kN contiguous, in 64-column atoms kRowsB·128 bytes apart).
+template <typename T, int kN, int kK, int kRowsA, int kRowsB>
+__device__ __forceinline__ void gemm_ss_tt(float (&acc)[kN / 2], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    WgmmaSSTT<kN, typename ElemTraits<T>::Tag>::run(acc, desc_mnmajor<kRowsA>(a_base, kk), desc_mnmajor<kRowsB>(b_base, kk),
+                                                    kk > 0 ? 1 : 0);
+}
+
+// Byte offset of 16-bit element (row, col) in a tile of kRows rows stored as 64-column, 128-byte-swizzled
+// atoms (the TMA layout of wgmma.h): atom col/64, row r at r·128, 16-byte chunk (col%64)/8 XOR r%8.
+template <int kRows>
+__device__ __forceinline__ uint32_t swizzled_offset(int row, int col) {
+  const int chunk = ((col % kAtomCols16) / 8) ^ (row % 8);
+  return (col / kAtomCols16) * (kRows * kSwizzleBytes) + row * kSwizzleBytes + chunk * 16 + (col % 8) * 2;
+}
+
+// A 64 × kN accumulator fragment, already packed to 16-bit A-operand registers (pack_p's layout:
+// a[kk][0] = row r0, cols 16kk + 2q, +1; [1] row r0 + 8; [2] row r0, cols +8; [3] row r0 + 8, cols +8),
+// stored as rows row0 + (0..63) of a (kRows × kN) swizzled smem tile: one 32-bit store per register.
+template <int kRows, int kN>
+__device__ __forceinline__ void store_frag_swizzled(const uint32_t (&a)[kN / 16][4], uint32_t tile_base, int row0) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  const int r0 = row0 + 16 * warp + lane / 4, c0 = 2 * (lane % 4);
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = r0 + 8 * (j & 1), col = 16 * kk + 8 * (j >> 1) + c0;
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(tile_base + swizzled_offset<kRows>(row, col)), "r"(a[kk][j])
+                   : "memory");
+    }
+}
+
+}  // namespace fa3
