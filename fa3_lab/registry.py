@@ -61,7 +61,6 @@ class Chapter:
     title: str
     steps: tuple = ()
     planned: str | None = None  # the issue that writes the notebook, while it does not exist yet
-    planned: str | None = None  # the issue that writes the notebook, while it does not exist yet
 
 
 STEPS: tuple[StepInfo, ...] = (

@@ -1,4 +1,4 @@
-"""The tile schedulers of the persistent kernel steps, in NumPy-free Python: which CTA runs which work tile.
+"""Twin of kernel steps 06–07: the tile schedulers of the persistent steps — which CTA runs which work tile.
 
 Twin of ``cuda/steps/06_persistent.cu`` (:func:`static_schedule`) and ``cuda/steps/07_causal_scheduler.cu``
 (:func:`dynamic_schedule`), with the kernel's names: a work tile ``t`` decodes to ``(m_block, h, b)``

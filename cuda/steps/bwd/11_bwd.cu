@@ -434,18 +434,12 @@ int bwd_step11_block_m(int headdim) { return headdim == 64 ? 128 : 64; }
 void run_bwd_step11(const BwdParams& p, cudaStream_t stream) {
   auto by_dim = [&](auto tag) {
     using T = decltype(tag);
-#ifdef FA3_BWD_ONLY_HEADDIM  // local compile checks: one headdim
-    if (p.headdim != FA3_BWD_ONLY_HEADDIM) throw std::runtime_error("step11: built for one headdim");
-    return p.causal ? step11::run<T, FA3_BWD_ONLY_HEADDIM, true>(p, stream)
-                    : step11::run<T, FA3_BWD_ONLY_HEADDIM, false>(p, stream);
-#else
     switch (p.headdim) {
       case 64: return p.causal ? step11::run<T, 64, true>(p, stream) : step11::run<T, 64, false>(p, stream);
       case 128: return p.causal ? step11::run<T, 128, true>(p, stream) : step11::run<T, 128, false>(p, stream);
       case 256: return p.causal ? step11::run<T, 256, true>(p, stream) : step11::run<T, 256, false>(p, stream);
       default: throw std::runtime_error("step11: headdim must be 64, 128 or 256");
     }
-#endif
   };
   if (p.dtype == Dtype::kFloat16) by_dim(__half{});
   else if (p.dtype == Dtype::kBFloat16) by_dim(__nv_bfloat16{});
