@@ -32,6 +32,6 @@ timeout ${SAN_S:-140} bash -c 'for t in memcheck racecheck synccheck; do san $t 
   > "$OUT/sanitize.log" 2>&1
 cat "$OUT/sanitize.log"; echo "SANITIZERS done at $(el) s"
 left=$(( BUDGET - $(el) ))
-timeout -s INT $left python3 tools/experiments/grid_vs_base.py --base-cuda .base/cuda --rounds 3 --ablation --out "$OUT" \
+timeout -s INT -k 15 $left python3 tools/experiments/grid_vs_base.py --base-cuda .base/cuda --rounds 3 --ablation --out "$OUT" \
   > "$OUT/grid.log" 2>&1
 grep -E "GRID|ABL|saved|Error|error" "$OUT/grid.log"; echo "END at $(el) s"
