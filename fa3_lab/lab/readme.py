@@ -174,10 +174,6 @@ def run_line(runs: list[results.Run]) -> str:
             f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}. Files: {files}. {_protocol(runs)}.")
 
 
-def _by_name(runs: list[results.Run]) -> dict[str, results.Run]:
-    return {r.path.stem: r for r in runs}
-
-
 def _kind(run: results.Run) -> str:
     """"grid", "ablation", "fp8" or "backward": by file name (``bench``, ``ablation``, ``bench_fp8``,
     ``bench_backward``), else by content (rows with a backward ``pass``: backward; e4m3 rows: fp8; step
@@ -193,20 +189,20 @@ def _kind(run: results.Run) -> str:
     return "grid" if len(keys) > 1 else "ablation"
 
 
-def _grid_runs(runs):
+def grid_runs(runs):
     """The runs of the paper's Figure 5 grid (``bench.json``)."""
     return [r for r in runs if _kind(r) == "grid"]
 
 
-def _ablation_runs(runs):
+def ablation_runs(runs):
     return [r for r in runs if _kind(r) == "ablation"]
 
 
-def _fp8_runs(runs):
+def fp8_runs(runs):
     return [r for r in runs if _kind(r) == "fp8"]
 
 
-def _backward_runs(runs):
+def backward_runs(runs):
     return [r for r in runs if _kind(r) == "backward"]
 
 
@@ -313,9 +309,6 @@ def _fig_dtype(run: results.Run) -> str:
 
 
 def write_figure(run: results.Run, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from fa3_lab.lab import plots
@@ -329,17 +322,13 @@ def write_figure(run: results.Run, path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ render
 
-def _current(root=None) -> dict[str, list[results.Run]]:
-    return results.current_runs(root)
-
-
 def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img") -> str:
     """The README's results block (without the markers), ending in a newline: the newest GPU's run."""
     if not runs_by_gpu:
         return NO_RESULTS + "\n"
     slug, runs = next(iter(runs_by_gpu.items()))
     parts = [run_line(runs), ""]
-    grids = _grid_runs(runs)
+    grids = grid_runs(runs)
     if grids:
         grid = grids[-1]
         dtype = _fig_dtype(grid)
@@ -350,13 +339,13 @@ def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img"
         parts += ["Longest sequence of each configuration (TFLOPs/s; × = our fastest step ÷ that peer):", "",
                   _markdown(header, rows), ""]
         parts += [f"- {s}" for s in grid_sentences(grid)]
-    for r in _ablation_runs(runs):
+    for r in ablation_runs(runs):
         parts += [f"- {s}" for d in ("fp16", "bf16") if (s := ablation_sentence(r, d))]
-    for r in _fp8_runs(runs):
+    for r in fp8_runs(runs):
         s = fp8_sentence(r)
         if s:
             parts.append(f"- {s}")
-    for r in _backward_runs(runs):
+    for r in backward_runs(runs):
         parts += [f"- {s}" for p in ("bwd", "fwd_bwd") for s in grid_sentences(r, "bf16", p)[:2]]
     notes = [n for n in (dash_note(g) for g in grids) if n]
     parts += ["", *notes] if notes else []
@@ -377,7 +366,7 @@ def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
         return "\n".join(lines + [NO_RESULTS, ""])
     for slug, runs in runs_by_gpu.items():
         lines += [f"## {runs[0].meta['gpu']}", "", run_line(runs), ""]
-        for r in _grid_runs(runs):
+        for r in grid_runs(runs):
             lines += [f"![Figure 5, {r.meta['gpu']}](img/{figure_path(r).name})", ""]
         for r in runs:
             header, rows = pivot(r)
@@ -385,10 +374,10 @@ def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
             note = dash_note(r)
             if note:
                 lines += [note, ""]
-        sentences = [s for g in _grid_runs(runs) for d in ("bf16", "fp16") for s in grid_sentences(g, d)]
-        sentences += [s for r in _ablation_runs(runs) for d in ("bf16", "fp16") if (s := ablation_sentence(r, d))]
-        sentences += [s for r in _fp8_runs(runs) if (s := fp8_sentence(r))]
-        sentences += [s for r in _backward_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
+        sentences = [s for g in grid_runs(runs) for d in ("bf16", "fp16") for s in grid_sentences(g, d)]
+        sentences += [s for r in ablation_runs(runs) for d in ("bf16", "fp16") if (s := ablation_sentence(r, d))]
+        sentences += [s for r in fp8_runs(runs) if (s := fp8_sentence(r))]
+        sentences += [s for r in backward_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
                       for s in grid_sentences(r, d, p)]
         if sentences:
             lines += ["In short:", ""] + [f"- {s}" for s in sentences] + [""]
@@ -460,13 +449,9 @@ def update(text: str, runs_by_gpu, steps: bool | None = None) -> str:
     return text
 
 
-def outputs(runs_by_gpu, readme_text: str) -> dict[Path, str]:
-    """{path: text} of every generated text file."""
-    return {README: update(readme_text, runs_by_gpu), RESULTS_MD: render_results_md(runs_by_gpu)}
-
-
 def figures(runs_by_gpu) -> list[tuple[results.Run, Path]]:
-    return [(g, figure_path(g)) for runs in runs_by_gpu.values() for g in _grid_runs(runs)]
+    """(grid run, its picture's path) for every current GPU run that has a grid."""
+    return [(g, figure_path(g)) for runs in runs_by_gpu.values() for g in grid_runs(runs)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     default = args.readme == README
     try:
         text = args.readme.read_text()
-        runs = _current(args.results)
+        runs = results.current_runs(args.results)
         new = {args.readme: update(text, runs, steps=default or None)}
         if default:  # docs/results.md and the picture belong to the repository's README only
             new[RESULTS_MD] = render_results_md(runs)

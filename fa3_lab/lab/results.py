@@ -10,7 +10,7 @@ Files live in ``fa3_lab/results/<gpu-slug>/<name>.json``; one file is one run (o
 commit, one process), so numbers inside a file may be compared and numbers across files may not.
 
 **One current run per GPU.** A GPU folder holds the files of one commit only (the grid ``bench.json``,
-``ablation.json``, ``bench_fp8.json``, whichever that run made; ``tests/test_results_current.py``
+``ablation.json``, ``bench_fp8.json``, whichever that run made; ``tests/test_newcomer.py``
 fails otherwise). When a new run is recorded, the old files move out of the package to
 ``tools/experiments/results/<gpu-slug>/<commit>/`` (:data:`ARCHIVE_DIR`, beside the A/B runs of
 ``tools/experiments/``); :func:`find` falls back to the newest archived file of a name only when no

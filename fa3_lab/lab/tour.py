@@ -139,7 +139,7 @@ def show_recorded(console, dtypes=("bf16",)) -> list:
     shown = []
     for runs in current.values():
         console.print(readme.run_line(runs).replace("**", "").replace("`", ""), soft_wrap=True, markup=False)
-        for grid in readme._grid_runs(runs):
+        for grid in readme.grid_runs(runs):
             header, rows = readme.compact(grid, dtypes)
             table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False,
                           caption="TFLOPs/s at the longest seqlen; × = our fastest step ÷ that peer, same run; "
@@ -152,7 +152,7 @@ def show_recorded(console, dtypes=("bf16",)) -> list:
             for line in readme.grid_sentences(grid, dtypes[0]):
                 console.print(f"- {line}", soft_wrap=True, markup=False)
             shown.append(grid)
-        for abl in readme._ablation_runs(runs):
+        for abl in readme.ablation_runs(runs):
             for d in ("fp16", "bf16"):
                 line = readme.ablation_sentence(abl, d)
                 if line:

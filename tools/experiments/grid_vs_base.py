@@ -68,55 +68,64 @@ def main():
     base = load_base(args.base_cuda, args.base_step, args.base_commit)
     print(f"base extension built in {time.time() - t0:.0f} s", flush=True)
     cmd = "python tools/experiments/grid_vs_base.py " + " ".join(sys.argv[1:])
-    saved = []
+
+    def keep(path):  # written at once, and copied to --out at once (a later time limit cannot lose it)
+        print("saved", path, flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / path.name).write_text(path.read_text())
     if not args.no_grid:
         rows, ratios = [], []
-        for dtype in args.dtypes.split(","):
-            for d in (64, 128, 256):
-                for causal in (False, True):
-                    for s in map(int, args.seqlens.split(",")):
-                        b, h = 16384 // s, 2048 // d
-                        q, k, v = inputs(dtype, b, s, h, d)
-                        out = torch.empty_like(q)
-                        scale = 1 / math.sqrt(d)
-                        jobs = {"new": bench.round_timer(lambda: new.fwd(args.new_step, q, k, v, causal, scale, out, None, 0)),
-                                "base": bench.round_timer(lambda: base.fwd(args.base_step, q, k, v, causal, scale, out, None, 0))}
-                        vals, _ = bench.rotating_rounds(jobs, args.rounds)
-                        ms_new, ms_base = statistics.median(vals["new"]), statistics.median(vals["base"])
-                        rows.append(row(f"step{args.new_step:02d}", dtype, d, causal, b, s, h, ms_new, build="new",
-                                        ms_rounds=vals["new"]))
-                        rows.append(row(f"step{args.base_step:02d}", dtype, d, causal, b, s, h, ms_base,
-                                        build=args.base_commit, ms_rounds=vals["base"]))
-                        ratios.append(ms_base / ms_new)
-                        print(f"{dtype} d{d} {'causal' if causal else 'full  '} {s:6d}: new {rows[-2]['tflops']:6.1f} "
-                              f"base {rows[-1]['tflops']:6.1f} TFLOPs/s  new/base {ratios[-1]:.3f}", flush=True)
-                        del q, k, v, out
+        try:  # a time limit (SIGINT) keeps the rows measured so far
+            for dtype in args.dtypes.split(","):
+                for d in (64, 128, 256):
+                    for causal in (False, True):
+                        for s in map(int, args.seqlens.split(",")):
+                            b, h = 16384 // s, 2048 // d
+                            q, k, v = inputs(dtype, b, s, h, d)
+                            out = torch.empty_like(q)
+                            scale = 1 / math.sqrt(d)
+                            jobs = {"new": bench.round_timer(lambda: new.fwd(args.new_step, q, k, v, causal, scale, out, None, 0)),
+                                    "base": bench.round_timer(lambda: base.fwd(args.base_step, q, k, v, causal, scale, out, None, 0))}
+                            vals, _ = bench.rotating_rounds(jobs, args.rounds)
+                            ms_new, ms_base = statistics.median(vals["new"]), statistics.median(vals["base"])
+                            rows.append(row(f"step{args.new_step:02d}", dtype, d, causal, b, s, h, ms_new, build="new",
+                                            ms_rounds=vals["new"]))
+                            rows.append(row(f"step{args.base_step:02d}", dtype, d, causal, b, s, h, ms_base,
+                                            build=args.base_commit, ms_rounds=vals["base"]))
+                            ratios.append(ms_base / ms_new)
+                            print(f"{dtype} d{d} {'causal' if causal else 'full  '} {s:6d}: new {rows[-2]['tflops']:6.1f} "
+                                  f"base {rows[-1]['tflops']:6.1f} TFLOPs/s  new/base {ratios[-1]:.3f}", flush=True)
+                            del q, k, v, out
+        except KeyboardInterrupt:
+            print(f"GRID interrupted after {len(ratios)} points", flush=True)
+        if not ratios:
+            return
         print(f"GRID new/base: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}, "
               f"points < 0.97: {sum(r < 0.97 for r in ratios)} of {len(ratios)}", flush=True)
-        saved.append(results.save(f"grid_vs_{args.base_commit}", rows, results.collect_meta(cmd)))
+        keep(results.save(f"grid_vs_{args.base_commit}", rows, results.collect_meta(cmd)))
     if args.ablation:
         rows = []
         steps = api.forward_steps16()
         shapes = [("bf16", 128, False, 4, 8448, 16), ("bf16", 128, True, 4, 8448, 16), ("bf16", 64, False, 4, 8448, 32),
                   ("bf16", 256, False, 4, 8448, 8), ("bf16", 128, True, 8, 2048, 16), ("bf16", 256, True, 8, 2048, 8)]
-        for dtype, d, causal, b, s, h in shapes:
-            q, k, v = inputs(dtype, b, s, h, d)
-            out = torch.empty_like(q)
-            scale = 1 / math.sqrt(d)
-            jobs = {st: bench.round_timer(lambda st=st: new.fwd(st, q, k, v, causal, scale, out, None, 0)) for st in steps}
-            vals, _ = bench.rotating_rounds(jobs, args.rounds)
-            line = []
-            for st in steps:
-                r = row(f"step{st:02d}", dtype, d, causal, b, s, h, statistics.median(vals[st]), ms_rounds=vals[st])
-                rows.append(r)
-                line.append(f"{st:02d}:{r['tflops']:.0f}")
-            print(f"ABL {dtype} d{d} {'causal' if causal else 'full'} ({b},{s},{h},{d}): " + " ".join(line), flush=True)
-        saved.append(results.save("ablation", rows, results.collect_meta(cmd + " --ablation")))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        for p in saved:
-            (args.out / p.name).write_text(p.read_text())
-    print("saved", *saved)
+        try:
+            for dtype, d, causal, b, s, h in shapes:
+                q, k, v = inputs(dtype, b, s, h, d)
+                out = torch.empty_like(q)
+                scale = 1 / math.sqrt(d)
+                jobs = {st: bench.round_timer(lambda st=st: new.fwd(st, q, k, v, causal, scale, out, None, 0)) for st in steps}
+                vals, _ = bench.rotating_rounds(jobs, args.rounds)
+                line = []
+                for st in steps:
+                    r = row(f"step{st:02d}", dtype, d, causal, b, s, h, statistics.median(vals[st]), ms_rounds=vals[st])
+                    rows.append(r)
+                    line.append(f"{st:02d}:{r['tflops']:.0f}")
+                print(f"ABL {dtype} d{d} {'causal' if causal else 'full'} ({b},{s},{h},{d}): " + " ".join(line), flush=True)
+        except KeyboardInterrupt:
+            print(f"ABL interrupted after {len(rows)} rows", flush=True)
+        if rows:
+            keep(results.save("ablation", rows, results.collect_meta(cmd + " --ablation")))
 
 
 if __name__ == "__main__":
