@@ -456,7 +456,8 @@ def test_cuda_grading_config_shapes(cuda_config):
     assert len(cuda_config["shapes"]) == 5 and cuda_config["points_per_shape"] == 1
     for b, sq, sk, h, hkv, d, causal, dtype in cuda_config["shapes"]:
         assert h % hkv == 0 and d in (64, 128, 256) and dtype in ("bf16", "fp16") and sq >= 1 and sk >= 1
-    assert {s[6] for s in cuda_config["shapes"]} == {True, False}
+    assert {s[6] for s in cuda_config["shapes"]} == {True, False} and {s[7] for s in cuda_config["shapes"]} == {"bf16", "fp16"}
+    assert cuda_config["shapes"][0][3] > cuda_config["shapes"][0][4] and cuda_config["shapes"][-1][1] <= 16
 
 
 def test_score_submission_full_marks_with_a_correct_module(tmp_path, cuda_config):
@@ -593,3 +594,13 @@ def test_grade_cuda_on_the_gpu(kit, tmp_path):
     assert rows["gpu_solution"]["points"] == 5, rows["gpu_solution"]
     assert rows["gpu_stub"]["points"] == 0
     assert rows["gpu_reference"]["points"] == 0 and "does not build" in rows["gpu_reference"]["status"]
+
+
+def test_teaching_doc_shows_the_kits_points(kit):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "teaching.md").read_text()
+    rows = [ln for ln in (kit / "POINTS.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(rows) >= 20
+    for row in rows:
+        assert row in doc, f"docs/teaching.md's points table lacks: {row}"
+    for command in ("python -m fa3_lab course", "nbgrader autograde", "python -m fa3_lab course grade-cuda"):
+        assert command in doc

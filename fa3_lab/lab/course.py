@@ -253,13 +253,21 @@ def cuda_grading_config(rng) -> dict:
     shapes = []
     for i in range(CUDA_HIDDEN_SHAPES):
         hkv = int(rng.choice([1, 2]))
-        shapes.append([int(rng.integers(1, 3)), int(rng.integers(1, 1100)), int(rng.integers(1, 1100)),
-                       hkv * int(rng.choice([1, 2, 4])), hkv, [64, 128, 256][i % 3], bool(i % 2),
-                       "fp16" if i in (1, 2) else "bf16"])
+        group = 4 if i == 0 else int(rng.choice([1, 2, 4]))            # the first one is GQA
+        seqlen_q = int(rng.integers(1, 17)) if i == CUDA_HIDDEN_SHAPES - 1 else int(rng.integers(1, 1100))  # decode-like
+        shapes.append([int(rng.integers(1, 3)), seqlen_q, int(rng.integers(1, 1100)), hkv * group, hkv,
+                       [64, 128, 256][i % 3], bool(i % 2), "fp16" if i in (1, 2) else "bf16"])
     return {"assignment": CUDA_ASSIGNMENT, "file": CUDA_FILE, "seed": int(rng.integers(10**5, 10**9)),
             "points_per_shape": CUDA_POINTS_PER_SHAPE,
             "shapes_fields": ["batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv", "headdim", "causal", "dtype"],
             "shapes": shapes, "unavailable": list(CUDA_UNAVAILABLE)}
+
+
+def _config_json(config: dict) -> str:
+    """grading.json with one line per shape (an instructor may edit the shapes, seed and points)."""
+    head = json.dumps({k: v for k, v in config.items() if k != "shapes"}, indent=1)
+    shapes = ",\n".join("  " + json.dumps(s) for s in config["shapes"])
+    return head[:-2] + ',\n "shapes": [\n' + shapes + "\n ]\n}\n"
 
 
 def _generate_assignments(root: Path, assignments: list[str]) -> None:
@@ -331,7 +339,7 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
             (release / "README.md").write_text(CUDA_README.format(file=CUDA_FILE))
             (private / CUDA_FILE).write_text(text)
             config = cuda_grading_config(rng)
-            (private / "grading.json").write_text(json.dumps(config, indent=1) + "\n")
+            (private / "grading.json").write_text(_config_json(config))
             summary["cuda"] = len(config["shapes"]) * config["points_per_shape"]
         (root / "POINTS.md").write_text(points_table(summary))
     return summary
