@@ -191,6 +191,18 @@ def hidden_test(call: ast.Call, seed: int) -> str:
     return "\n".join(lines)
 
 
+def grade_note(points, calls) -> str:
+    """The comment that opens a graded cell (students see it): points, and what the hidden test withholds."""
+    import textwrap
+
+    names = [n for call in calls for n in UNAVAILABLE.get(call.func.attr, ())]
+    text = (f"autograder test ({points} point{'s' if points != 1 else ''}): this check, and a hidden one on "
+            f"inputs you do not see")
+    text += (f", during which the lab's own answers are unavailable to your code: {', '.join(names)}." if names
+             else ".")
+    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 105, break_on_hyphens=False))
+
+
 def source_notebook(nb, rng):
     """The instructor copy of a notebook node: every self-check call also gets a hidden test.
 
@@ -210,9 +222,7 @@ def source_notebook(nb, rng):
             graded.append((md["grade_id"], None, md.get("points", 0)))
             continue
         hidden = [hidden_test(call, int(rng.integers(10**5, 10**9))) for call in calls]
-        note = (f"# autograder test ({md.get('points', 0)} point{'s' if md.get('points', 0) != 1 else ''}): this "
-                f"check, and hidden tests on other inputs with the lab's own answer unavailable")
-        cell.source = note + "\n" + cell.source.rstrip() + "\n" + "\n".join(hidden)
+        cell.source = grade_note(md.get("points", 0), calls) + cell.source.rstrip() + "\n" + "\n".join(hidden)
         graded.append((md["grade_id"], ", ".join(c.func.attr for c in calls), md.get("points", 0)))
     return nb, graded
 
