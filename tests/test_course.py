@@ -208,7 +208,7 @@ def test_cheats_cover_every_exercise_the_lab_answers():
     assert set(CHEATS) == set(CHEAT_CHECKS)
 
 
-@pytest.mark.parametrize("key", sorted(CHEATS))
+@pytest.mark.parametrize("key", sorted(CHEATS), ids=lambda key: "-".join(key))
 def test_a_reference_calling_answer_passes_the_self_check_and_fails_the_hidden_test(key):
     check_name, fn_names = CHEAT_CHECKS[key]
     ns: dict = {}
@@ -287,19 +287,20 @@ def test_gradebook_holds_the_hidden_tests_and_points(kit):
         assert course.HIDDEN_BEGIN in cell.source and "reference.fp8.quantize_per_block" in cell.source
 
 
-def test_seed_is_secret_and_reproducible(tmp_path):
-    pytest.importorskip("nbgrader")
+def test_hidden_seeds_are_drawn_from_the_build_seed():
     import nbformat
 
+    nb = nbformat.read(student.resolve_notebooks(["03"])[0], as_version=4)
+
     def hidden_seeds(seed):
-        out = tmp_path / f"k{seed}-{len(list(tmp_path.iterdir()))}"
-        course.build_course(out, ["03"], seed=seed, cuda=False)
-        nb = nbformat.read(out / "source/03_producer_consumer/03_producer_consumer.ipynb", as_version=4)
-        return [line for c in nb.cells for line in c.source.splitlines()
+        src, graded = course.source_notebook(nb, np.random.default_rng(seed))
+        assert [g[1] for g in graded] == ["check_ring_position", "check_consumer_slot"]
+        return [line for c in src.cells for line in c.source.splitlines()
                 if line.startswith("grading.check_") and "seed=" in line]
 
     a, b, c = hidden_seeds(1), hidden_seeds(1), hidden_seeds(2)
     assert len(a) == 2 and a == b and a != c
+    assert nb.cells == nbformat.read(student.resolve_notebooks(["03"])[0], as_version=4).cells   # not modified
 
 
 def test_cli_refuses_a_non_empty_outdir_and_leaves_nothing(tmp_path, capsys):
@@ -401,6 +402,10 @@ def _autograde_and_assert(kit: Path, aids: list[str]) -> None:
                 last = md["grade_id"]
             elif md.get("grade"):
                 solution_of[md["grade_id"]] = last
+        proc = _nbgrader(kit, "generate_feedback", aid, "--force")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        feedback = (kit / "feedback" / "reference" / aid / f"{aid}.html").read_text()
+        assert "Score:" in feedback and "BEGIN HIDDEN TESTS" not in feedback and "def _fa3_without" not in feedback
         full = {g: m for g, (_, m) in scores["solution"].items()}
         assert all(m > 0 for m in full.values())
         assert {g: s for g, (s, _) in scores["solution"].items()} == full, (aid, scores["solution"])

@@ -237,6 +237,10 @@ c = get_config()  # noqa: F821
 c.CourseDirectory.course_id = "{course_id}"
 # Each notebook executes in 5-20 s on a CPU; the hidden tests about double the check cells.
 c.Execute.timeout = 600
+# Feedback (nbgrader generate_feedback) shows the graded cells without the hidden tests' source (a failing
+# hidden test still shows its error, which names the case and how to reproduce it).
+c.GenerateFeedback.preprocessors = ["nbgrader.preprocessors.GetGrades", "nbgrader.preprocessors.ClearHiddenTests",
+                                    "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor"]
 '''
 
 CUDA_README = '''\
