@@ -220,13 +220,30 @@ def test_a_reference_calling_answer_passes_the_self_check_and_fails_the_hidden_t
     call = course.check_calls(f"grading.{check_name}({', '.join(fn_names)})")[0]
     hidden = course.hidden_test(call, seed=12345)
     assert course.HIDDEN_BEGIN in hidden and course.HIDDEN_END in hidden and "seed=12345" in hidden
-    ns.update(grading=grading)
+    # a submission that also replaced the self-check by a no-op: the hidden test uses a fresh copy
+    ns.update(grading=types.SimpleNamespace(**{check_name: lambda *a, **k: None}))
     with pytest.raises(RuntimeError, match="autograder runs your function") as err:
         exec(compile(hidden, "<hidden test>", "exec"), ns)
     assert "hidden test: unavailable while your function ran" in "\n".join(getattr(err.value, "__notes__", []))
     # the guard puts the lab's functions back: the public check still passes afterwards
     with contextlib.redirect_stdout(io.StringIO()):
         check(*fns)
+
+
+def test_hidden_test_of_an_exercise_the_lab_does_not_answer():
+    import nbformat
+
+    call = course.check_calls("grading.check_smem_bytes(smem_bytes)")[0]
+    hidden = course.hidden_test(call, seed=99)
+    assert "_fa3_without" not in hidden and "_fa3_grading().check_smem_bytes(smem_bytes, seed=99)" in hidden
+    ns = {"smem_bytes": lambda d, bm, bn, st, elem_bytes=2: (0, True)}              # wrong
+    with pytest.raises(AssertionError, match="check_smem_bytes: smem_bytes returned the wrong"):
+        exec(compile(hidden, "<hidden test>", "exec"), ns)
+    src, graded = course.source_notebook(nbformat.read(student.resolve_notebooks(["06"])[0], as_version=4),
+                                         np.random.default_rng(0))
+    assert [g[1] for g in graded] == ["check_acc_index", "check_smem_bytes", "check_tflops_from_ms"]
+    cell = next(c for c in src.cells if "check_tflops_from_ms(" in c.source and course.HIDDEN_BEGIN in c.source)
+    assert "rows=bench_run.rows, seed=" in cell.source                     # keyword arguments are kept
 
 
 @pytest.mark.parametrize("check_name", sorted(course.UNAVAILABLE))
@@ -296,7 +313,7 @@ def test_hidden_seeds_are_drawn_from_the_build_seed():
         src, graded = course.source_notebook(nb, np.random.default_rng(seed))
         assert [g[1] for g in graded] == ["check_ring_position", "check_consumer_slot"]
         return [line for c in src.cells for line in c.source.splitlines()
-                if line.startswith("grading.check_") and "seed=" in line]
+                if line.startswith("_fa3_grading().check_") and "seed=" in line]
 
     a, b, c = hidden_seeds(1), hidden_seeds(1), hidden_seeds(2)
     assert len(a) == 2 and a == b and a != c

@@ -94,10 +94,21 @@ UNAVAILABLE: dict[str, tuple[str, ...]] = {
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
 
+_FRESH_GRADING = '''\
+def _fa3_grading():
+    import importlib.util
+
+    spec = importlib.util.find_spec("fa3_lab.lab.grading")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+'''
+
 # The helpers of a hidden test. Python functions only: each unavailable answer gets the code of
 # _fa3_unavailable for the duration of one call of the student's function (however the function reaches
 # it: a global, a module attribute, a default argument), then its own code back.
 _HIDDEN_HELPERS = '''\
+
 def _fa3_unavailable(*args, **kwargs):
     raise RuntimeError("unavailable while the autograder runs your function: it is the lab's own answer to this "
                        "exercise; write the computation yourself")
@@ -180,14 +191,16 @@ def hidden_test(call: ast.Call, seed: int) -> str:
         args = [f"_fa3_without({a}, {list(names)!r})" for a in args]
     args += [f"{k.arg}={ast.unparse(k.value)}" for k in call.keywords if k.arg != "seed"]
     args.append(f"seed={seed}")
-    what = ("while the lab's own answers to this exercise are unavailable" if names
-            else "(nothing in the lab answers this exercise directly)")
+    what = ("while the lab's own answers to this exercise are unavailable to the function graded." if names
+            else "(nothing in the lab answers this exercise directly: nothing is made unavailable).")
     lines = [HIDDEN_BEGIN,
-             "# Autograder only (not in the release): the same check on inputs the students never see (another seed),",
-             f"# {what}."]
+             "# Autograder only (not in the release): the same check on inputs the students never see (another",
+             "# seed), from a fresh copy of the grading module (a submission that patched it changes nothing),",
+             f"# {what}",
+             _FRESH_GRADING]
     if names:
-        lines += [_HIDDEN_HELPERS, ""]
-    lines += [f"grading.{check}({', '.join(args)})", HIDDEN_END]
+        lines += [_HIDDEN_HELPERS]
+    lines += ["", f"_fa3_grading().{check}({', '.join(args)})", HIDDEN_END]
     return "\n".join(lines)
 
 
