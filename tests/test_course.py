@@ -474,6 +474,14 @@ def cuda_config():
     return course.cuda_grading_config(np.random.default_rng(3))
 
 
+@pytest.fixture
+def cuda_kit(tmp_path):
+    """The CUDA part of a kit only (no nbgrader needed): release/, autograder/, submitted/."""
+    root = tmp_path / "kit"
+    course.write_cuda_assignment(root, np.random.default_rng(4))
+    return root
+
+
 def test_cuda_grading_config_shapes(cuda_config):
     assert len(cuda_config["shapes"]) == 5 and cuda_config["points_per_shape"] == 1
     for b, sq, sk, h, hkv, d, causal, dtype in cuda_config["shapes"]:
@@ -539,9 +547,10 @@ def test_score_submission_partial_points(tmp_path, cuda_config):
     assert "out differs from attention_ref (causal)" in row["status"]
 
 
-def test_grade_cuda_writes_csv_and_json(kit, tmp_path):
+def test_grade_cuda_writes_csv_and_json(cuda_kit, tmp_path):
     import csv
 
+    kit = cuda_kit
     sub = kit / "submitted"
     (sub / "alice" / "cuda_ex01").mkdir(parents=True)
     (sub / "alice" / "cuda_ex01" / course.CUDA_FILE).write_text(grading.CUDA_EXERCISE.read_text())
@@ -565,9 +574,10 @@ def test_grade_cuda_writes_csv_and_json(kit, tmp_path):
     assert json.loads(json_path.read_text())["rows"][0]["shapes"][0]["passed"] is True
 
 
-def test_grade_cuda_cli_needs_a_gpu(kit, capsys):
+def test_grade_cuda_cli_needs_a_gpu(cuda_kit, capsys):
     from fa3_lab import _env
 
+    kit = cuda_kit
     if not _env.why_no_sm90():
         pytest.skip("an sm_90 GPU is present: the GPU test below grades for real")
     assert cli.main(["course", "grade-cuda", str(kit)]) == 2
@@ -599,8 +609,9 @@ def test_poisoned_header_rejects_the_reference_calls_and_accepts_the_solution(tm
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_grade_cuda_on_the_gpu(kit, tmp_path):
+def test_grade_cuda_on_the_gpu(cuda_kit, capsys):
     """On an H100/H200: the solution scores 5, the stub 0, a copy calling softmax.update 0 (it does not build)."""
+    kit = cuda_kit
     sub = kit / "submitted"
     text = grading.CUDA_EXERCISE.read_text()
     copies = {"gpu_solution": text, "gpu_stub": student.strip_cuda_solution(text),
@@ -612,10 +623,13 @@ def test_grade_cuda_on_the_gpu(kit, tmp_path):
     for student_id, source in copies.items():
         (sub / student_id / "cuda_ex01").mkdir(parents=True, exist_ok=True)
         (sub / student_id / "cuda_ex01" / course.CUDA_FILE).write_text(source)
-    rows = {r["student"]: r for r in course.grade_cuda(kit) if r["student"].startswith("gpu_")}
+    assert cli.main(["course", "grade-cuda", str(kit)]) == 0
+    print(capsys.readouterr().out)
+    rows = {r["student"]: r for r in json.loads((kit / "cuda_ex01_grades.json").read_text())["rows"]}
     assert rows["gpu_solution"]["points"] == 5, rows["gpu_solution"]
-    assert rows["gpu_stub"]["points"] == 0
+    assert rows["gpu_stub"]["points"] == 0 and "stub" in rows["gpu_stub"]["status"]
     assert rows["gpu_reference"]["points"] == 0 and "does not build" in rows["gpu_reference"]["status"]
+    assert 'poisoned "update"' in rows["gpu_reference"]["status"], rows["gpu_reference"]
 
 
 def test_teaching_doc_shows_the_kits_points(kit):

@@ -337,9 +337,6 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
     import nbformat
     import numpy as np
 
-    from . import grading
-    from .student import strip_cuda_solution
-
     outdir = Path(outdir)
     check_outdir(outdir, hint=" (a kit holds the gradebook: build a new one elsewhere)")
     paths = exercise_notebooks(notebooks)
@@ -357,19 +354,31 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
         (root / "nbgrader_config.py").write_text(NBGRADER_CONFIG.format(course_id=COURSE_ID))
         _generate_assignments(root, list(summary["assignments"]))
         if cuda:
-            release, private = root / "release" / CUDA_ASSIGNMENT, root / "autograder" / CUDA_ASSIGNMENT
-            release.mkdir(parents=True)
-            private.mkdir(parents=True)
-            text = grading.CUDA_EXERCISE.read_text()
-            (release / CUDA_FILE).write_text(strip_cuda_solution(text, CUDA_FILE))
-            shutil.copyfile(grading.EXERCISE_BINDING, release / grading.EXERCISE_BINDING.name)
-            (release / "README.md").write_text(CUDA_README.format(file=CUDA_FILE))
-            (private / CUDA_FILE).write_text(text)
-            config = cuda_grading_config(rng)
-            (private / "grading.json").write_text(_config_json(config))
+            config = write_cuda_assignment(root, rng)
             summary["cuda"] = len(config["shapes"]) * config["points_per_shape"]
         (root / "POINTS.md").write_text(points_table(summary))
     return summary
+
+
+def write_cuda_assignment(root: Path, rng) -> dict:
+    """``release/cuda_ex01/`` (the stripped exercise, its binding, a README) and ``autograder/cuda_ex01/``
+    (the solution, ``grading.json``) under a course folder; ``submitted/`` if absent. Returns the config."""
+    from . import grading
+    from .student import strip_cuda_solution
+
+    root = Path(root)
+    release, private = root / "release" / CUDA_ASSIGNMENT, root / "autograder" / CUDA_ASSIGNMENT
+    release.mkdir(parents=True)
+    private.mkdir(parents=True)
+    (root / "submitted").mkdir(exist_ok=True)
+    text = grading.CUDA_EXERCISE.read_text()
+    (release / CUDA_FILE).write_text(strip_cuda_solution(text, CUDA_FILE))
+    shutil.copyfile(grading.EXERCISE_BINDING, release / grading.EXERCISE_BINDING.name)
+    (release / "README.md").write_text(CUDA_README.format(file=CUDA_FILE))
+    (private / CUDA_FILE).write_text(text)
+    config = cuda_grading_config(rng)
+    (private / "grading.json").write_text(_config_json(config))
+    return config
 
 
 def points_table(summary: dict) -> str:
