@@ -183,7 +183,8 @@ def _solution_cells(nb):
 
 
 def _without_markers(source: str) -> str:
-    return "\n".join(ln for ln in source.splitlines() if "### BEGIN SOLUTION" not in ln and "### END SOLUTION" not in ln)
+    return "\n".join(ln for ln in source.splitlines()
+                     if "### BEGIN SOLUTION" not in ln and "### END SOLUTION" not in ln)
 
 
 # ------------------------------------------------------------------ the kit
@@ -486,7 +487,8 @@ def test_cuda_grading_config_shapes(cuda_config):
     assert len(cuda_config["shapes"]) == 5 and cuda_config["points_per_shape"] == 1
     for b, sq, sk, h, hkv, d, causal, dtype in cuda_config["shapes"]:
         assert h % hkv == 0 and d in (64, 128, 256) and dtype in ("bf16", "fp16") and sq >= 1 and sk >= 1
-    assert {s[6] for s in cuda_config["shapes"]} == {True, False} and {s[7] for s in cuda_config["shapes"]} == {"bf16", "fp16"}
+    assert {s[6] for s in cuda_config["shapes"]} == {True, False}
+    assert {s[7] for s in cuda_config["shapes"]} == {"bf16", "fp16"}
     assert cuda_config["shapes"][0][3] > cuda_config["shapes"][0][4] and cuda_config["shapes"][-1][1] <= 16
 
 
@@ -511,7 +513,8 @@ def test_score_submission_zero_for_the_stub_and_for_reference_calls(tmp_path, cu
     assert row["points"] == 0 and "still calls the stub" in row["status"] and not built
     cheat = tmp_path / "cheat.cu"
     cheat.write_text(grading.CUDA_EXERCISE.read_text().replace(
-        "    // ### BEGIN SOLUTION", "    float c[2]; softmax.update<kBlockN>(s, p.scale_log2, c);\n    // ### BEGIN SOLUTION"))
+        "    // ### BEGIN SOLUTION",
+        "    float c[2]; softmax.update<kBlockN>(s, p.scale_log2, c);\n    // ### BEGIN SOLUTION"))
     row = course.score_submission(cheat, cuda_config, build=build, check=_cpu_check)
     assert row["points"] == 0 and "softmax.update" in row["status"] and not built
     # a NaN output (a kernel that never writes O) scores 0 on every shape, with check_cuda_exercise's reason
@@ -555,7 +558,8 @@ def test_grade_cuda_writes_csv_and_json(cuda_kit, tmp_path):
     (sub / "alice" / "cuda_ex01").mkdir(parents=True)
     (sub / "alice" / "cuda_ex01" / course.CUDA_FILE).write_text(grading.CUDA_EXERCISE.read_text())
     (sub / "bob" / "cuda_ex01").mkdir(parents=True)
-    (sub / "bob" / "cuda_ex01" / course.CUDA_FILE).write_text((kit / "release/cuda_ex01" / course.CUDA_FILE).read_text())
+    released = (kit / "release/cuda_ex01" / course.CUDA_FILE).read_text()          # the untouched stub
+    (sub / "bob" / "cuda_ex01" / course.CUDA_FILE).write_text(released)
     (sub / "carol" / "cuda_ex01").mkdir(parents=True)                  # submitted nothing
 
     def score(path, config_path):

@@ -68,7 +68,8 @@ _ONLINE = ("reference.online_softmax.online_normalizer_update", "reference.onlin
 #: unavailable. Building blocks the exercise asks for stay available (``results.flops`` in notebook 00,
 #: ``online_softmax_update`` in 04's Algorithm 2, ``simulate`` in 08).
 UNAVAILABLE: dict[str, tuple[str, ...]] = {
-    "check_flash_intensity": ("reference.flash_forward.flash_forward_io", "reference.flash_forward.standard_attention_io"),
+    "check_flash_intensity": ("reference.flash_forward.flash_forward_io",
+                              "reference.flash_forward.standard_attention_io"),
     "check_exp_matmul_ratio": ("reference.pipeline_model.exp_to_matmul_ratio",),
     "check_online_update": _ONLINE,
     "check_merge": _ONLINE,
@@ -79,8 +80,10 @@ UNAVAILABLE: dict[str, tuple[str, ...]] = {
     "check_ring_position": ("reference.fa3_pipeline.stage_phase",),
     "check_consumer_slot": ("reference.fa3_pipeline.stage_phase",),
     "check_softmax_vs_gemms": ("reference.pipeline_model.simulate",),
-    "check_alg2_consumer": ("reference.flash_forward.forward_tile_step", "reference.flash_forward.flash_attention_forward",
-                            "reference.fa3_pipeline.pipelined_forward", "reference.fa3_pipeline.warp_specialized_forward"),
+    "check_alg2_consumer": ("reference.flash_forward.forward_tile_step",
+                            "reference.flash_forward.flash_attention_forward",
+                            "reference.fa3_pipeline.pipelined_forward",
+                            "reference.fa3_pipeline.warp_specialized_forward"),
     "check_block_scales": ("reference.fp8.quantize_per_block", "reference.fp8.fp8_attention_inputs",
                            "fa3_lab.fp8._quantize_per_block", "fa3_lab.fp8.quantize"),
     "check_fwht": ("reference.fp8.fwht", "reference.fp8.incoherent_transform", "fa3_lab.fp8._fwht"),
@@ -281,7 +284,8 @@ def cuda_grading_config(rng) -> dict:
     for i in range(CUDA_HIDDEN_SHAPES):
         hkv = int(rng.choice([1, 2]))
         group = 4 if i == 0 else int(rng.choice([1, 2, 4]))            # the first one is GQA
-        seqlen_q = int(rng.integers(1, 17)) if i == CUDA_HIDDEN_SHAPES - 1 else int(rng.integers(1, 1100))  # decode-like
+        last = i == CUDA_HIDDEN_SHAPES - 1                                # the last one is decode-like
+        seqlen_q = int(rng.integers(1, 17)) if last else int(rng.integers(1, 1100))
         shapes.append([int(rng.integers(1, 3)), seqlen_q, int(rng.integers(1, 1100)), hkv * group, hkv,
                        [64, 128, 256][i % 3], bool(i % 2), "fp16" if i in (1, 2) else "bf16"])
     return {"assignment": CUDA_ASSIGNMENT, "file": CUDA_FILE, "seed": int(rng.integers(10**5, 10**9)),
