@@ -21,9 +21,11 @@ Hidden tests. Each autograder test cell of a source notebook calls the students'
 TESTS``, the same check on inputs the students never see (a seed drawn when the kit is built) run while
 the lab's own answers to the exercise (:data:`UNAVAILABLE`, e.g. ``reference.fp8.quantize_per_block``
 for ``block_scales``) are unavailable: their code is swapped for one that raises, for the duration of
-each call of the student's function, however the function reaches them. So an answer that calls the
-lab's reference passes the self-check and scores 0. ``generate_assignment`` stores the hidden tests in
-the gradebook and removes them from the release; ``autograde`` puts them back.
+each call of the student's function, however the function reaches them. The check comes from a fresh
+copy of ``fa3_lab.lab.grading``, so a submission that replaced the self-check changes nothing. An answer
+that calls the lab's reference passes the self-check and scores 0. ``generate_assignment`` stores the
+hidden tests in the gradebook and removes them from the release; ``autograde`` puts them back; the
+kit's ``nbgrader_config.py`` keeps them out of ``generate_feedback``'s pages.
 
 The CUDA exercise has no notebook: ``python -m fa3_lab course grade-cuda OUTDIR`` builds and checks
 every ``submitted/<student>/cuda_ex01/ex01_online_softmax.cu`` on an sm_90 GPU (each student in its
