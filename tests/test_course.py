@@ -183,7 +183,8 @@ def _solution_cells(nb):
 
 
 def _without_markers(source: str) -> str:
-    return "\n".join(ln for ln in source.splitlines() if "### BEGIN SOLUTION" not in ln and "### END SOLUTION" not in ln)
+    return "\n".join(ln for ln in source.splitlines()
+                     if "### BEGIN SOLUTION" not in ln and "### END SOLUTION" not in ln)
 
 
 # ------------------------------------------------------------------ the kit
@@ -208,7 +209,7 @@ def test_cheats_cover_every_exercise_the_lab_answers():
     assert set(CHEATS) == set(CHEAT_CHECKS)
 
 
-@pytest.mark.parametrize("key", sorted(CHEATS))
+@pytest.mark.parametrize("key", sorted(CHEATS), ids=lambda key: "-".join(key))
 def test_a_reference_calling_answer_passes_the_self_check_and_fails_the_hidden_test(key):
     check_name, fn_names = CHEAT_CHECKS[key]
     ns: dict = {}
@@ -220,13 +221,30 @@ def test_a_reference_calling_answer_passes_the_self_check_and_fails_the_hidden_t
     call = course.check_calls(f"grading.{check_name}({', '.join(fn_names)})")[0]
     hidden = course.hidden_test(call, seed=12345)
     assert course.HIDDEN_BEGIN in hidden and course.HIDDEN_END in hidden and "seed=12345" in hidden
-    ns.update(grading=grading)
+    # a submission that also replaced the self-check by a no-op: the hidden test uses a fresh copy
+    ns.update(grading=types.SimpleNamespace(**{check_name: lambda *a, **k: None}))
     with pytest.raises(RuntimeError, match="autograder runs your function") as err:
         exec(compile(hidden, "<hidden test>", "exec"), ns)
     assert "hidden test: unavailable while your function ran" in "\n".join(getattr(err.value, "__notes__", []))
     # the guard puts the lab's functions back: the public check still passes afterwards
     with contextlib.redirect_stdout(io.StringIO()):
         check(*fns)
+
+
+def test_hidden_test_of_an_exercise_the_lab_does_not_answer():
+    import nbformat
+
+    call = course.check_calls("grading.check_smem_bytes(smem_bytes)")[0]
+    hidden = course.hidden_test(call, seed=99)
+    assert "_fa3_without" not in hidden and "_fa3_grading().check_smem_bytes(smem_bytes, seed=99)" in hidden
+    ns = {"smem_bytes": lambda d, bm, bn, st, elem_bytes=2: (0, True)}              # wrong
+    with pytest.raises(AssertionError, match="check_smem_bytes: smem_bytes returned the wrong"):
+        exec(compile(hidden, "<hidden test>", "exec"), ns)
+    src, graded = course.source_notebook(nbformat.read(student.resolve_notebooks(["06"])[0], as_version=4),
+                                         np.random.default_rng(0))
+    assert [g[1] for g in graded] == ["check_acc_index", "check_smem_bytes", "check_tflops_from_ms"]
+    cell = next(c for c in src.cells if "check_tflops_from_ms(" in c.source and course.HIDDEN_BEGIN in c.source)
+    assert "rows=bench_run.rows, seed=" in cell.source                     # keyword arguments are kept
 
 
 @pytest.mark.parametrize("check_name", sorted(course.UNAVAILABLE))
@@ -287,19 +305,20 @@ def test_gradebook_holds_the_hidden_tests_and_points(kit):
         assert course.HIDDEN_BEGIN in cell.source and "reference.fp8.quantize_per_block" in cell.source
 
 
-def test_seed_is_secret_and_reproducible(tmp_path):
-    pytest.importorskip("nbgrader")
+def test_hidden_seeds_are_drawn_from_the_build_seed():
     import nbformat
 
+    nb = nbformat.read(student.resolve_notebooks(["03"])[0], as_version=4)
+
     def hidden_seeds(seed):
-        out = tmp_path / f"k{seed}-{len(list(tmp_path.iterdir()))}"
-        course.build_course(out, ["03"], seed=seed, cuda=False)
-        nb = nbformat.read(out / "source/03_producer_consumer/03_producer_consumer.ipynb", as_version=4)
-        return [line for c in nb.cells for line in c.source.splitlines()
-                if line.startswith("grading.check_") and "seed=" in line]
+        src, graded = course.source_notebook(nb, np.random.default_rng(seed))
+        assert [g[1] for g in graded] == ["check_ring_position", "check_consumer_slot"]
+        return [line for c in src.cells for line in c.source.splitlines()
+                if line.startswith("_fa3_grading().check_") and "seed=" in line]
 
     a, b, c = hidden_seeds(1), hidden_seeds(1), hidden_seeds(2)
     assert len(a) == 2 and a == b and a != c
+    assert nb.cells == nbformat.read(student.resolve_notebooks(["03"])[0], as_version=4).cells   # not modified
 
 
 def test_cli_refuses_a_non_empty_outdir_and_leaves_nothing(tmp_path, capsys):
@@ -401,6 +420,10 @@ def _autograde_and_assert(kit: Path, aids: list[str]) -> None:
                 last = md["grade_id"]
             elif md.get("grade"):
                 solution_of[md["grade_id"]] = last
+        proc = _nbgrader(kit, "generate_feedback", aid, "--force")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        feedback = (kit / "feedback" / "reference" / aid / f"{aid}.html").read_text()
+        assert "Score:" in feedback and "BEGIN HIDDEN TESTS" not in feedback and "def _fa3_without" not in feedback
         full = {g: m for g, (_, m) in scores["solution"].items()}
         assert all(m > 0 for m in full.values())
         assert {g: s for g, (s, _) in scores["solution"].items()} == full, (aid, scores["solution"])
@@ -452,11 +475,21 @@ def cuda_config():
     return course.cuda_grading_config(np.random.default_rng(3))
 
 
+@pytest.fixture
+def cuda_kit(tmp_path):
+    """The CUDA part of a kit only (no nbgrader needed): release/, autograder/, submitted/."""
+    root = tmp_path / "kit"
+    course.write_cuda_assignment(root, np.random.default_rng(4))
+    return root
+
+
 def test_cuda_grading_config_shapes(cuda_config):
     assert len(cuda_config["shapes"]) == 5 and cuda_config["points_per_shape"] == 1
     for b, sq, sk, h, hkv, d, causal, dtype in cuda_config["shapes"]:
         assert h % hkv == 0 and d in (64, 128, 256) and dtype in ("bf16", "fp16") and sq >= 1 and sk >= 1
     assert {s[6] for s in cuda_config["shapes"]} == {True, False}
+    assert {s[7] for s in cuda_config["shapes"]} == {"bf16", "fp16"}
+    assert cuda_config["shapes"][0][3] > cuda_config["shapes"][0][4] and cuda_config["shapes"][-1][1] <= 16
 
 
 def test_score_submission_full_marks_with_a_correct_module(tmp_path, cuda_config):
@@ -480,7 +513,8 @@ def test_score_submission_zero_for_the_stub_and_for_reference_calls(tmp_path, cu
     assert row["points"] == 0 and "still calls the stub" in row["status"] and not built
     cheat = tmp_path / "cheat.cu"
     cheat.write_text(grading.CUDA_EXERCISE.read_text().replace(
-        "    // ### BEGIN SOLUTION", "    float c[2]; softmax.update<kBlockN>(s, p.scale_log2, c);\n    // ### BEGIN SOLUTION"))
+        "    // ### BEGIN SOLUTION",
+        "    float c[2]; softmax.update<kBlockN>(s, p.scale_log2, c);\n    // ### BEGIN SOLUTION"))
     row = course.score_submission(cheat, cuda_config, build=build, check=_cpu_check)
     assert row["points"] == 0 and "softmax.update" in row["status"] and not built
     # a NaN output (a kernel that never writes O) scores 0 on every shape, with check_cuda_exercise's reason
@@ -516,14 +550,16 @@ def test_score_submission_partial_points(tmp_path, cuda_config):
     assert "out differs from attention_ref (causal)" in row["status"]
 
 
-def test_grade_cuda_writes_csv_and_json(kit, tmp_path):
+def test_grade_cuda_writes_csv_and_json(cuda_kit, tmp_path):
     import csv
 
+    kit = cuda_kit
     sub = kit / "submitted"
     (sub / "alice" / "cuda_ex01").mkdir(parents=True)
     (sub / "alice" / "cuda_ex01" / course.CUDA_FILE).write_text(grading.CUDA_EXERCISE.read_text())
     (sub / "bob" / "cuda_ex01").mkdir(parents=True)
-    (sub / "bob" / "cuda_ex01" / course.CUDA_FILE).write_text((kit / "release/cuda_ex01" / course.CUDA_FILE).read_text())
+    released = (kit / "release/cuda_ex01" / course.CUDA_FILE).read_text()          # the untouched stub
+    (sub / "bob" / "cuda_ex01" / course.CUDA_FILE).write_text(released)
     (sub / "carol" / "cuda_ex01").mkdir(parents=True)                  # submitted nothing
 
     def score(path, config_path):
@@ -542,9 +578,10 @@ def test_grade_cuda_writes_csv_and_json(kit, tmp_path):
     assert json.loads(json_path.read_text())["rows"][0]["shapes"][0]["passed"] is True
 
 
-def test_grade_cuda_cli_needs_a_gpu(kit, capsys):
+def test_grade_cuda_cli_needs_a_gpu(cuda_kit, capsys):
     from fa3_lab import _env
 
+    kit = cuda_kit
     if not _env.why_no_sm90():
         pytest.skip("an sm_90 GPU is present: the GPU test below grades for real")
     assert cli.main(["course", "grade-cuda", str(kit)]) == 2
@@ -576,8 +613,9 @@ def test_poisoned_header_rejects_the_reference_calls_and_accepts_the_solution(tm
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_grade_cuda_on_the_gpu(kit, tmp_path):
+def test_grade_cuda_on_the_gpu(cuda_kit, capsys):
     """On an H100/H200: the solution scores 5, the stub 0, a copy calling softmax.update 0 (it does not build)."""
+    kit = cuda_kit
     sub = kit / "submitted"
     text = grading.CUDA_EXERCISE.read_text()
     copies = {"gpu_solution": text, "gpu_stub": student.strip_cuda_solution(text),
@@ -589,7 +627,20 @@ def test_grade_cuda_on_the_gpu(kit, tmp_path):
     for student_id, source in copies.items():
         (sub / student_id / "cuda_ex01").mkdir(parents=True, exist_ok=True)
         (sub / student_id / "cuda_ex01" / course.CUDA_FILE).write_text(source)
-    rows = {r["student"]: r for r in course.grade_cuda(kit) if r["student"].startswith("gpu_")}
+    assert cli.main(["course", "grade-cuda", str(kit)]) == 0
+    print(capsys.readouterr().out)
+    rows = {r["student"]: r for r in json.loads((kit / "cuda_ex01_grades.json").read_text())["rows"]}
     assert rows["gpu_solution"]["points"] == 5, rows["gpu_solution"]
-    assert rows["gpu_stub"]["points"] == 0
+    assert rows["gpu_stub"]["points"] == 0 and "stub" in rows["gpu_stub"]["status"]
     assert rows["gpu_reference"]["points"] == 0 and "does not build" in rows["gpu_reference"]["status"]
+    assert 'poisoned "update"' in rows["gpu_reference"]["status"], rows["gpu_reference"]
+
+
+def test_teaching_doc_shows_the_kits_points(kit):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "teaching.md").read_text()
+    rows = [ln for ln in (kit / "POINTS.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(rows) >= 20
+    for row in rows:
+        assert row in doc, f"docs/teaching.md's points table lacks: {row}"
+    for command in ("python -m fa3_lab course", "nbgrader autograde", "python -m fa3_lab course grade-cuda"):
+        assert command in doc

@@ -21,9 +21,11 @@ Hidden tests. Each autograder test cell of a source notebook calls the students'
 TESTS``, the same check on inputs the students never see (a seed drawn when the kit is built) run while
 the lab's own answers to the exercise (:data:`UNAVAILABLE`, e.g. ``reference.fp8.quantize_per_block``
 for ``block_scales``) are unavailable: their code is swapped for one that raises, for the duration of
-each call of the student's function, however the function reaches them. So an answer that calls the
-lab's reference passes the self-check and scores 0. ``generate_assignment`` stores the hidden tests in
-the gradebook and removes them from the release; ``autograde`` puts them back.
+each call of the student's function, however the function reaches them. The check comes from a fresh
+copy of ``fa3_lab.lab.grading``, so a submission that replaced the self-check changes nothing. An answer
+that calls the lab's reference passes the self-check and scores 0. ``generate_assignment`` stores the
+hidden tests in the gradebook and removes them from the release; ``autograde`` puts them back; the
+kit's ``nbgrader_config.py`` keeps them out of ``generate_feedback``'s pages.
 
 The CUDA exercise has no notebook: ``python -m fa3_lab course grade-cuda OUTDIR`` builds and checks
 every ``submitted/<student>/cuda_ex01/ex01_online_softmax.cu`` on an sm_90 GPU (each student in its
@@ -68,7 +70,8 @@ _ONLINE = ("reference.online_softmax.online_normalizer_update", "reference.onlin
 #: unavailable. Building blocks the exercise asks for stay available (``results.flops`` in notebook 00,
 #: ``online_softmax_update`` in 04's Algorithm 2, ``simulate`` in 08).
 UNAVAILABLE: dict[str, tuple[str, ...]] = {
-    "check_flash_intensity": ("reference.flash_forward.flash_forward_io", "reference.flash_forward.standard_attention_io"),
+    "check_flash_intensity": ("reference.flash_forward.flash_forward_io",
+                              "reference.flash_forward.standard_attention_io"),
     "check_exp_matmul_ratio": ("reference.pipeline_model.exp_to_matmul_ratio",),
     "check_online_update": _ONLINE,
     "check_merge": _ONLINE,
@@ -79,8 +82,10 @@ UNAVAILABLE: dict[str, tuple[str, ...]] = {
     "check_ring_position": ("reference.fa3_pipeline.stage_phase",),
     "check_consumer_slot": ("reference.fa3_pipeline.stage_phase",),
     "check_softmax_vs_gemms": ("reference.pipeline_model.simulate",),
-    "check_alg2_consumer": ("reference.flash_forward.forward_tile_step", "reference.flash_forward.flash_attention_forward",
-                            "reference.fa3_pipeline.pipelined_forward", "reference.fa3_pipeline.warp_specialized_forward"),
+    "check_alg2_consumer": ("reference.flash_forward.forward_tile_step",
+                            "reference.flash_forward.flash_attention_forward",
+                            "reference.fa3_pipeline.pipelined_forward",
+                            "reference.fa3_pipeline.warp_specialized_forward"),
     "check_block_scales": ("reference.fp8.quantize_per_block", "reference.fp8.fp8_attention_inputs",
                            "fa3_lab.fp8._quantize_per_block", "fa3_lab.fp8.quantize"),
     "check_fwht": ("reference.fp8.fwht", "reference.fp8.incoherent_transform", "fa3_lab.fp8._fwht"),
@@ -94,10 +99,21 @@ UNAVAILABLE: dict[str, tuple[str, ...]] = {
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
 
+_FRESH_GRADING = '''\
+def _fa3_grading():
+    import importlib.util
+
+    spec = importlib.util.find_spec("fa3_lab.lab.grading")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+'''
+
 # The helpers of a hidden test. Python functions only: each unavailable answer gets the code of
 # _fa3_unavailable for the duration of one call of the student's function (however the function reaches
 # it: a global, a module attribute, a default argument), then its own code back.
 _HIDDEN_HELPERS = '''\
+
 def _fa3_unavailable(*args, **kwargs):
     raise RuntimeError("unavailable while the autograder runs your function: it is the lab's own answer to this "
                        "exercise; write the computation yourself")
@@ -180,15 +196,29 @@ def hidden_test(call: ast.Call, seed: int) -> str:
         args = [f"_fa3_without({a}, {list(names)!r})" for a in args]
     args += [f"{k.arg}={ast.unparse(k.value)}" for k in call.keywords if k.arg != "seed"]
     args.append(f"seed={seed}")
-    what = ("while the lab's own answers to this exercise are unavailable" if names
-            else "(nothing in the lab answers this exercise directly)")
+    what = ("while the lab's own answers to this exercise are unavailable to the function graded." if names
+            else "(nothing in the lab answers this exercise directly: nothing is made unavailable).")
     lines = [HIDDEN_BEGIN,
-             "# Autograder only (not in the release): the same check on inputs the students never see (another seed),",
-             f"# {what}."]
+             "# Autograder only (not in the release): the same check on inputs the students never see (another",
+             "# seed), from a fresh copy of the grading module (a submission that patched it changes nothing),",
+             f"# {what}",
+             _FRESH_GRADING]
     if names:
-        lines += [_HIDDEN_HELPERS, ""]
-    lines += [f"grading.{check}({', '.join(args)})", HIDDEN_END]
+        lines += [_HIDDEN_HELPERS]
+    lines += ["", f"_fa3_grading().{check}({', '.join(args)})", HIDDEN_END]
     return "\n".join(lines)
+
+
+def grade_note(points, calls) -> str:
+    """The comment that opens a graded cell (students see it): points, and what the hidden test withholds."""
+    import textwrap
+
+    names = [n for call in calls for n in UNAVAILABLE.get(call.func.attr, ())]
+    text = (f"autograder test ({points} point{'s' if points != 1 else ''}): this check, and a hidden one on "
+            f"inputs you do not see")
+    text += (f", during which the lab's own answers are unavailable to your code: {', '.join(names)}." if names
+             else ".")
+    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 105, break_on_hyphens=False))
 
 
 def source_notebook(nb, rng):
@@ -210,9 +240,7 @@ def source_notebook(nb, rng):
             graded.append((md["grade_id"], None, md.get("points", 0)))
             continue
         hidden = [hidden_test(call, int(rng.integers(10**5, 10**9))) for call in calls]
-        note = (f"# autograder test ({md.get('points', 0)} point{'s' if md.get('points', 0) != 1 else ''}): this "
-                f"check, and hidden tests on other inputs with the lab's own answer unavailable")
-        cell.source = note + "\n" + cell.source.rstrip() + "\n" + "\n".join(hidden)
+        cell.source = grade_note(md.get("points", 0), calls) + cell.source.rstrip() + "\n" + "\n".join(hidden)
         graded.append((md["grade_id"], ", ".join(c.func.attr for c in calls), md.get("points", 0)))
     return nb, graded
 
@@ -227,6 +255,10 @@ c = get_config()  # noqa: F821
 c.CourseDirectory.course_id = "{course_id}"
 # Each notebook executes in 5-20 s on a CPU; the hidden tests about double the check cells.
 c.Execute.timeout = 600
+# Feedback (nbgrader generate_feedback) shows the graded cells without the hidden tests' source (a failing
+# hidden test still shows its error, which names the case and how to reproduce it).
+c.GenerateFeedback.preprocessors = ["nbgrader.preprocessors.GetGrades", "nbgrader.preprocessors.ClearHiddenTests",
+                                    "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor"]
 '''
 
 CUDA_README = '''\
@@ -253,13 +285,22 @@ def cuda_grading_config(rng) -> dict:
     shapes = []
     for i in range(CUDA_HIDDEN_SHAPES):
         hkv = int(rng.choice([1, 2]))
-        shapes.append([int(rng.integers(1, 3)), int(rng.integers(1, 1100)), int(rng.integers(1, 1100)),
-                       hkv * int(rng.choice([1, 2, 4])), hkv, [64, 128, 256][i % 3], bool(i % 2),
-                       "fp16" if i in (1, 2) else "bf16"])
+        group = 4 if i == 0 else int(rng.choice([1, 2, 4]))            # the first one is GQA
+        last = i == CUDA_HIDDEN_SHAPES - 1                                # the last one is decode-like
+        seqlen_q = int(rng.integers(1, 17)) if last else int(rng.integers(1, 1100))
+        shapes.append([int(rng.integers(1, 3)), seqlen_q, int(rng.integers(1, 1100)), hkv * group, hkv,
+                       [64, 128, 256][i % 3], bool(i % 2), "fp16" if i in (1, 2) else "bf16"])
     return {"assignment": CUDA_ASSIGNMENT, "file": CUDA_FILE, "seed": int(rng.integers(10**5, 10**9)),
             "points_per_shape": CUDA_POINTS_PER_SHAPE,
             "shapes_fields": ["batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv", "headdim", "causal", "dtype"],
             "shapes": shapes, "unavailable": list(CUDA_UNAVAILABLE)}
+
+
+def _config_json(config: dict) -> str:
+    """grading.json with one line per shape (an instructor may edit the shapes, seed and points)."""
+    head = json.dumps({k: v for k, v in config.items() if k != "shapes"}, indent=1)
+    shapes = ",\n".join("  " + json.dumps(s) for s in config["shapes"])
+    return head[:-2] + ',\n "shapes": [\n' + shapes + "\n ]\n}\n"
 
 
 def _generate_assignments(root: Path, assignments: list[str]) -> None:
@@ -302,9 +343,6 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
     import nbformat
     import numpy as np
 
-    from . import grading
-    from .student import strip_cuda_solution
-
     outdir = Path(outdir)
     check_outdir(outdir, hint=" (a kit holds the gradebook: build a new one elsewhere)")
     paths = exercise_notebooks(notebooks)
@@ -322,19 +360,31 @@ def build_course(outdir, notebooks=None, *, seed: int | None = None, cuda: bool 
         (root / "nbgrader_config.py").write_text(NBGRADER_CONFIG.format(course_id=COURSE_ID))
         _generate_assignments(root, list(summary["assignments"]))
         if cuda:
-            release, private = root / "release" / CUDA_ASSIGNMENT, root / "autograder" / CUDA_ASSIGNMENT
-            release.mkdir(parents=True)
-            private.mkdir(parents=True)
-            text = grading.CUDA_EXERCISE.read_text()
-            (release / CUDA_FILE).write_text(strip_cuda_solution(text, CUDA_FILE))
-            shutil.copyfile(grading.EXERCISE_BINDING, release / grading.EXERCISE_BINDING.name)
-            (release / "README.md").write_text(CUDA_README.format(file=CUDA_FILE))
-            (private / CUDA_FILE).write_text(text)
-            config = cuda_grading_config(rng)
-            (private / "grading.json").write_text(json.dumps(config, indent=1) + "\n")
+            config = write_cuda_assignment(root, rng)
             summary["cuda"] = len(config["shapes"]) * config["points_per_shape"]
         (root / "POINTS.md").write_text(points_table(summary))
     return summary
+
+
+def write_cuda_assignment(root: Path, rng) -> dict:
+    """``release/cuda_ex01/`` (the stripped exercise, its binding, a README) and ``autograder/cuda_ex01/``
+    (the solution, ``grading.json``) under a course folder; ``submitted/`` if absent. Returns the config."""
+    from . import grading
+    from .student import strip_cuda_solution
+
+    root = Path(root)
+    release, private = root / "release" / CUDA_ASSIGNMENT, root / "autograder" / CUDA_ASSIGNMENT
+    release.mkdir(parents=True)
+    private.mkdir(parents=True)
+    (root / "submitted").mkdir(exist_ok=True)
+    text = grading.CUDA_EXERCISE.read_text()
+    (release / CUDA_FILE).write_text(strip_cuda_solution(text, CUDA_FILE))
+    shutil.copyfile(grading.EXERCISE_BINDING, release / grading.EXERCISE_BINDING.name)
+    (release / "README.md").write_text(CUDA_README.format(file=CUDA_FILE))
+    (private / CUDA_FILE).write_text(text)
+    config = cuda_grading_config(rng)
+    (private / "grading.json").write_text(_config_json(config))
+    return config
 
 
 def points_table(summary: dict) -> str:

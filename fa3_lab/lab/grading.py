@@ -27,6 +27,12 @@ The checks, by notebook (exercise numbers as in the committed notebooks):
 08    :func:`check_overlap_ceiling`, :func:`check_step_gains`
 CUDA  :func:`build_exercise` + :func:`check_cuda_exercise` (``cuda/exercises/ex01_online_softmax.cu``)
 ====  =====================================================================================
+
+These are the students' self-checks: they ship with the lab, and an answer that calls the lab's own
+reference passes them. The graded truth of a course lives in the kit that ``python -m fa3_lab course``
+builds (``fa3_lab/lab/course.py``): hidden tests in the instructor's copy run these checks on inputs
+the students never see, with the lab's answers to each exercise unavailable while the student's
+function runs, and the CUDA exercise is graded on hidden shapes with the answers poisoned.
 """
 from __future__ import annotations
 
