@@ -147,11 +147,19 @@ CHEATS = {
         def classify_line(text):
             return sass.classify(text)
         """,
+    ("09", "ex1_preprocess_d"): """
+        import numpy as np
+        from reference.backward import preprocess
+
+        def preprocess_d(out, dout):
+            b, s, h, d = out.shape
+            return preprocess(out, dout, np.zeros((b, h, s)), s)[0]
+        """,
 }
 # Exercises nothing in the lab answers directly: merge (01), smem_bytes (06), overlap_ceiling and
 # step_gains (08). Their hidden tests still run on inputs the students never see.
 NO_REFERENCE = {("01", "ex2_merge"), ("06", "ex2_smem_bytes"), ("08", "ex1_overlap_ceiling"),
-                ("08", "ex2_step_gains")}
+                ("08", "ex2_step_gains"), ("09", "ex2_ds_tile")}
 
 #: the checks each cheat must pass (public, unguarded) and fail (hidden, guarded).
 CHEAT_CHECKS = {
@@ -170,6 +178,7 @@ CHEAT_CHECKS = {
     ("06", "ex3_tflops"): ("check_tflops_from_ms", ["tflops_from_ms"]),
     ("07", "ex1_solution"): ("check_hgmma_per_group", ["hgmma_per_group"]),
     ("07", "ex2_solution"): ("check_classify_line", ["classify_line"]),
+    ("09", "ex1_preprocess_d"): ("check_preprocess_d", ["preprocess_d"]),
 }
 
 

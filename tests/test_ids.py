@@ -88,8 +88,6 @@ def test_twin_docstring_names_its_steps(module):
 @pytest.mark.parametrize("c", registry.CHAPTERS, ids=lambda c: c.name)
 def test_notebook_names_the_steps_it_covers(c):
     path = ROOT / "notebooks" / f"{c.name}.ipynb"
-    if c.planned and not path.is_file():
-        pytest.skip(f"{path.name}: planned ({c.planned})")
     assert path.is_file(), f"{path} is missing"
     cells = json.loads(path.read_text())["cells"]
     first = "".join(cells[0]["source"])
@@ -101,19 +99,13 @@ def test_notebook_names_the_steps_it_covers(c):
 
 def test_every_notebook_is_a_chapter():
     names = {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
-    planned = {c.name for c in registry.CHAPTERS if c.planned and c.name not in names}
-    assert names == {c.name for c in registry.CHAPTERS} - planned
+    assert names == {c.name for c in registry.CHAPTERS}
 
 
 def test_readme_step_table_lists_every_step():
     readme = (ROOT / "README.md").read_text()
-    missing = [s for s in registry.STEPS if (ROOT / s.path).is_file() and s.path not in readme]
-    # The backward series' README rows are written when its chapter is (registry: Chapter 09 planned, issue #22)
-    pending = {s.id for c in registry.CHAPTERS if c.planned for s in map(registry.step, c.steps)}
-    assert not [s for s in missing if s.id not in pending], \
-        f"README: no row for {[s.path for s in missing if s.id not in pending]}"
-    if missing:
-        pytest.skip(f"README rows pending with their planned chapter: {[s.path for s in missing]}")
+    missing = [s.path for s in registry.STEPS if (ROOT / s.path).is_file() and s.path not in readme]
+    assert not missing, f"README: no row for {missing}"
 
 
 def test_every_step_has_a_marker_and_selects_tests(pytestconfig):

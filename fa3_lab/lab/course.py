@@ -94,6 +94,8 @@ UNAVAILABLE: dict[str, tuple[str, ...]] = {
                              "fa3_lab.lab.results.tflops", "reference.flash_forward.flash_forward_io"),
     "check_hgmma_per_group": ("fa3_lab.lab.sass.gemm_groups",),
     "check_classify_line": ("fa3_lab.lab.sass.classify",),
+    "check_preprocess_d": ("reference.backward.preprocess", "reference.backward.flash_attention_backward"),
+    "check_ds_tile": ("reference.backward.flash_attention_backward",),
 }
 
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"

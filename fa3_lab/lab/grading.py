@@ -36,6 +36,7 @@ function runs, and the CUDA exercise is graded on hidden shapes with the answers
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -684,7 +685,7 @@ def check_smem_bytes(smem_bytes, *, seed: int = 2607, cases: int = 50) -> None:
     g = _Grader("check_smem_bytes", smem_bytes, "smem_bytes", seed)
     src = CUDA_DIR / "steps" / "02_warp_specialized.cu"
     if src.exists():
-        text = src.read_text()
+        text = " ".join(re.sub(r"/\*.*?\*/", "", src.read_text()).split())  # comments out, spaces folded
         for line in ("kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes",
                      "kBarrierBytes = 8 * (1 + 4 * kStages)"):
             if line not in text:
@@ -853,6 +854,67 @@ def check_step_gains(step_gains, *, seed: int = 808, cases: int = 30) -> None:
         g.equal(list(got), list(want), "keys (steps present after the first, in step order)")
         g.close(list(got.values()), list(want.values()), "ratios")
     g.ok("ratios of consecutive present steps")
+
+
+# ------------------------------------------------------------------------------------ notebook 09
+
+def check_preprocess_d(preprocess_d, *, seed: int = 909, cases: int = 20) -> None:
+    """Notebook 09, exercise 1: D = rowsum(dO ∘ O) of BSHD arrays, as (batch, nheads, seqlen_q) (paper App. B.1,
+    Algorithm 3 line 1; the preprocess kernel of step 11).
+
+    Expected: ``reference.backward.preprocess``'s dpsum without its padding, float64, on awkward shapes
+    (seqlen 1, odd head counts, headdim 64/128) and on rows of zeros.
+
+    Raises:
+        AssertionError: a wrong value, shape or dtype. NotImplementedError: still the stub.
+    """
+    from reference.backward import preprocess
+
+    g = _Grader("check_preprocess_d", preprocess_d, "preprocess_d", seed)
+    for _ in range(cases):
+        b, s, h = (int(n) for n in g.rng.integers(1, [3, 300, 5]))
+        d = int(g.rng.choice([64, 128]))
+        out, dout = g.rng.standard_normal((2, b, s, h, d))
+        if s > 2:
+            dout[:, 1] = 0.0                                           # a row of zeros
+        g.start(out=out, dout=dout)
+        got = g.call(out.copy(), dout.copy())
+        want = preprocess(out, dout, np.zeros((b, h, s)), s)[0]
+        g.close(got, want, "D", rtol=1e-10, atol=1e-12)
+    g.ok("reference.backward.preprocess")
+
+
+def check_ds_tile(ds_tile, *, seed: int = 910, cases: int = 30) -> None:
+    """Notebook 09, exercise 2: dS = P ∘ (dP − D) with P = exp(α·S − lse) recomputed from softmax_lse (paper
+    App. B.1, Algorithm 3 lines 22–24; step 11's stages 3–4, untransposed).
+
+    Expected: the same arithmetic as ``reference.backward`` on one tile: masked scores (−inf) give P = 0, a row
+    that sees no key (lse = +inf) gives dS = 0, never NaN; lse taken from the scores themselves, so P's rows sum
+    to at most 1.
+
+    Raises:
+        AssertionError: a wrong value or shape, or NaN. NotImplementedError: still the stub.
+    """
+    g = _Grader("check_ds_tile", ds_tile, "ds_tile", seed)
+    for _ in range(cases):
+        br, bc = (int(n) for n in g.rng.integers(1, [129, 129]))
+        alpha = float(g.rng.uniform(0.05, 0.2))
+        s = g.rng.standard_normal((br, bc)) * 4
+        s[g.rng.random((br, bc)) < 0.2] = -np.inf                       # masked keys
+        if br > 1:
+            s[0] = -np.inf                                             # a row that sees no key
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = s.max(axis=1)
+            lse = np.where(np.isfinite(m), alpha * m + np.log(np.exp(alpha * (s - m[:, None])).sum(axis=1)), np.inf)
+        lse = lse + g.rng.uniform(0, 1, br)                             # as if other key tiles added to ℓ
+        dp, d = g.rng.standard_normal((br, bc)), g.rng.standard_normal(br)
+        g.start(s=s, dp=dp, lse=lse, d=d, softmax_scale=alpha)
+        got = g.call(s.copy(), dp.copy(), lse.copy(), d.copy(), alpha)
+        with np.errstate(invalid="ignore"):
+            p = np.exp(alpha * s - lse[:, None])
+        p = np.where(np.isnan(p), 0.0, p)
+        g.close(got, p * (dp - d[:, None]), "dS", rtol=1e-10, atol=1e-14)
+    g.ok("P ∘ (dP − D) with P = exp(α·S − lse)")
 
 
 # ------------------------------------------------------------------------------ the CUDA exercise
