@@ -110,6 +110,16 @@ def step_gains(rows, dtype):
     return {b: t[b] / t[a] for a, b in zip(order, order[1:])}
 
 
+def preprocess_d(out, dout):
+    return np.einsum("bshd,bshd->bhs", dout, out)
+
+
+def ds_tile(s, dp, lse, d, softmax_scale):
+    with np.errstate(invalid="ignore"):
+        p = np.nan_to_num(np.exp(softmax_scale * s - lse[:, None]), nan=0.0)
+    return p * (dp - d[:, None])
+
+
 CORRECT = {
     "check_flash_intensity": (flash_intensity,),
     "check_exp_matmul_ratio": (exp_matmul_ratio,),
@@ -130,6 +140,8 @@ CORRECT = {
     "check_classify_line": (sass.classify,),
     "check_overlap_ceiling": (overlap_ceiling,),
     "check_step_gains": (step_gains,),
+    "check_preprocess_d": (preprocess_d,),
+    "check_ds_tile": (ds_tile,),
 }
 
 # ---------------------------------------------------------------- wrong answers: small, typical slips
@@ -162,6 +174,8 @@ WRONG = {
     "check_classify_line": (lambda text: sass.classify(text.split()[-1]),),
     "check_overlap_ceiling": (_off_by(overlap_ceiling, 0.01),),
     "check_step_gains": (lambda rows, dtype: {r["impl"]: 1.0 for r in rows[1:]},),
+    "check_preprocess_d": (lambda out, dout: np.einsum("bshd,bshd->bsh", dout, out),),   # (b, s, h): the wrong layout
+    "check_ds_tile": (lambda s, dp, lse, d, a: np.exp(a * s - lse[:, None]) * dp,),     # forgets D
 }
 
 
