@@ -1,7 +1,8 @@
-"""Execute every notebook in place with its GPU cells live (nbclient), on the GPU machine.
+"""Execute notebooks in place (nbclient): ``python tools/run_notebooks.py [notebooks/NN_x.ipynb ...]``, default all.
 
-Used by `bash tools/device.sh notebooks`: the executed notebooks come back and are committed, so the
-GPU cells show a real run (GPU name and date in their output). Prints one line per notebook.
+On the GPU machine (`bash tools/device.sh notebooks`) the GPU cells run live and the executed notebooks come
+back to be committed (GPU name and date in their output); on a CPU machine the same refreshes the committed
+outputs after a change (the GPU cells then show the recorded runs). Prints one line per notebook.
 """
 import glob
 import sys
@@ -11,7 +12,7 @@ import nbclient
 import nbformat
 
 failed = 0
-for path in sorted(glob.glob("notebooks/0*.ipynb")):
+for path in sys.argv[1:] or sorted(glob.glob("notebooks/[0-9][0-9]_*.ipynb")):
     t = time.time()
     nb = nbformat.read(path, as_version=4)
     try:
