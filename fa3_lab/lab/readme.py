@@ -1,4 +1,5 @@
-"""`python -m fa3_lab.lab.readme [--check]` — regenerate what the README and docs say about steps and results.
+"""`python -m fa3_lab.lab.readme [--check]` — regenerate what the README, the docs and the step headers say about
+steps and results (the headers' "Measured" paragraphs: :mod:`fa3_lab.lab.headers`).
 
 Everything here is generated, never typed (a test runs ``--check``, which changes nothing and exits 1
 when anything is stale):
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 from fa3_lab import _env, registry
-from fa3_lab.lab import results
+from fa3_lab.lab import headers, results
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -467,14 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         text = args.readme.read_text()
         runs = results.current_runs(args.results)
         new = {args.readme: update(text, runs, steps=default or None)}
-        if default:  # docs/results.md and the picture belong to the repository's README only
+        if default:  # docs/results.md, the picture and the step headers belong to the repository's README only
             new[RESULTS_MD] = render_results_md(runs)
+            headers_stale = headers.update(check=True)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     figs = figures(runs) if default else []
     stale = [p for p, t in new.items() if not p.exists() or p.read_text() != t]
     stale += [p for _, p in figs if not p.exists()]
+    stale += headers_stale if default else []
     wanted = {p for _, p in figs}
     extra = [p for p in sorted(IMG_DIR.glob("fig5_*.png")) if p not in wanted] if default else []
     if args.check:
@@ -488,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         print("README.md, docs/results.md and the figure are up to date" if default
               else f"{args.readme.name} results table is up to date")
         return 0
+    for p in (headers.update() if default else []):
+        print(f"updated {_rel(p)} (its Measured paragraph)")
     for p, t in new.items():
         if not p.exists() or p.read_text() != t:
             p.parent.mkdir(parents=True, exist_ok=True)

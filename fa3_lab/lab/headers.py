@@ -1,0 +1,152 @@
+"""The "Measured" paragraph of every step header, generated from the current recorded run.
+
+Each step file (``cuda/steps/NN_*.cu``, ``cuda/steps/bwd/NN_*.cu``) opens with a header whose paragraph
+starting ``// Measured`` states the step's speed. That paragraph is not typed: :func:`render` writes it from
+the current run of ``fa3_lab/results/<gpu>/`` (one GPU, one commit; :func:`fa3_lab.lab.results.current_runs`),
+and ``python -m fa3_lab.lab.readme`` rewrites it with the README (``--check`` fails when a header drifts):
+
+* 16-bit forward steps: the Table 2 shape (4, 8448, 16, 128), non-causal, bf16 and fp16, from ``ablation.json``,
+  with the ratio to the parent step and, for the first step, to FA3 and cuDNN (same run);
+* the FP8 step: the kernel alone at headdim 128 and 256, seqlen 16k, from ``bench_fp8.json``, against FA3's e4m3;
+* backward steps: the backward alone (FLOPs 2.5 × forward) at headdim 128, seqlen 8k, from ``bench_backward.json``,
+  against cuDNN's and FA2's backward.
+
+A step the current run does not cover says so. The paragraph ends at the next line that starts another part of
+the header (``Known limit``, ``Tried``, ``Twin:``, ``Correctness``, ``Resources``, the closing rule).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fa3_lab import _env, registry
+
+from . import results
+
+_NEXT = re.compile(r"^// (Known limit|Tried|Twin:|Correctness|Resources|This is |={10})")
+WIDTH = 110
+
+
+def _wrap(text: str) -> list[str]:
+    """``text`` as ``// `` comment lines of at most :data:`WIDTH` characters."""
+    lines, cur = [], "//"
+    for word in text.split():
+        if len(cur) + 1 + len(word) > WIDTH:
+            lines.append(cur)
+            cur = "//  "
+        cur += " " + word
+    lines.append(cur)
+    return lines
+
+
+def _rows(runs, name):
+    for run in runs:
+        if run.path.stem == name:
+            return run
+    return None
+
+
+def _tf(run, **where):
+    for r in run.rows:
+        if all(r.get(k, "fwd" if k == "pass" else None) == v for k, v in where.items()):
+            return r["tflops"]
+    return None
+
+
+def _source(run) -> str:
+    m = run.meta
+    return (f"{m['gpu']}, commit {m['commit']}, {m['date'][:10]}; "
+            f"{run.path.relative_to(_env.REPO_ROOT).as_posix()}, median of rotating rounds")
+
+
+def measured(step: registry.StepInfo, runs: list) -> str:
+    """The paragraph's text (one line, unwrapped) for ``step`` from one GPU's current ``runs``."""
+    impl = step.marker
+    if step.series == "bwd":
+        run = _rows(runs, "bench_backward")
+        if run is not None:
+            parts = []
+            for causal in (False, True):
+                ours = _tf(run, impl=impl, dtype="bf16", headdim=128, causal=causal, seqlen_q=8192, **{"pass": "bwd"})
+                if ours is None:
+                    continue
+                peers = [(p, _tf(run, impl=p, dtype="bf16", headdim=128, causal=causal, seqlen_q=8192, **{"pass": "bwd"}))
+                         for p in ("cudnn", "sdpa_flash")]
+                ratio = ", ".join(f"{ours / t:.2f}× {p}" for p, t in peers if t)
+                parts.append(f"{'causal' if causal else 'non-causal'} {ours:.0f} TFLOPs/s" + (f" ({ratio})" if ratio else ""))
+            if parts:
+                return (f"Measured ({_source(run)}): the backward alone (FLOPs 2.5 × forward), bf16, headdim 128, "
+                        f"seqlen 8k: " + "; ".join(parts) + ".")
+    elif step.dtypes == ("e4m3",):
+        run = _rows(runs, "bench_fp8")
+        if run is not None:
+            parts = []
+            for d in (128, 256):
+                ours = _tf(run, impl=impl, dtype="e4m3", headdim=d, seqlen_q=16384)
+                fa3 = _tf(run, impl="fa3", dtype="e4m3", headdim=d, seqlen_q=16384)
+                if ours is not None:
+                    parts.append(f"headdim {d} {ours:.0f} TFLOPs/s" + (f" ({ours / fa3:.2f}× FA3 e4m3)" if fa3 else ""))
+            if parts:
+                return (f"Measured ({_source(run)}): the kernel alone, non-causal, seqlen 16k: " + "; ".join(parts) + ".")
+    else:
+        run = _rows(runs, "ablation")
+        if run is not None:
+            got = {dt: _tf(run, impl=impl, dtype=dt) for dt in ("bf16", "fp16")}
+            if any(v is not None for v in got.values()):
+                text = (f"Measured ({_source(run)}): Table 2 shape (4, 8448, 16, 128), non-causal: "
+                        + ", ".join(f"{dt} {v:.0f}" for dt, v in got.items() if v is not None) + " TFLOPs/s")
+                if step.parent is not None:
+                    parent = registry.step(step.parent).marker
+                    ratios = [f"{dt} {v / p:.2f}×" for dt, v in got.items()
+                              if v is not None and (p := _tf(run, impl=parent, dtype=dt))]
+                    if ratios:
+                        text += f"; against step {step.parent:02d}: " + ", ".join(ratios)
+                else:
+                    peers = [f"{name} {t:.0f}" for name, t in
+                             (("FA3", _tf(run, impl="fa3", dtype="bf16")), ("cuDNN", _tf(run, impl="cudnn", dtype="bf16")))
+                             if t is not None]
+                    if peers:
+                        text += "; bf16 peers in the same run: " + ", ".join(peers)
+                return text + "."
+    return ("Measured: the current recorded run (fa3_lab/results/) has no row for this step; "
+            "`python -m fa3_lab bench` records one.")
+
+
+def _current() -> list:
+    by_gpu = results.current_runs()
+    return next(iter(by_gpu.values())) if by_gpu else []
+
+
+def rewrite(text: str, block: list[str], where: str) -> str:
+    """``text`` with its ``// Measured`` paragraph replaced by ``block``.
+
+    Raises:
+        ValueError: the header has no ``// Measured`` paragraph.
+    """
+    lines = text.split("\n")
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("// Measured"))
+    except StopIteration:
+        raise ValueError(f"{where}: no '// Measured' paragraph in the header") from None
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("//") and not _NEXT.match(lines[end]):
+        end += 1
+    return "\n".join(lines[:start] + block + lines[end:])
+
+
+def update(check: bool = False) -> list[Path]:
+    """Rewrite (or with ``check``, only compare) every present step's paragraph; returns the files that were
+    (or would be) changed."""
+    runs = _current()
+    changed = []
+    for step in registry.STEPS:
+        path = _env.REPO_ROOT / step.path
+        if not path.is_file():
+            continue
+        old = path.read_text()
+        new = rewrite(old, _wrap(measured(step, runs)), step.path)
+        if new != old:
+            changed.append(path)
+            if not check:
+                path.write_text(new)
+    return changed
