@@ -187,21 +187,9 @@ def _check_positive_int(name, value, minimum=1) -> int:
 
 
 def _check_shapes(q, k, v, names=("q", "k", "v")):
-    """BSHD shape rules shared by quantize and fwd_quantized; returns (b, sq, sk, h, hkv, d)."""
-    nq, nk, nv = names
-    for name, t in zip(names, (q, k, v)):
-        _check_rank(name, t)
-    batch, seqlen_q, nheads, headdim = q.shape
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"{nv}: expected the shape of {nk} {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[0] != batch:
-        raise ValueError(f"{nk}: expected batch {batch} (from {nq}), got {k.shape[0]}")
-    if k.shape[3] != headdim:
-        raise ValueError(f"{nk}: expected headdim {headdim} (from {nq}), got {k.shape[3]}")
-    nheads_kv = k.shape[2]
-    if nheads % nheads_kv:
-        raise ValueError(f"{nk}: nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
-    return batch, seqlen_q, k.shape[1], nheads, nheads_kv, headdim
+    """BSHD shape rules shared by quantize and fwd_quantized (fa3_lab/_validate.py, any headdim: the headdim
+    check is the caller's); returns (b, sq, sk, h, hkv, d)."""
+    return check_bshd(q, k, v, names, headdims=None)
 
 
 def _check_same_device(names, tensors):
