@@ -34,8 +34,8 @@
 // ablation_steps.json): Table 2 shape 653 TFLOPs/s (03: 633), causal 583 (549); hd64 461 (429), hd256 693 (653).
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials, not after all.
 // Tried (docs/performance.md): wait_group 0 forced below every exponential: 0–9 % slower (kept ptxas's);
-//   O's rescale between the two GEMM issues (as FA3): 0.98–1.03×, noise (not kept); lazy rescale: +2–4 % at
-//   hd256, 0.99–1.07× (kept); K_{j+1} before V_j with V waited for inside the turn: +1–5 % (kept).
+//   O's rescale between the two GEMM issues (as FA3): 0.98–1.03×, noise (not kept); lazy rescale: hd256 +1–6 %,
+//   0.99–1.07× (mean 1.027) with P packed first (kept); K_{j+1} before V_j with V waited for inside the turn: +1–5 % (kept).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -32,7 +32,7 @@
 // Measured (H200, commit 4250ff1, 2026-12-03; ablation_steps.json): Table 2 shape 639 TFLOPs/s (04: 653), hd64 457
 // (461) — neutral within this run's ±3 % at these long inputs; the H100 A/B's gain was at short ones.
 // Known limits: headdim 256 and causal keep one CTA per tile (see Tried).
-// Tried (docs/performance.md): persistent / one CTA per tile on the H100: +2–17 % non-causal hd64/128 (kept);
+// Tried (docs/performance.md): persistent / one CTA per tile on the H100: non-causal hd64 +6–18 %, hd128 +2–6 % (kept);
 //   hd256 −5–7 % and causal up to −30 % (static round-robin of unequal tiles, even longest-first) — not used.
 // ============================================================================================
 #include <cuda_bf16.h>
