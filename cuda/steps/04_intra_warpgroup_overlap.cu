@@ -35,7 +35,8 @@
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials, not after all.
 // Tried (docs/performance.md): wait_group 0 forced below every exponential: 0–9 % slower (kept ptxas's);
 //   O's rescale between the two GEMM issues (as FA3): 0.98–1.03×, noise (not kept); lazy rescale: hd256 +1–6 %,
-//   0.99–1.07× (mean 1.027) with P packed first (kept); K_{j+1} before V_j with V waited for inside the turn: +1–5 % (kept).
+//   0.99–1.07× (mean 1.027) with P packed first (kept); K_{j+1} before V_j, V waited for inside the turn:
+//   hd128 1.00–1.03×, mean 1.011 with P packed first (57b2741, kept).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
