@@ -63,7 +63,7 @@ struct Config {
   static constexpr int kQBytes = kBlockM * kHeadDim * sizeof(T);
   static constexpr int kKVBytes = kBlockN * kHeadDim * sizeof(T);
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
 template <typename T, int kHeadDim, bool kCausal>

@@ -30,11 +30,13 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: reference/fa3_pipeline.py::pipelined_forward (same stage numbers).
-// Measured (NVIDIA H200, bf16): fa3_lab/results/nvidia-h200/ablation.json (docs/performance.md, Table 2 shape).
+// Measured (NVIDIA H200, bf16, commit 4250ff1, 2026-12-03, 3 rotating rounds; results/experiments/nvidia-h200/
+// ablation_steps.json): Table 2 shape 653 TFLOPs/s (03: 633), causal 583 (549); hd64 461 (429), hd256 693 (653).
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials, not after all.
 // Tried (docs/performance.md): wait_group 0 forced below every exponential: 0–9 % slower (kept ptxas's);
-//   O's rescale between the two GEMM issues (as FA3): 0.98–1.03×, noise (not kept); lazy rescale: +2–4 % at
-//   hd256, 0.99–1.07× (kept); K_{j+1} before V_j with V waited for inside the turn: +1–5 % (kept).
+//   O's rescale between the two GEMM issues (as FA3): 0.98–1.03×, noise (not kept); lazy rescale: hd256 +1–6 %,
+//   0.99–1.07× (mean 1.027) with P packed first (kept); K_{j+1} before V_j, V waited for inside the turn:
+//   hd128 1.00–1.03×, mean 1.011 with P packed first (57b2741, kept).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -70,7 +72,7 @@ struct Config {
   static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
   static constexpr int kConsumerRegs = 240;
   static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
 template <typename T, int kHeadDim, bool kCausal>

@@ -29,9 +29,10 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: reference/scheduler.py::static_schedule (the tile order and each CTA's tiles).
-// Measured: fa3_lab/results/nvidia-h200/ablation.json (docs/performance.md).
+// Measured (H200, commit 4250ff1, 2026-12-03; ablation_steps.json): Table 2 shape 639 TFLOPs/s (04: 653), hd64 457
+// (461) — neutral within this run's ±3 % at these long inputs; the H100 A/B's gain was at short ones.
 // Known limits: headdim 256 and causal keep one CTA per tile (see Tried).
-// Tried (docs/performance.md): persistent / one CTA per tile on the H100: +2–17 % non-causal hd64/128 (kept);
+// Tried (docs/performance.md): persistent / one CTA per tile on the H100: non-causal hd64 +6–18 %, hd128 +2–6 % (kept);
 //   hd256 −5–7 % and causal up to −30 % (static round-robin of unequal tiles, even longest-first) — not used.
 // ============================================================================================
 #include <cuda_bf16.h>
@@ -72,7 +73,7 @@ struct Config {
   static constexpr int kProducerRegs = 24;   // 24·128 + 240·256 = 64512 ≤ 65536 registers per SM
   static constexpr int kConsumerRegs = 240;
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
 };
 
 template <typename T, int kHeadDim, bool kCausal>

@@ -33,7 +33,8 @@
 // Measured (NVIDIA H200, bf16, commit cfb378a = this kernel before the split, 2026-12-02; docs/design.md):
 // 0.98 / 0.97 / 1.00 × FA3 at headdim 128 non-causal 2k / 8k / 16k, 0.99 / 0.95 causal 8k / 16k; on the
 // H100 (6866ce8, fa3_lab/results/nvidia-h100-80gb-hbm3/) Table 2 shape (4, 8448, 16, 128) 670 TFLOPs/s.
-// The split's own grid against cfb378a: fa3_lab/results/nvidia-h200/grid_vs_cfb378a.json.
+// This build (H200, commit 4250ff1, 2026-12-03): Table 2 shape 681 TFLOPs/s (09: 654); against cfb378a's step 04,
+// same process, paper grid bf16+fp16: median 0.999×, 0.977–1.030 (results/experiments/nvidia-h200/grid_vs_cfb378a.json).
 // Known limits: the launcher takes min(work, SMs / 2) clusters and assumes all are co-resident; the
 // cluster runs only at non-causal headdim 128 (elsewhere it measured neutral or lost, docs/performance.md).
 // Tried (docs/performance.md has the numbers):

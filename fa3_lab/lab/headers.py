@@ -91,25 +91,74 @@ def measured(step: registry.StepInfo, runs: list) -> str:
     else:
         run = _rows(runs, "ablation")
         if run is not None:
-            got = {dt: _tf(run, impl=impl, dtype=dt) for dt in ("bf16", "fp16")}
-            if any(v is not None for v in got.values()):
-                text = (f"Measured ({_source(run)}): Table 2 shape (4, 8448, 16, 128), non-causal: "
-                        + ", ".join(f"{dt} {v:.0f}" for dt, v in got.items() if v is not None) + " TFLOPs/s")
-                if step.parent is not None:
-                    parent = registry.step(step.parent).marker
-                    ratios = [f"{dt} {v / p:.2f}×" for dt, v in got.items()
-                              if v is not None and (p := _tf(run, impl=parent, dtype=dt))]
-                    if ratios:
-                        text += f"; against step {step.parent:02d}: " + ", ".join(ratios)
-                else:
-                    peers = [f"{name} {t:.0f}" for name, t in
-                             (("FA3", _tf(run, impl="fa3", dtype="bf16")), ("cuDNN", _tf(run, impl="cudnn", dtype="bf16")))
-                             if t is not None]
-                    if peers:
-                        text += "; bf16 peers in the same run: " + ", ".join(peers)
-                return text + "."
+            text = _forward(step, run)
+            if text:
+                return text
     return ("Measured: the current recorded run (fa3_lab/results/) has no row for this step; "
             "`python -m fa3_lab bench` records one.")
+
+
+def _shape(r) -> str:
+    return (f"({r['batch']}, {r['seqlen_q']}, {r['nheads']}, {r['headdim']}"
+            + (", causal)" if r["causal"] else ")"))
+
+
+def _forward(step: registry.StepInfo, run) -> str | None:
+    """A 16-bit forward step: bf16 and fp16 at the Table 2 shape, the ratio to the parent there, and the shape of
+    the run where the step gains most over its parent (bf16), from one ``ablation.json``."""
+    impl = step.marker
+    table2 = dict(headdim=128, causal=False, seqlen_q=8448, batch=4, nheads=16)
+    got = {dt: _tf(run, impl=impl, dtype=dt, **table2) for dt in ("bf16", "fp16")}
+    if all(v is None for v in got.values()):
+        return None
+    text = (f"Measured ({_source(run)}): Table 2 shape (4, 8448, 16, 128): "
+            + ", ".join(f"{dt} {v:.0f}" for dt, v in got.items() if v is not None) + " TFLOPs/s")
+    if step.parent is None:
+        peers = [f"{name} {t:.0f}" for name, t in (("FA3", _tf(run, impl="fa3", dtype="bf16", **table2)),
+                                                   ("cuDNN", _tf(run, impl="cudnn", dtype="bf16", **table2)))
+                 if t is not None]
+        return text + ("; bf16 peers in the same run: " + ", ".join(peers) if peers else "") + "."
+    parent = registry.step(step.parent).marker
+    pairs = []
+    for r in run.rows:
+        if r["impl"] != impl or r["dtype"] != "bf16":
+            continue
+        p = _tf(run, impl=parent, dtype="bf16", headdim=r["headdim"], causal=r["causal"], seqlen_q=r["seqlen_q"],
+                batch=r["batch"], nheads=r["nheads"])
+        if p:
+            pairs.append((r["tflops"] / p, r, p))
+    t2 = next((x for x in pairs if all(x[1][k] == v for k, v in table2.items())), None)
+    if t2:
+        text += f" ({t2[0]:.2f}× step {step.parent:02d})"
+    if pairs:
+        ratio, r, p = max(pairs, key=lambda x: x[0])
+        if t2 is None or r is not t2[1]:
+            text += (f"; its largest gain over step {step.parent:02d} in this run: {_shape(r)} bf16 "
+                     f"{r['tflops']:.0f} vs {p:.0f} ({ratio:.2f}×)")
+    if step.id == registry.DEFAULT_STEP:
+        text += _against_base(run)
+    return text + "."
+
+
+def _against_base(run) -> str:
+    """The default step against a base commit's kernel in the same call (tools/experiments/results/<gpu>/grid_vs_*.json
+    with the run's commit): median and range of new ÷ old over its grid."""
+    import statistics
+
+    folder = results.ARCHIVE_DIR / run.path.parent.name
+    for path in sorted(folder.glob("grid_vs_*.json")):
+        other = results.load(path)
+        if other.meta["commit"] != run.meta["commit"]:
+            continue
+        key = lambda r: (r["dtype"], r["headdim"], r["causal"], r["seqlen_q"])  # noqa: E731
+        old = {key(r): r["tflops"] for r in other.rows if r.get("build") not in (None, "new")}
+        ratios = [r["tflops"] / old[key(r)] for r in other.rows if r.get("build") == "new" and key(r) in old]
+        if ratios:
+            base = next(r["build"] for r in other.rows if r.get("build") not in (None, "new"))
+            return (f"; against {base}'s kernel in the same call over {len(ratios)} points of the paper grid "
+                    f"(bf16 + fp16; {path.relative_to(_env.REPO_ROOT).as_posix()}): median "
+                    f"{statistics.median(ratios):.3f}×, {min(ratios):.3f}–{max(ratios):.3f}×")
+    return ""
 
 
 def _current() -> list:
