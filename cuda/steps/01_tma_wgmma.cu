@@ -28,9 +28,8 @@
 //   7. epilogue: O / ℓ → 16-bit → global; lse = m·α + ln ℓ
 // K/V tiles are visited from the last to the first, so the masked tiles come first.
 //
-// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 555 TFLOPs/s; seqlen 16k: hd64 365, hd128 521, hd128 causal 516, hd256 578.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: docs/performance.md.
+// Measured (NVIDIA H200, commit 4250ff1, 2026-12-03; fa3_lab/results/nvidia-h200/ablation.json, median of
+//   rotating rounds): Table 2 shape (4, 8448, 16, 128): bf16 524 TFLOPs/s.
 // Known limits: the two GEMMs and the softmax of a warpgroup run back to back (nothing overlaps
 // within a CTA except what the other warpgroup does); the __syncthreads per tile couples both
 // warpgroups; the epilogue stores straight from registers (4-byte stores).

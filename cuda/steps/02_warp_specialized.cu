@@ -31,9 +31,9 @@
 //                                               7. epilogue: O / ℓ, lse
 // K/V tiles are visited from the last to the first, so the masked tiles come first.
 //
-// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 575 TFLOPs/s; seqlen 16k: hd64 426, hd128 572, hd128 causal 561, hd256 630.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: docs/performance.md.
+// Measured (NVIDIA H200, commit 4250ff1, 2026-12-03; fa3_lab/results/nvidia-h200/ablation.json, median of
+//   rotating rounds): Table 2 shape (4, 8448, 16, 128): bf16 577 TFLOPs/s (1.10× step 01); its largest gain
+//   over step 01 in this run: (8, 2048, 16, 128, causal) bf16 425 vs 354 (1.20×).
 // Known limits: the two consumer warpgroups contend for the tensor cores and the MUFU in no particular
 // order (step 03 orders them), and within a warpgroup the softmax waits for the GEMM (step 04).
 // Twin: reference/fa3_pipeline.py::warp_specialized_forward.

@@ -28,9 +28,8 @@
 // with a prologue (turn: S = Q·K_0ᵀ) and an epilogue (turn: O += P_last·V_last), then O / ℓ and lse.
 // The producer warpgroup is unchanged from step 02.
 //
-// Measured (NVIDIA H200, bf16, commit e3e20a7, 2026-11-22; fa3_lab/results/nvidia-h200/): Table 2 shape
-// (4, 8448, 16, 128) 628 TFLOPs/s; seqlen 16k: hd64 424, hd128 603, hd128 causal 597, hd256 685.
-// Same run: FA3 692 / cuDNN 620 / SDPA-FA2 353 at the Table 2 shape. Analysis: docs/performance.md.
+// Measured (NVIDIA H200, commit 4250ff1, 2026-12-03; fa3_lab/results/nvidia-h200/ablation.json, median of
+//   rotating rounds): Table 2 shape (4, 8448, 16, 128): bf16 633 TFLOPs/s (1.10× step 02).
 // Known limit: inside one warpgroup the softmax still waits for the
 // GEMMs it depends on (step 04 overlaps them).
 // Twin: reference/fa3_pipeline.py::warp_specialized_forward (pingpong turns).

@@ -26,10 +26,8 @@
 //      and the epilogue multiplies by sv_last / ℓ; lse = (m − 8)·ln2 + ln ℓ. Output bf16.
 // Main loop: step 04's stages 1–7 with e4m3 GEMMs (QGMMA in SASS) and the O rescale every tile (stage 5).
 // Twin: reference/fp8.py::fp8_attention (same blocks, P·2^8, descales).
-// Measured (NVIDIA H100 80GB HBM3, commit 428551d, 2026-11-22, as a persistent kernel; bench_fp8.json), kernel
-// alone, non-causal, seqlen 4k/8k/16k: hd128 832/836/842 TFLOPs/s (0.96/0.92/0.91× FA3 e4m3), hd256
-// 1112/1157/1183 (0.99/1.01/1.00×; 1.54× our bf16 at 16k). This one-CTA-per-tile build is not timed yet (its
-// GPU tests and memcheck/racecheck passed on the H200 at 4250ff1; docs/performance.md).
+// Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
+//   records one.
 // Known limits: Bc is pinned to 128 by the quantization block (FA3 uses a wider one at hd128); V is
 // transposed by the quantize kernel, not in shared memory with ldmatrix/stmatrix as the paper does, so
 // callers with e4m3 V in BSHD pay one copy (fa3_lab.fp8.kernel_v_layout).

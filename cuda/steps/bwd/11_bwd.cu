@@ -39,14 +39,8 @@
 //                 work of those two GEMMs: a known cost of this base step); dQ: w takes columns 128w..
 // Twin: reference/backward.py (flash_attention_backward: preprocess / n_block / m_block / dq_accum /
 // postprocess, the stage numbers above).
-// Measured (NVIDIA H200, bf16, 2026-12-03, tools/bwd_bench.py: the backward op alone, do_bench median; total
-// tokens 16k, hidden 2048; FLOPs = 2.5 × forward): headdim 128 non-causal 2k 293 TFLOPs/s, 8k 328; causal 8k
-// 321; headdim 64 8k 313; headdim 256 8k 186 — 0.61 / 0.63 / 0.64 / 0.71 / 0.52 × SDPA's cuDNN backward in the
-// same run. ptxas: 238 / 234 registers at headdim 128 (non-causal / causal), 254 at 64, 245 / 251 at 256; no
-// spills. Extra memory at (1, 16384, 16, 128): 131 MiB (dq_accum fp32 + row stats), cuDNN 130 MiB.
-// (tools/experiments/results/nvidia-h200/bwd_step11.json.) Correctness: tests/test_backward_kernel.py (every
-// headdim, causal and not, bf16/fp16, GQA 1/2/8/MQA, seqlens 1…16384) within FA3's rule; compute-sanitizer
-// memcheck, racecheck and synccheck clean (tools/device_bwd.sh).
+// Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
+//   records one.
 // Known limits: one thread issues the loads between compute phases (no producer warpgroup, no overlap
 // of stages 2–4 with the GEMMs beyond the Sᵀ/dPᵀ pair); two CTA-wide barriers per m_block; dQ atomics
 // straight from registers (deterministic mode: n_blocks wait their turn per m_block, serialising them);
