@@ -120,10 +120,11 @@ def _forward(step: registry.StepInfo, run) -> str | None:
         return text + ("; bf16 peers in the same run: " + ", ".join(peers) if peers else "") + "."
     parent = registry.step(step.parent).marker
     pairs = []
-    for r in run.rows:
+    wide = _same_call(run, "ablation_steps")  # every step at more shapes, archived beside the current run
+    for r in (wide or run).rows:
         if r["impl"] != impl or r["dtype"] != "bf16":
             continue
-        p = _tf(run, impl=parent, dtype="bf16", headdim=r["headdim"], causal=r["causal"], seqlen_q=r["seqlen_q"],
+        p = _tf(wide or run, impl=parent, dtype="bf16", headdim=r["headdim"], causal=r["causal"], seqlen_q=r["seqlen_q"],
                 batch=r["batch"], nheads=r["nheads"])
         if p:
             pairs.append((r["tflops"] / p, r, p))
@@ -138,6 +139,16 @@ def _forward(step: registry.StepInfo, run) -> str | None:
     if step.id == registry.DEFAULT_STEP:
         text += _against_base(run)
     return text + "."
+
+
+def _same_call(run, name):
+    """``tools/experiments/results/<gpu>/<name>.json`` when it has the run's commit, else None."""
+    path = results.ARCHIVE_DIR / run.path.parent.name / f"{name}.json"
+    if path.is_file():
+        other = results.load(path)
+        if other.meta["commit"] == run.meta["commit"]:
+            return other
+    return None
 
 
 def _against_base(run) -> str:

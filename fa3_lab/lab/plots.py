@@ -254,6 +254,10 @@ def _two_lines(impl):
     return label.replace(" ", "\n", 1)
 
 
+#: (batch, seqlen_q, seqlen_k, nheads, headdim, causal) of the paper's Table 2 ablation.
+TABLE2_CONFIG = (4, 8448, 8448, 16, 128, False)
+
+
 def ablation_table(runs_or_rows, dtype="bf16", paper=None):
     """Rows of the ablation figure: [(impl, ours TFLOPs/s, paper TFLOPs/s or None)], steps first.
 
@@ -268,6 +272,10 @@ def ablation_table(runs_or_rows, dtype="bf16", paper=None):
     rows = [r for r in rows if r["dtype"] == dtype]
     configs = sorted({(r["batch"], r["seqlen_q"], r["seqlen_k"], r["nheads"], r["headdim"], r["causal"])
                       for r in rows})
+    if len(configs) > 1 and TABLE2_CONFIG in configs:  # a run of several shapes: the paper's is the ablation
+        rows = [r for r in rows if (r["batch"], r["seqlen_q"], r["seqlen_k"], r["nheads"], r["headdim"],
+                                    r["causal"]) == TABLE2_CONFIG]
+        configs = [TABLE2_CONFIG]
     if len(configs) != 1:
         raise ValueError(f"rows: expected the rows of one configuration (the Table 2 run), got {len(configs)} "
                          f"configurations, e.g. {configs[:2]}")
