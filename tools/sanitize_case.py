@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fa3_lab  # noqa: E402
+from fa3_lab import api  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--step", type=int, action="append", default=[], help="a 16-bit step id (repeatable)")
 ap.add_argument("--fp8", action="store_true", help="step 05 through fa3_lab.flash_attn_fp8_func")
 args = ap.parse_args()
-steps = args.step or ([] if args.fp8 else fa3_lab.api.forward_steps16())
+steps = args.step or ([] if args.fp8 else api.forward_steps16())
 g = torch.Generator(device="cuda").manual_seed(0)
 
 
