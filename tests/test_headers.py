@@ -32,7 +32,7 @@ def test_forward_step_reads_the_ablation_and_its_parent():
                             _row("step03", "fp16", 2.0)])
     text = headers.measured(registry.step(4), [run])
     assert "commit abc1234" in text and "fa3_lab/results/nvidia-h200/ablation.json" in text
-    assert f"bf16 {run.rows[1]['tflops']:.0f}" in text and "against step 03: bf16 1.25×, fp16 1.11×" in text
+    assert f"bf16 {run.rows[1]['tflops']:.0f}" in text and "(1.25× step 03)" in text
 
 
 def test_backward_step_reads_bench_backward_against_cudnn():

@@ -55,8 +55,7 @@ def _tf(run, **where):
 
 def _source(run) -> str:
     m = run.meta
-    return (f"{m['gpu']}, commit {m['commit']}, {m['date'][:10]}; "
-            f"{run.path.relative_to(_env.REPO_ROOT).as_posix()}, median of rotating rounds")
+    return f"{m['gpu']}, commit {m['commit']}, {m['date'][:10]}; {run.path.relative_to(_env.REPO_ROOT).as_posix()}"
 
 
 def measured(step: registry.StepInfo, runs: list) -> str:
@@ -134,7 +133,7 @@ def _forward(step: registry.StepInfo, run) -> str | None:
     if pairs:
         ratio, r, p = max(pairs, key=lambda x: x[0])
         if t2 is None or r is not t2[1]:
-            text += (f"; its largest gain over step {step.parent:02d} in this run: {_shape(r)} bf16 "
+            text += (f"; largest gain over {step.parent:02d} in this run: {_shape(r)} bf16 "
                      f"{r['tflops']:.0f} vs {p:.0f} ({ratio:.2f}×)")
     if step.id == registry.DEFAULT_STEP:
         text += _against_base(run)
