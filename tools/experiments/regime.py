@@ -5,7 +5,7 @@
 
 Why: in the grid (do_bench: an L2 flush before every call) our rounds at headdim 128 non-causal move by up
 to 7 % while FA3's agree to 0.1 %, and FA3 measures above its sustained rate where ours measures below it
-(cuda/NOTES.md, session 6). Here every implementation runs, in blocks rotating over them:
+(docs/archive/notes_sessions_1-7.md, session 6). Here every implementation runs, in blocks rotating over them:
   - ``flush``: ``--calls`` calls, each after zeroing a 256 MB buffer (do_bench's L2 flush), one event pair
     around each call;
   - ``steady``: ``--calls`` calls back to back, an event pair around each.
