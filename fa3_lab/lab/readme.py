@@ -160,8 +160,10 @@ def _protocol(runs: list[results.Run]) -> str:
     rounds = {len(r["ms_rounds"]) for run in runs for r in run.rows if "ms_rounds" in r}
     timing = (f"median of {max(rounds)} rounds of `triton.testing.do_bench` in rotating order (`ms_rounds` in the JSON)"
               if rounds else "median of `triton.testing.do_bench` timings")
-    return (f"TFLOPs/s = `fa3_lab.lab.results.flops` (exact visible pairs when causal) ÷ time, {timing}; "
-            "ratios = our fastest step ÷ that peer, same run, same inputs")
+    peers = any(not r["impl"].startswith("step") for run in runs for r in run.rows)
+    return (f"TFLOPs/s = `fa3_lab.lab.results.flops` (exact visible pairs when causal) ÷ time, {timing}"
+            + ("; ratios = our fastest step ÷ that peer, same run, same inputs" if peers else
+               "; this run timed our steps only, no peers (FA3, cuDNN, FA2): `python -m fa3_lab bench` times them"))
 
 
 def run_line(runs: list[results.Run]) -> str:
@@ -333,11 +335,13 @@ def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img"
     if grids:
         grid = grids[-1]
         dtype = _fig_dtype(grid)
-        parts += [f"![Figure 5 of the paper, redone: forward TFLOPs/s of our fastest step against FA3, cuDNN and "
-                  f"FlashAttention-2, {dtype}, {grid.meta['gpu']}, commit {grid.meta['commit']}]"
-                  f"({img_base}/{figure_path(grid).name})", ""]
+        has_peers = any(not r["impl"].startswith("step") for r in grid.rows)
+        against = "against FA3, cuDNN and FlashAttention-2" if has_peers else "(this run timed no peers)"
+        parts += [f"![Figure 5 of the paper, redone: forward TFLOPs/s of our fastest step {against}, {dtype}, "
+                  f"{grid.meta['gpu']}, commit {grid.meta['commit']}]({img_base}/{figure_path(grid).name})", ""]
         header, rows = compact(grid)
-        parts += ["Longest sequence of each configuration (TFLOPs/s; × = our fastest step ÷ that peer):", "",
+        parts += ["Longest sequence of each configuration (TFLOPs/s"
+                  + ("; × = our fastest step ÷ that peer):" if has_peers else "):"), "",
                   _markdown(header, rows), ""]
         parts += [f"- {s}" for s in grid_sentences(grid)]
     for r in ablation_runs(runs):
