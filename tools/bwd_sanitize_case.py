@@ -1,4 +1,4 @@
-"""A small backward case for compute-sanitizer (tools/device_bwd.sh memcheck|racecheck|synccheck): every
+"""A small backward case for compute-sanitizer (tools/device.sh bwdsanitize): every
 headdim, causal and not, GQA, ragged lengths, deterministic and not."""
 import math
 

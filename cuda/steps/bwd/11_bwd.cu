@@ -41,6 +41,12 @@
 // postprocess, the stage numbers above).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
+// Resources: ptxas 238 / 234 registers at headdim 128 (non-causal / causal), 254 at 64, 245 / 251 at 256; no
+//   spills. Extra memory at (1, 16384, 16, 128): 131 MiB (dq_accum fp32 + row stats), cuDNN's backward 130 MiB.
+// Correctness: tests/test_backward_kernel.py (every headdim, causal and not, bf16/fp16, GQA 1/2/8/MQA, seqlens
+//   1…16384) within FA3's rule; compute-sanitizer memcheck, racecheck and synccheck clean (tools/device.sh
+//   bwdsanitize). First timing (H200, 2026-12-03, before bench --backward existed; its file:
+//   tools/experiments/results/nvidia-h200/bwd_step11.json): 0.52–0.71 × SDPA's cuDNN backward.
 // Known limits: one thread issues the loads between compute phases (no producer warpgroup, no overlap
 // of stages 2–4 with the GEMMs beyond the Sᵀ/dPᵀ pair); two CTA-wide barriers per m_block; dQ atomics
 // straight from registers (deterministic mode: n_blocks wait their turn per m_block, serialising them);
