@@ -97,7 +97,7 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
         return_lse: also return lse (batch, nheads, seqlen_q) float32, natural log (+inf for rows
             that see no key).
         out: optional preallocated output, shape and dtype of q (tests poison it first); any strides with
-            a contiguous last dim and a 16-byte aligned base and strides (step 04 stores O with TMA).
+            a contiguous last dim and a 16-byte aligned base and strides (steps 08–10 store O with TMA).
         deterministic: the backward adds dQ in a fixed order, bitwise reproducible run to run (FA3's flag);
             default False (unordered fp32 atomics, slightly faster).
         bwd_step: the backward kernel step autograd runs (``cuda/steps/bwd/``); default :func:`default_bwd_step`.
@@ -118,12 +118,12 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
 
     Source: paper §3 (Alg. 1–2), App. B.1 (Alg. 3); kernels in ``cuda/steps/`` and ``cuda/steps/bwd/``.
     """
-    scale, step = _check_inputs(q, k, v, softmax_scale, causal, step, out)
-    check_flag("deterministic", deterministic)
+    check_flag("deterministic", deterministic)  # the backward's arguments, like every scalar, before the device
     if bwd_step is None:
         bwd_step = default_bwd_step()
     elif isinstance(bwd_step, bool) or not isinstance(bwd_step, int) or bwd_step not in backward_steps():
         raise ValueError(f"bwd_step: expected one of {backward_steps()}, got {bwd_step!r}")
+    scale, step = _check_inputs(q, k, v, softmax_scale, causal, step, out)
     from . import ops  # torch.library custom ops (compile-friendly; the extension is loaded lazily)
     o, lse = ops.forward(q, k, v, bool(causal), scale, step, out, bool(deterministic), bwd_step)
     return (o, lse) if return_lse else o

@@ -27,6 +27,8 @@ Importing this module registers the ops (once per process). Needs torch >= 2.4 (
 # time; the schemas below are written out anyway, so the ops do not depend on annotation handling.
 import torch
 
+from . import registry
+
 __all__ = ["flash_attn_fwd", "flash_attn_fwd_out", "flash_attn_bwd", "forward", "check_dout", "OP", "OP_OUT",
            "OP_BWD", "BWD_STEP"]
 
@@ -36,7 +38,7 @@ OP_OUT = "fa3_lab::flash_attn_fwd_out"
 OP_BWD = "fa3_lab::flash_attn_bwd"
 
 #: The backward kernel step autograd runs by default (cuda/steps/bwd/11_bwd.cu; registry.DEFAULT_BWD_STEP).
-BWD_STEP = 11
+BWD_STEP = registry.DEFAULT_BWD_STEP
 
 
 def _ext():
