@@ -8,9 +8,18 @@
 #include "fa3/bwd_params.h"
 
 namespace fa3 {
+// Each backward step NN defines run_bwd_stepNN and bwd_stepNN_block_m (its m_block size: the semaphores' count).
+#define FA3_DECLARE_BWD_STEP(NN)                        \
+  void run_bwd_step##NN(const BwdParams&, cudaStream_t); \
+  int bwd_step##NN##_block_m(int headdim);
 #ifdef FA3_HAS_STEP11
-void run_bwd_step11(const BwdParams&, cudaStream_t);
-int bwd_step11_block_m(int headdim);
+FA3_DECLARE_BWD_STEP(11)
+#endif
+#ifdef FA3_HAS_STEP12
+FA3_DECLARE_BWD_STEP(12)
+#endif
+#ifdef FA3_HAS_STEP13
+FA3_DECLARE_BWD_STEP(13)
 #endif
 }  // namespace fa3
 
@@ -72,17 +81,23 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   p.causal = causal, p.deterministic = deterministic;
   p.dtype = q.scalar_type() == at::kHalf ? fa3::Dtype::kFloat16 : fa3::Dtype::kBFloat16;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto launch = [&](int (*block_m)(int), void (*run)(const fa3::BwdParams&, cudaStream_t)) {
+    if (deterministic) {
+      const int bm = block_m(static_cast<int>(headdim));
+      semaphore = at::zeros({batch, nheads, (seqlen_q + bm - 1) / bm}, q.options().dtype(at::kInt));
+      p.dq_semaphore = semaphore.data_ptr<int>();
+    }
+    run(p, stream);
+  };
   switch (step) {
 #ifdef FA3_HAS_STEP11
-    case 11: {
-      if (deterministic) {
-        const int bm = fa3::bwd_step11_block_m(static_cast<int>(headdim));
-        semaphore = at::zeros({batch, nheads, (seqlen_q + bm - 1) / bm}, q.options().dtype(at::kInt));
-        p.dq_semaphore = semaphore.data_ptr<int>();
-      }
-      fa3::run_bwd_step11(p, stream);
-      break;
-    }
+    case 11: launch(fa3::bwd_step11_block_m, fa3::run_bwd_step11); break;
+#endif
+#ifdef FA3_HAS_STEP12
+    case 12: launch(fa3::bwd_step12_block_m, fa3::run_bwd_step12); break;
+#endif
+#ifdef FA3_HAS_STEP13
+    case 13: launch(fa3::bwd_step13_block_m, fa3::run_bwd_step13); break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

@@ -97,6 +97,13 @@ STEPS: tuple[StepInfo, ...] = (
              "backward: preprocess (D, lse·log2 e), K/V-stationary main kernel on WGMMA (Sᵀ, dPᵀ; dV, dK from "
              "registers; dQ = dS·K through smem, fp32 atomics), postprocess (dQ, GQA sums)",
              "App. B.1 Alg. 3", "reference/backward.py::flash_attention_backward"),
+    StepInfo(12, "12_bwd_warp_specialized", "bwd", 11,
+             "backward: producer warpgroup, Q/dO ring with full/empty mbarriers, dSᵀ double-buffered (one barrier "
+             "per m_block)",
+             "§3.1 (warp specialization), App. B.1", None),
+    StepInfo(13, "13_bwd_dq_writer", "bwd", 12,
+             "backward: dQ through an smem tile, added to dq_accum by one bulk reduction of a dQ-writer warp",
+             "beyond the paper (FA3's code)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (

@@ -60,18 +60,18 @@ def reference_grads(q, k, v, dout, causal, scale, upcast):
     return torch.autograd.grad(out, (qs, ks, vs), dout.to(out.dtype))
 
 
-def ours_grads(q, k, v, dout, causal, deterministic=False):
-    """dq, dk, dv through autograd (flash_attn_func → the backward op)."""
+def ours_grads(q, k, v, dout, causal, deterministic=False, bwd_step=None):
+    """dq, dk, dv through autograd (flash_attn_func → the backward op of ``bwd_step``, default the default)."""
     qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fa3_lab.flash_attn_func(qs, ks, vs, causal=causal, deterministic=deterministic)
+    out = fa3_lab.flash_attn_func(qs, ks, vs, causal=causal, deterministic=deterministic, bwd_step=bwd_step)
     nbytes = 4 * (q.numel() * 3 + k.numel() * 4) + 8 * q.numel() + (1 << 20)
     poison_allocator(nbytes)
     return torch.autograd.grad(out, (qs, ks, vs), dout)
 
 
-def check_grads(dtype_name, q, k, v, dout, causal, note="", deterministic=False):
+def check_grads(dtype_name, q, k, v, dout, causal, note="", deterministic=False, bwd_step=None):
     scale = 1.0 / math.sqrt(q.shape[-1])
-    ours = ours_grads(q, k, v, dout, causal, deterministic)
+    ours = ours_grads(q, k, v, dout, causal, deterministic, bwd_step)
     torch.cuda.synchronize()
     ref = reference_grads(q, k, v, dout, causal, scale, upcast=True)
     emul = reference_grads(q, k, v, dout, causal, scale, upcast=False)

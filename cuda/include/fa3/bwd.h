@@ -20,6 +20,18 @@ __device__ __forceinline__ void bulk_load_1d(void* smem_dst, const void* gmem_sr
       : "memory");
 }
 
+// ---------------------------------------------------------------- 1-D bulk reduction (PTX §9.7.9.25.4.2)
+// global[dst..] += smem[src..], `bytes` of fp32 (a multiple of 16, both 16-byte aligned), each element added
+// atomically in L2; tracked in the issuing thread's bulk async-group (bulk_commit, bulk_wait_read / bulk_wait).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem_dst, const float* smem_src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                   reinterpret_cast<uint64_t>(gmem_dst)),
+               "r"(smem_u32(smem_src)), "r"(bytes)
+               : "memory");
+}
+// Order this thread's async-proxy global accesses (a completed bulk reduction) before its later generic ones.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
 // ---------------------------------------------------------------- acquire/release on a global int
 __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   int v;

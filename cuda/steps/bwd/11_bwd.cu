@@ -1,7 +1,8 @@
 // ============================================================================================
 // fa3-lab — FlashAttention-3 BACKWARD, built up in steps (cuda/steps/bwd/):
-//   11_bwd        preprocess + K/V-stationary main kernel + postprocess, all GEMMs on WGMMA   <- this file
-//   12+           speed steps (producer warpgroup, overlap; issue #22)
+//   11_bwd                  preprocess + K/V-stationary main kernel + postprocess, all GEMMs on WGMMA  <- this file
+//   12_bwd_warp_specialized + producer warpgroup, Q/dO ring with full/empty mbarriers, dSᵀ double-buffered
+//   13_bwd_dq_writer        + dQ through smem, added by a bulk reduce of a dQ-writer warp
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
