@@ -1,11 +1,13 @@
-"""Step 11, the backward kernel (cuda/steps/bwd/11_bwd.cu), against a float32 reference, with FA3's rule.
+"""The backward kernel steps (cuda/steps/bwd/), against a float32 reference, with FA3's rule.
 
 Rule (FA3's hopper/test_flash_attn.py, applied to each of dq, dk, dv):
     max|g − g_ref| ≤ 2·max|g_emul − g_ref| + floor,
 g_ref the gradient of standard attention in float32 on the upcast 16-bit inputs (torch.autograd), g_emul
 the same computation in the input dtype. The device memory the kernel's outputs come from is poisoned with
 NaN first (a freed NaN block the caching allocator hands out again), so unwritten elements fail.
-Marker ``gpu`` (skipped without an sm_90 GPU) and ``step11``; the bad-input tests at the bottom run on CPU.
+Marker ``gpu`` (skipped without an sm_90 GPU). The main comparison runs every backward step of the registry, each
+case marked ``stepNN``; the other tests run the default backward step (``registry.DEFAULT_BWD_STEP``) and carry its
+marker. The bad-input tests at the bottom run on CPU.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fa3_lab  # noqa: E402
-from fa3_lab import ops  # noqa: E402
+from fa3_lab import ops, registry  # noqa: E402
 from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
-pytestmark = pytest.mark.step11
+DEFAULT_STEP = getattr(pytest.mark, registry.step(registry.DEFAULT_BWD_STEP).marker)  # the other tests' marker
+BWD_STEPS = [pytest.param(s.id, marks=getattr(pytest.mark, s.marker), id=s.marker) for s in registry.series("bwd")]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FLOOR = {"bf16": 1e-3, "fp16": 2e-4}
@@ -98,16 +101,23 @@ def check_grads(dtype_name, q, k, v, dout, causal, note="", deterministic=False,
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backward_matches_reference(dtype_name, headdim, causal, shape):
+@pytest.mark.parametrize("bwd_step", BWD_STEPS)
+def test_backward_matches_reference(bwd_step, dtype_name, headdim, causal, shape):
+    if bwd_step not in fa3_lab.api.backward_steps():
+        pytest.skip(f"backward step {bwd_step} is not built ($FA3_LAB_STEPS)")
     seed = hash((dtype_name, headdim, causal, shape)) % (2**31)
     q, k, v, dout = make_inputs(dtype_name, headdim, *shape, seed=seed)
-    check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}")
+    check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}, step {bwd_step}", bwd_step=bwd_step)
+    if shape == SHAPES[-2]:  # deterministic mode: one shape per step
+        check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}, step {bwd_step}, deterministic",
+                    deterministic=True, bwd_step=bwd_step)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("seqlen", [8448, 16384])
 @pytest.mark.parametrize("causal", [False, True])
+@DEFAULT_STEP
 def test_backward_long(seqlen, causal):
     """The paper's ablation length (8448) and 16k at headdim 128 (2 heads, GQA 2:1)."""
     q, k, v, dout = make_inputs("bf16", 128, 1, seqlen, seqlen, 2, 1, seed=seqlen + causal)
@@ -116,6 +126,7 @@ def test_backward_long(seqlen, causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("headdim", [64, 128, 256])
+@DEFAULT_STEP
 def test_rows_that_see_no_key_get_zero_gradients(headdim):
     """Causal with seqlen_q > seqlen_k: the first seqlen_q − seqlen_k rows see no key (lse = +inf)."""
     q, k, v, dout = make_inputs("bf16", headdim, 1, 300, 100, 2, 1, seed=headdim)
@@ -126,6 +137,7 @@ def test_rows_that_see_no_key_get_zero_gradients(headdim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("headdim", [64, 128, 256])
+@DEFAULT_STEP
 def test_strided_packed_qkv_and_noncontiguous_dout(headdim):
     """q, k, v as views of one packed (batch, seqlen, 3, nheads, headdim) tensor; dout a transposed view
     (made contiguous by the binding, since TMA loads it) and one with a non-unit last stride."""
@@ -141,6 +153,7 @@ def test_strided_packed_qkv_and_noncontiguous_dout(headdim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
+@DEFAULT_STEP
 def test_deterministic_is_bitwise_reproducible(causal):
     """deterministic=True: 100 backward runs at (2, 4096, 16, 128) give bitwise identical dq, dk, dv."""
     q, k, v, dout = make_inputs("bf16", 128, 2, 4096, 4096, 16, 16, seed=11 + causal)
@@ -155,6 +168,7 @@ def test_deterministic_is_bitwise_reproducible(causal):
 
 
 @pytest.mark.gpu
+@DEFAULT_STEP
 def test_opcheck_backward_op():
     q, k, v, dout = make_inputs("bf16", 128, 2, 113, 203, 8, 2, seed=3)
     out, lse = torch.ops.fa3_lab.flash_attn_fwd(q, k, v, True, 0.1, fa3_lab.api.default_step(128))
@@ -167,6 +181,7 @@ def test_opcheck_backward_op():
 
 
 @pytest.mark.gpu
+@DEFAULT_STEP
 def test_bad_dout_raises_naming_it():
     q, k, v, dout = make_inputs("bf16", 64, 1, 64, 64, 2, 2, seed=5)
     q.requires_grad_(True)
@@ -185,6 +200,7 @@ def test_bad_dout_raises_naming_it():
 
 
 @pytest.mark.gpu
+@DEFAULT_STEP
 def test_compiled_training_step_fullgraph():
     """torch.compile(fullgraph=True) of projections → flash_attn_func → loss: one graph (AOTAutograd traces
     the backward op's fake impl), and its gradients equal eager's (deterministic backward)."""
@@ -213,6 +229,7 @@ def test_compiled_training_step_fullgraph():
 
 
 @pytest.mark.gpu
+@DEFAULT_STEP
 def test_peak_memory_beside_cudnn():
     """Extra memory of one backward at (1, 16384, 16, 128) beyond inputs, outputs and gradients: O(b·h·s)
     (dq_accum in fp32 is b·h·s·d·4 bytes, the largest piece), printed beside SDPA's cuDNN backward."""
@@ -246,12 +263,14 @@ def test_peak_memory_beside_cudnn():
 
 # ------------------------------------------------------------------------------ no GPU needed
 
+@DEFAULT_STEP
 def test_fp8_backward_message_names_the_16bit_path():
     from fa3_lab import api
 
     assert "no backward" in api.FP8_BACKWARD_MESSAGE and "flash_attn_func" in api.FP8_BACKWARD_MESSAGE
 
 
+@DEFAULT_STEP
 def test_check_dout_messages():
     out = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match=r"dout: expected a torch.Tensor"):
