@@ -21,6 +21,9 @@ FA3_DECLARE_BWD_STEP(12)
 #ifdef FA3_HAS_STEP13
 FA3_DECLARE_BWD_STEP(13)
 #endif
+#ifdef FA3_HAS_STEP14
+FA3_DECLARE_BWD_STEP(14)
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -98,6 +101,9 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #endif
 #ifdef FA3_HAS_STEP13
     case 13: launch(fa3::bwd_step13_block_m, fa3::run_bwd_step13); break;
+#endif
+#ifdef FA3_HAS_STEP14
+    case 14: launch(fa3::bwd_step14_block_m, fa3::run_bwd_step14); break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

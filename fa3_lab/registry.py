@@ -104,6 +104,9 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(13, "13_bwd_dq_writer", "bwd", 12,
              "backward: dQ through an smem tile, added to dq_accum by one bulk reduction of a dQ-writer warp",
              "beyond the paper (FA3's code)", None),
+    StepInfo(14, "14_bwd_pipelined", "bwd", 13,
+             "backward: m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)",
+             "beyond the paper (Alg. 2's idea, backward)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -124,7 +127,7 @@ CHAPTERS: tuple[Chapter, ...] = (
 DEFAULT_STEP = 10
 FP8_STEP = 5
 #: The backward step autograd runs by default (``flash_attn_func(..., bwd_step=None)``).
-DEFAULT_BWD_STEP = 11
+DEFAULT_BWD_STEP = 13
 
 
 def step(step_id: int) -> StepInfo:

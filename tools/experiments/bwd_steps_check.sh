@@ -2,7 +2,8 @@
 # One device call for new backward steps: build, the smoke of each step against FA3's rule, the backward timed
 # (steps vs cuDNN and FA2, a few shapes), compute-sanitizer on the newest step. Logs and JSON go to $OUT.
 # Usage (repo root on the GPU machine): FA3_LAB_COMMIT=<sha> bash tools/experiments/bwd_steps_check.sh STEPS
-#   STEPS: comma list, e.g. 11,12,13 (the last one is sanitized). Stage limits: SMOKE_S, BENCH_S, SAN_S seconds.
+#   STEPS: comma list, e.g. 11,12,13; SAN_STEPS (default the last of STEPS) are sanitized. Stage limits: SMOKE_S,
+#   BENCH_S, SAN_S seconds (per tool and step).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/fa3_out}; mkdir -p "$OUT"
@@ -18,7 +19,7 @@ timeout -s INT -k 5 ${BENCH_S:-150} python3 -m fa3_lab bench --backward --steps 
   --seqlens 2048,8192 --rounds 3 --name bench_backward_steps > "$OUT/bwd_bench.log" 2>&1
 cp fa3_lab/results/*/bench_backward_steps.json "$OUT/" 2>/dev/null
 echo "BENCH ($(el) s)"; grep -vE "^\s*$" "$OUT/bwd_bench.log" | tail -40
-for tool in racecheck synccheck memcheck; do
-  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool $tool --print-limit 5 python3 tools/bwd_sanitize_case.py "$LAST" 2>&1 \
-    | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case done|Error" | head -4 | tr '\n' ' '; echo " <- $tool step $LAST ($(el) s)"
-done
+for st in ${SAN_STEPS:-$LAST}; do for tool in racecheck synccheck memcheck; do
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool $tool --print-limit 5 python3 tools/bwd_sanitize_case.py "$st" 2>&1 \
+    | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize case done|Error" | head -4 | tr '\n' ' '; echo " <- $tool step $st ($(el) s)"
+done; done

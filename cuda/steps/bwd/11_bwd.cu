@@ -3,6 +3,7 @@
 //   11_bwd                  preprocess + K/V-stationary main kernel + postprocess, all GEMMs on WGMMA  <- this file
 //   12_bwd_warp_specialized + producer warpgroup, Q/dO ring with full/empty mbarriers, dSᵀ double-buffered
 //   13_bwd_dq_writer        + dQ through smem, added by a bulk reduce of a dQ-writer warp
+//   14_bwd_pipelined        + m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //

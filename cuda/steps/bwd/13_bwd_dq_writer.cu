@@ -3,6 +3,7 @@
 //   11_bwd                  preprocess + K/V-stationary main kernel + postprocess, all GEMMs on WGMMA
 //   12_bwd_warp_specialized + producer warpgroup, Q/dO ring with full/empty mbarriers, dSᵀ double-buffered
 //   13_bwd_dq_writer        + dQ through smem, added by a bulk reduce of a dQ-writer warp   <- this file
+//   14_bwd_pipelined        + m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
@@ -320,6 +321,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     fence_regs(dk);
     fence_regs_u32(pa);
     fence_regs_u32(dsa);
+    __syncwarp();  // every lane's reads of stage `stage` (L_i, D_i by ld.shared) before lane 0 releases it
     if (lane == 0) mbarrier_arrive(&bar_q_empty[stage]);  // 8. this warp is done with stage `stage`
     named_barrier_sync(1, Cfg::kConsumerThreads);          // the whole dSᵀ tile is in smem
 
@@ -352,7 +354,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       }
       {
         float* dq_rows = p.dq_accum + (row_base + q0 + dq_row_part * kRowsPerWarpgroup) * kHeadDim + dq_col_part * Cfg::kDqCols;
-  #pragma unroll
+#pragma unroll
         for (int e = 0; e < Cfg::kDqCols / 2; e += 2)
           atomicAdd(reinterpret_cast<float2*>(dq_rows + frag_row(e) * kHeadDim + frag_col(e)), make_float2(dq[e], dq[e + 1]));
       }
