@@ -1,30 +1,90 @@
-"""Step 11's SASS (marker ``sass``: needs nvcc + cuobjdump, no GPU): every instantiation of the backward's main
-kernel (dtype × headdim × causal) compiles without spills and runs its five GEMMs on HGMMA."""
+"""The backward steps' SASS (marker ``sass``: needs nvcc + cuobjdump, no GPU): every instantiation of each backward
+step's main kernel (dtype × headdim × causal) compiles without spills or local memory, runs its five GEMMs as the
+HGMMA groups the tiles ask for, keeps its exponentials between the Sᵀ/dPᵀ GEMMs and the dV/dK GEMMs, and (steps
+13+, headdim ≤ 128) adds dQ with one bulk reduction instead of fp32 atomics.
+
+The HGMMA forms, as cuobjdump prints them: Sᵀ and dPᵀ are SS with both descriptors plain; dV and dK are RS (the A
+operand a register, ``.tnspB``); dQ = dS·K is SS with ``.tnspA.tnspB`` (cuda/steps/bwd/11_bwd.cu, "Why transposed").
+"""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from fa3_lab import _build, _env
+from fa3_lab import _build, _env, registry
 from fa3_lab.lab import sass
 
-pytestmark = [pytest.mark.sass, pytest.mark.step11]
+pytestmark = pytest.mark.sass
 
-SOURCE = _env.CUDA_DIR / "steps" / "bwd" / "11_bwd.cu"
+#: headdim → (kBlockM, kBlockN) of every backward step so far (each step's Config).
+TILES = {64: (128, 128), 128: (64, 128), 256: (64, 64)}
+BWD_STEPS = [pytest.param(s, marks=getattr(pytest.mark, s.marker), id=s.marker) for s in registry.series("bwd")]
 
 
-def test_backward_has_no_spills_and_every_main_kernel_uses_hgmma():
-    cubin, log = sass.compile_source(SOURCE)
-    rows = [r for r in _build.ptxas_report(log) if "bwd_kernel" in r["kernel"]]
+def _forms(text):
+    """The main kernel's HGMMAs in program order, each "sdp", "rs" or "dq", and the form of the last HGMMA before
+    each MUFU.EX2."""
+    order, before_ex2, last = [], [], None
+    for line in text.splitlines():
+        m = re.search(r"\bHGMMA\.\S+\s+R\d+,\s*(\S+)", line)
+        if m:
+            last = "dq" if "tnspA" in line else "rs" if m.group(1).startswith("R") else "sdp"
+            order.append(last)
+        if "MUFU.EX2" in line:
+            before_ex2.append(last)
+    return order, before_ex2
+
+
+@pytest.fixture(scope="module", params=BWD_STEPS)
+def compiled(request):
+    s = request.param
+    cubin, log = sass.compile_source(_env.REPO_ROOT / s.path)
+    return s, _build.ptxas_report(log), sass.dump_sass(cubin)
+
+
+def test_no_spills_and_no_local_memory(compiled):
+    s, report, funcs = compiled
+    rows = [r for r in report if "bwd_kernel" in r["kernel"]]
     assert len(rows) == 12, [r["kernel"] for r in rows]  # {fp16, bf16} × {64, 128, 256} × {causal, not}
     for r in rows:
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert r["registers"] <= 255, r
-    funcs = sass.dump_sass(cubin)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (s.name, r)
+        assert r["registers"] <= 255, (s.name, r)
     mains = {name: text for name, text in funcs.items() if "bwd_kernel" in name}
     assert len(mains) == 12
     for name, text in mains.items():
-        hgmma = len(re.findall(r"\bHGMMA\.", text))
-        assert hgmma >= 5, f"{name}: {hgmma} HGMMA"  # Sᵀ, dPᵀ, dV, dK, dQ: at least one instruction each
-        assert not re.search(r"\b(LDL|STL)\b", text), f"{name}: local memory in the SASS"
+        assert not re.search(r"\b(LDL|STL)\b", text), f"{s.name} {name}: local memory in the SASS"
+
+
+def test_gemm_groups_and_where_the_exponentials_sit(compiled):
+    s, _, funcs = compiled
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        block_m, block_n = TILES[headdim]
+        order, before_ex2 = _forms(text)
+        # Sᵀ and dPᵀ: K = headdim in steps of 16, each at least once (step 14 issues Sᵀ in two places)
+        assert order.count("sdp") >= 2 * headdim // 16, (s.name, name, order)
+        assert order.count("rs") == 2 * block_m // 16, (s.name, name, order)  # dV, dK: K = kBlockM queries
+        assert order.count("dq") == block_n // 16, (s.name, name, order)      # dQ: K = kBlockN keys
+        # the exponentials: kBlockM/2 per thread (64 keys × kBlockM queries over 128 threads), each after an Sᵀ/dPᵀ
+        # HGMMA — under the dPᵀ GEMM, before the RS GEMMs that consume Pᵀ
+        assert len(before_ex2) == block_m // 2, (s.name, name, len(before_ex2))
+        assert set(before_ex2) == {"sdp"}, (s.name, name, before_ex2)
+
+
+def test_dq_accumulation_form(compiled):
+    """Steps 11–12 add dQ with fp32 atomics from registers; from step 13 on, headdim ≤ 128 adds it with one bulk
+    reduction (UBLKRED) of the writer warp, and no fp32 global atomic is left in the kernel."""
+    s, _, funcs = compiled
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        bulk = len(re.findall(r"\bUBLKRED\b", text))
+        atomics = len(re.findall(r"\b(?:RED|ATOM|REDG|ATOMG)\.E\.ADD\.F32", text))
+        if s.id >= 13 and headdim <= 128:
+            assert bulk == 1 and atomics == 0, (s.name, name, bulk, atomics)
+        else:
+            assert bulk == 0 and atomics > 0, (s.name, name, bulk, atomics)

@@ -44,17 +44,6 @@ constexpr int kThreadsPerWarpgroup = 128;
 constexpr int kRowsPerWarpgroup = 64;  // M of every WGMMA
 constexpr int kBarDqEmpty = 3, kBarDqFull = 4;  // named barriers of the dQ tile (1: dSᵀ, 2: atomics' turn)
 
-// Offset (floats) of dQ element (r, c) of an m_block tile in dq_accum: fragment order, consumer cwg's slice
-// (query rows 64·(cwg % kDqRowSplit).., columns kDqCols·(cwg / kDqRowSplit)..) at cwg·64·kDqCols, then per thread t
-// of the warpgroup four floats per 8 columns: (row r0, cols c, c + 1), (row r0 + 8, same cols) — frag_row/frag_col.
-template <typename Cfg>
-__host__ __device__ inline int dq_accum_offset(int r, int c) {
-  const int rl = r % kRowsPerWarpgroup, cl = c % Cfg::kDqCols;
-  const int cwg = r / kRowsPerWarpgroup + Cfg::kDqRowSplit * (c / Cfg::kDqCols);
-  const int t = 32 * (rl / 16) + 4 * (rl % 8) + (cl % 8) / 2;
-  return cwg * kRowsPerWarpgroup * Cfg::kDqCols + (cl / 8) * 4 * kThreadsPerWarpgroup + 4 * t + 2 * ((rl % 16) / 8) + c % 2;
-}
-
 template <typename T, int kHeadDim>
 struct Config {
   static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;    // queries per m_block (Q_i, dO_i rows)
@@ -404,26 +393,41 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
 }
 
 // ---------------------------------------------------------------- postprocess
-// dQ = dq_accum·α → input dtype, (batch, seqlen_q, nheads, headdim) contiguous; 2 elements per thread, read
-// from the m_block tile's fragment order (dq_accum_offset) or, at headdim 256, row-major.
+// dQ = dq_accum·α → input dtype, (batch, seqlen_q, nheads, headdim) contiguous; one thread per float4 of
+// dq_accum (coalesced reads). At headdim ≤ 128, float4 number 16·kDqCols·cwg + 128·j + t of an m_block tile is
+// consumer cwg's thread t's dQ elements 4j..4j+3 (the store of 9): rows r0 and r0 + 8, columns c, c + 1
+// (frag_row/frag_col); at headdim 256 (atomics, row-major) it is four consecutive columns of one row.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(256) postprocess_dq_kernel(const BwdParams p) {
   using Cfg = Config<T, kHeadDim>;
-  const int64_t total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.nheads * kHeadDim / 2;
+  constexpr int kTile = Cfg::kBlockM * kHeadDim;  // floats of one m_block tile
+  const int tiles_per_head = p.seqlen_q_rounded / Cfg::kBlockM;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.nheads * p.seqlen_q_rounded * kHeadDim / 4;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = 2 * i;  // element index in dq (b, s, h, c)
-    const int c = static_cast<int>(e % kHeadDim);
-    const int64_t bsh = e / kHeadDim;
-    const int h = static_cast<int>(bsh % p.nheads);
-    const int64_t bs = bsh / p.nheads;
-    const int s = static_cast<int>(bs % p.seqlen_q), b = static_cast<int>(bs / p.seqlen_q);
-    const int r = s % Cfg::kBlockM;
-    const int64_t tile = ((static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + s - r) * kHeadDim;
-    const int off = Cfg::kDqInSmem ? dq_accum_offset<Cfg>(r, c) : r * kHeadDim + c;
-    const float2 a = *reinterpret_cast<const float2*>(p.dq_accum + tile + off);
-    *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dq) + e) =
-        ElemTraits<T>::pack(a.x * p.softmax_scale, a.y * p.softmax_scale);
+    const int64_t tile = 4 * i / kTile;  // (b·nheads + h)·tiles_per_head + m_block
+    const int off = static_cast<int>(4 * i % kTile);
+    const int m_block = static_cast<int>(tile % tiles_per_head);
+    const int h = static_cast<int>(tile / tiles_per_head % p.nheads), b = static_cast<int>(tile / tiles_per_head / p.nheads);
+    const float4 a = *reinterpret_cast<const float4*>(p.dq_accum + 4 * i);
+    int r = off / kHeadDim, c = off % kHeadDim;  // headdim 256: row-major
+    if constexpr (Cfg::kDqInSmem) {
+      const int cwg = off / (kRowsPerWarpgroup * Cfg::kDqCols), rem = off % (kRowsPerWarpgroup * Cfg::kDqCols);
+      const int j = rem / (4 * kThreadsPerWarpgroup), t = rem % (4 * kThreadsPerWarpgroup) / 4;
+      r = kRowsPerWarpgroup * (cwg % Cfg::kDqRowSplit) + 16 * (t / 32) + (t % 32) / 4;
+      c = Cfg::kDqCols * (cwg / Cfg::kDqRowSplit) + 8 * j + 2 * (t % 4);
+    }
+    const int s = m_block * Cfg::kBlockM + r;
+    const int64_t row_stride = static_cast<int64_t>(p.nheads) * kHeadDim;
+    T* dq = reinterpret_cast<T*>(p.dq) + (static_cast<int64_t>(b) * p.seqlen_q + s) * row_stride + h * kHeadDim + c;
+    const uint32_t lo = ElemTraits<T>::pack(a.x * p.softmax_scale, a.y * p.softmax_scale);
+    const uint32_t hi = ElemTraits<T>::pack(a.z * p.softmax_scale, a.w * p.softmax_scale);
+    if (Cfg::kDqInSmem) {
+      if (s < p.seqlen_q) *reinterpret_cast<uint32_t*>(dq) = lo;
+      if (s + 8 < p.seqlen_q) *reinterpret_cast<uint32_t*>(dq + 8 * row_stride) = hi;
+    } else if (s < p.seqlen_q) {
+      *reinterpret_cast<uint2*>(dq) = make_uint2(lo, hi);
+    }
   }
 }
 
@@ -477,8 +481,8 @@ void run(const BwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(tq, tk, tv, tdo, p);
   check_cuda(cudaGetLastError(), "step14 launch");
 
-  postprocess_dq_kernel<T, kHeadDim><<<grid_stride_blocks(int64_t(p.batch) * p.seqlen_q * p.nheads * kHeadDim / 2),
-                                       256, 0, stream>>>(p);
+  postprocess_dq_kernel<T, kHeadDim>
+      <<<grid_stride_blocks(int64_t(p.batch) * p.nheads * p.seqlen_q_rounded * kHeadDim / 4), 256, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), "step14 postprocess (dQ) launch");
   if (p.dk_accum != nullptr) {
     postprocess_dkv_kernel<T><<<grid_stride_blocks(int64_t(p.batch) * p.seqlen_k * p.nheads_kv * p.headdim / 2), 256,
