@@ -3,7 +3,7 @@
 # (steps vs cuDNN and FA2, a few shapes), compute-sanitizer on the newest step. Logs and JSON go to $OUT.
 # Usage (repo root on the GPU machine): FA3_LAB_COMMIT=<sha> bash tools/experiments/bwd_steps_check.sh STEPS
 #   STEPS: comma list, e.g. 11,12,13; SAN_STEPS (default the last of STEPS) are sanitized. Stage limits: SMOKE_S,
-#   BENCH_S, SAN_S seconds (per tool and step).
+#   BENCH_S, SAN_S seconds (per tool and step); HEADDIMS (default 64,128,256) are timed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/fa3_out}; mkdir -p "$OUT"
@@ -16,7 +16,7 @@ timeout -k 5 ${SMOKE_S:-100} python3 tools/bwd_smoke.py ${STEPS//,/ } > "$OUT/bw
 echo "SMOKE ($(el) s): $(grep -c ' Y ' "$OUT/bwd_smoke.log") Y, $(grep -c ' N ' "$OUT/bwd_smoke.log") N"
 grep -E " N |Error|error" "$OUT/bwd_smoke.log" | head -8
 timeout -s INT -k 5 ${BENCH_S:-150} python3 -m fa3_lab bench --backward --steps "$STEPS" --dtypes bf16 \
-  --seqlens 2048,8192 --rounds 3 --name bench_backward_steps > "$OUT/bwd_bench.log" 2>&1
+  --seqlens 2048,8192 --headdims ${HEADDIMS:-64,128,256} --rounds 3 --name bench_backward_steps > "$OUT/bwd_bench.log" 2>&1
 cp fa3_lab/results/*/bench_backward_steps.json "$OUT/" 2>/dev/null
 echo "BENCH ($(el) s)"; grep -vE "^\s*$" "$OUT/bwd_bench.log" | tail -40
 for st in ${SAN_STEPS:-$LAST}; do for tool in racecheck synccheck memcheck; do
