@@ -120,7 +120,8 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(7, "07_sass_overlap", "reading the SASS: is the softmax under the GEMM?", (4, 10)),
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
-    Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated", (11,)),
+    Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
+            (11, 12, 13, 14)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

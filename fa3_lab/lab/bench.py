@@ -39,6 +39,8 @@ def add_arguments(p):
     p.add_argument("--backward", action="store_true",
                    help="the backward (bwd alone and fwd+bwd) of our default backward step vs cuDNN's and FA2's "
                         "(SDPA backends), the paper grid; writes bench_backward.json")
+    p.add_argument("--deterministic", action="store_true",
+                   help="--backward: also time the last backward step with deterministic=True (impl stepNN_det)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8: step 05 (kernel alone, plus quantize time) vs FA3's e4m3 forward and our bf16 step 04")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16 (default both; --quick: bf16)")
@@ -196,12 +198,13 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     return rows
 
 
-def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rounds=ROUNDS):
+def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rounds=ROUNDS, deterministic=False):
     """Time the backward: rows with ``"pass": "bwd"`` (``torch.autograd.grad`` of a saved forward with a
     fixed dout, docs/design.md) and ``"fwd_bwd"`` (forward and backward together), for our backward steps
     (``flash_attn_func(..., bwd_step=N)``'s autograd) and the peers' backward through SDPA's CUDNN_ATTENTION
     (``cudnn``) and FLASH_ATTENTION (``sdpa_flash``, FlashAttention-2) backends; rounds rotate as in
-    :func:`run_grid`. TFLOPs/s use 2.5 × (bwd) and 3.5 × (fwd_bwd) the forward FLOPs.
+    :func:`run_grid`. TFLOPs/s use 2.5 × (bwd) and 3.5 × (fwd_bwd) the forward FLOPs. ``deterministic``: the last
+    of ``bwd_step_ids`` also runs with ``deterministic=True`` (dQ added in n_block order), as impl ``stepNN_det``.
 
     Raises:
         UsageError: rounds < 1.
@@ -224,6 +227,10 @@ def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rou
         fwd = {f"step{n:02d}": (lambda q, k, v, n=n: fa3_lab.flash_attn_func(q, k, v, causal=cfg["causal"],
                                                                              bwd_step=n))
                for n in bwd_step_ids}
+        if deterministic:
+            n = bwd_step_ids[-1]
+            fwd[f"step{n:02d}_det"] = lambda q, k, v, n=n: fa3_lab.flash_attn_func(q, k, v, causal=cfg["causal"],
+                                                                                 bwd_step=n, deterministic=True)
         fwd.update({name: (lambda q, k, v, fn=fn: fn(q, k, v, cfg["causal"])) for name, fn in peer_fns.items()})
         jobs, saved = {}, {}
         for name, f in fwd.items():
@@ -273,7 +280,7 @@ def format_table(rows, title=""):
 
     keys = sorted({(r["dtype"], r["headdim"], r["causal"], r["seqlen_q"]) for r in rows})
     impls = sorted({r["impl"] for r in rows}, key=lambda i: (not i.startswith("step"), i))
-    ours = [i for i in impls if i.startswith("step")]
+    ours = [i for i in impls if i.startswith("step") and not i.endswith("_det")]  # best: of the default modes
     theirs = [i for i in impls if not i.startswith("step")]
     t = Table(title=title)
     for col in ["dtype", "hdim", "causal", "seqlen"] + impls + [f"best/{p}" for p in theirs]:
@@ -307,6 +314,8 @@ def run(args):
     headdims = _int_list(args.headdims, "headdims", allowed=(64, 128, 256))
     if args.fp8:
         return run_fp8(console, args)
+    if args.deterministic and not args.backward:
+        raise UsageError("--deterministic: only with --backward (the forward has no accumulation order)")
     if args.backward and args.ablation:
         raise UsageError("--backward: not with --ablation (the backward ablation times the backward steps: "
                          "--backward --steps 11,12,…)")
@@ -342,7 +351,7 @@ def run(args):
             if args.steps:
                 bwd_ids = _int_list(args.steps, "steps", allowed=tuple(bwd_ids))
             rows = run_backward_grid(configs, bwd_ids, with_peers=not args.no_peers, progress=progress,
-                                     rounds=args.rounds)
+                                     rounds=args.rounds, deterministic=args.deterministic)
         else:
             rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
     from . import results
