@@ -99,11 +99,11 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, step=None, ret
         out: optional preallocated output, shape and dtype of q (tests poison it first); any strides with
             a contiguous last dim and a 16-byte aligned base and strides (steps 08–10 store O with TMA).
         deterministic: the backward adds dQ in a fixed order, bitwise reproducible run to run (FA3's flag);
-            default False (unordered fp32 atomics, slightly faster).
+            default False (dQ partials added in whatever order the thread blocks arrive, slightly faster).
         bwd_step: the backward kernel step autograd runs (``cuda/steps/bwd/``); default :func:`default_bwd_step`.
 
-    Backward (autograd, when q, k or v requires grad): the backward kernel ``cuda/steps/bwd/11_bwd.cu`` (paper
-    App. B.1): dq, dk, dv in the inputs' dtype, dk and dv summed over each GQA group; rows that see no key get
+    Backward (autograd, when q, k or v requires grad): backward kernel step ``bwd_step`` (``cuda/steps/bwd/``;
+    default ``registry.DEFAULT_BWD_STEP``; paper App. B.1): dq, dk, dv in the inputs' dtype, dk and dv summed over each GQA group; rows that see no key get
     zero gradients; a gradient flowing into lse (``return_lse``) is ignored, as in FlashAttention.
 
     Returns:
@@ -178,7 +178,7 @@ def flash_attn_fp8_func(q, k, v, causal=False, softmax_scale=None, *, block_quan
 #: What a backward through :func:`flash_attn_fp8_func` raises.
 FP8_BACKWARD_MESSAGE = (
     "flash_attn_fp8_func: the FP8 (e4m3) path has no backward; train with flash_attn_func on the 16-bit "
-    "inputs (its backward is cuda/steps/bwd/11_bwd.cu), or run the FP8 forward under torch.no_grad()")
+    "inputs (its backward kernels are cuda/steps/bwd/), or run the FP8 forward under torch.no_grad()")
 
 
 class _Fp8NoBackward(torch.autograd.Function):

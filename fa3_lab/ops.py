@@ -16,7 +16,7 @@ first use (``fa3_lab._build.load``), never at import.
 
 Autograd: when q, k or v requires grad, the forward records a backward node that calls
 ``torch.ops.fa3_lab.flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, step)
--> (dq, dk, dv)``, the backward kernel (``cuda/steps/bwd/11_bwd.cu``, paper App. B.1 Algorithm 3; its NumPy
+-> (dq, dk, dv)``, a backward kernel step (``cuda/steps/bwd/``, paper App. B.1 Algorithm 3; its NumPy
 twin is ``reference.backward.flash_attention_backward``). Its fake implementation gives dq/dk/dv shapes,
 so ``torch.compile(fullgraph=True)`` traces a whole training step. A dout of the wrong shape, dtype or
 device raises at once, naming dout. A forward under ``torch.no_grad()`` records nothing.
@@ -37,7 +37,7 @@ OP = "fa3_lab::flash_attn_fwd"
 OP_OUT = "fa3_lab::flash_attn_fwd_out"
 OP_BWD = "fa3_lab::flash_attn_bwd"
 
-#: The backward kernel step autograd runs by default (cuda/steps/bwd/11_bwd.cu; registry.DEFAULT_BWD_STEP).
+#: The backward kernel step autograd runs by default (cuda/steps/bwd/; registry.DEFAULT_BWD_STEP).
 BWD_STEP = registry.DEFAULT_BWD_STEP
 
 
@@ -136,7 +136,7 @@ def check_dout(dout, out):
 def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic=False, step=BWD_STEP):
     """FlashAttention-3 backward (paper App. B.1, Algorithm 3): dq, dk, dv from the forward's out and lse.
 
-    Runs backward step ``step`` (``cuda/steps/bwd/``; 11 = ``11_bwd.cu``): a preprocess kernel (D =
+    Runs backward step ``step`` (``cuda/steps/bwd/NN_*.cu``, ``fa3_lab.registry``): a preprocess kernel (D =
     rowsum(dout ∘ out)), the main kernel (K/V tiles stationary per CTA, Q/dout tiles streamed, dQ added in fp32
     to a workspace) and a postprocess (dQ to the input dtype; for GQA, dk and dv summed over each head group).
 
@@ -145,7 +145,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic
             dim is not contiguous or a stride is not 16-byte aligned: it is loaded by TMA).
         q, k, v, out, lse: the forward's inputs and outputs (see :func:`flash_attn_fwd`).
         causal, softmax_scale: the forward's.
-        deterministic: dQ accumulated in n_block order (bitwise reproducible); default unordered atomics.
+        deterministic: dQ accumulated in n_block order (bitwise reproducible); default in arrival order.
         step: backward kernel step id.
 
     Returns:
