@@ -450,6 +450,100 @@ def test_compact_view_keeps_the_longest_seqlen_of_each_config():
     assert table[1][4:] == [f"{_row('step02', 0.5, causal=True)['tflops']:.0f} step02", "—", "—"]
 
 
+# ------------------------------------------------------------------------------- README: the backward
+
+def _bwd(impls_ms, seqlens=(2048, 8192), headdims=(64, 128), causals=(False, True), passes=("bwd", "fwd_bwd")):
+    """Backward rows (bf16) of the paper grid's shapes: batch 16k/seqlen, nheads 2048/headdim."""
+    return [_row(impl, ms, headdim=d, causal=c, seqlen_q=s, seqlen_k=s, batch=16384 // s, nheads=2048 // d,
+                 nheads_kv=2048 // d, **{"pass": p})
+            for d in headdims for c in causals for s in seqlens for p in passes for impl, ms in impls_ms]
+
+
+#: step13's deterministic mode is the fastest row everywhere: it must never count as "our fastest step".
+_BWD_GRID = (("step13", 1.0), ("step13_det", 0.9), ("cudnn", 1.25), ("sdpa_flash", 2.0))
+_BWD_ABL = (("step11", 2.0), ("step12", 1.6), ("step13", 1.25), ("step13_det", 1.4), ("step14", 1.2),
+            ("cudnn", 1.3), ("sdpa_flash", 1.8))
+
+
+def _save_backward(res):
+    results.save("bench_backward", _bwd(_BWD_GRID), _meta(command="python -m fa3_lab bench --backward"), root=res)
+    results.save("ablation_backward", _bwd(_BWD_ABL, seqlens=(8192,), headdims=(128,)),
+                 _meta(command="python -m fa3_lab bench --backward --steps 11,12,13,14 --deterministic "
+                               "--name ablation_backward"), root=res)
+    return results.current_runs(res)
+
+
+def test_schema_knows_the_deterministic_backward_modes():
+    assert "step13_det" in results.IMPLS and "step13_det" not in results.STEP_IMPLS
+    assert "step04_det" not in results.IMPLS  # a forward step has no accumulation order
+    assert results.IMPLS.index("step13_det") == results.IMPLS.index("step13") + 1
+    assert results.base_step("step13_det") == results.base_step("step13") == "step13"
+    assert results.base_step("cudnn") is None
+    with pytest.raises(ValueError, match="impl"):
+        results.base_step("step99_det")
+
+
+def test_readme_shows_the_backward_figure_table_and_ablation(tmp_path):
+    runs = _save_backward(tmp_path / "results")
+    grid, abl = sorted(runs["nvidia-h100-80gb-hbm3"], key=lambda r: r.path.name)[::-1]
+    assert (readme._kind(grid), readme._kind(abl)) == ("backward", "backward_ablation")
+    assert readme.backward_runs([grid, abl]) == [grid] and not readme.grid_runs([grid, abl])
+    assert readme.figure_path(grid).name == "fig6_nvidia-h100-80gb-hbm3_abc1234.png"
+    block = readme.render(runs)
+    assert ("![Figure 6 of the paper, redone: backward TFLOPs/s of our step against cuDNN and FlashAttention-2, bf16, "
+            "NVIDIA H100 80GB HBM3, commit abc1234](docs/img/fig6_nvidia-h100-80gb-hbm3_abc1234.png)") in block
+    assert "| dtype | hdim | mask | seqlen | ours | cudnn | sdpa_flash |" in block
+    t = {i: _row(i, ms, headdim=128, seqlen_q=8192, seqlen_k=8192, batch=2, nheads=16, **{"pass": "bwd"})["tflops"]
+         for i, ms in _BWD_GRID}
+    assert (f"| bf16 | 128 | full | 8192 | {t['step13']:.0f} step13 | {t['cudnn']:.0f} {t['step13'] / t['cudnn']:.2f}× "
+            f"| {t['sdpa_flash']:.0f} {t['step13'] / t['sdpa_flash']:.2f}× |") in block
+    assert "Fastest of our steps, backward, bf16 grid (8 points): step13 at 8." in block
+    assert "Our fastest step ÷ cuDNN, backward, bf16, 8 points: median 1.25×" in block
+    a = {i: _row(i, ms, headdim=128, seqlen_q=8192, seqlen_k=8192, batch=2, nheads=16, **{"pass": "bwd"})["tflops"]
+         for i, ms in _BWD_ABL}
+    pct = (1 - a["step13_det"] / a["step13"]) * 100
+    sentence = (f"Backward ablation (bf16, batch 2, seqlen 8192, 16 heads, headdim 128, no mask, bwd pass): "
+                f"step11 {a['step11']:.0f} → step12 {a['step12']:.0f} → step13 {a['step13']:.0f} → step14 "
+                f"{a['step14']:.0f} TFLOPs/s; deterministic step13: {a['step13_det']:.0f} (−{pct:.1f} %); "
+                f"cuDNN {a['cudnn']:.0f}, FA2 {a['sdpa_flash']:.0f}.")
+    assert readme.backward_ablation_sentences(abl)[0] == sentence and f"- {sentence}" in block
+    assert len(readme.backward_ablation_sentences(abl)) == 2  # one per shape: no mask, causal
+    assert "step13_det at" not in block and "step13_det" not in block.split("| dtype | hdim")[1].split("\n\n")[0]
+    full = readme.render_results_md(runs)
+    assert "![Figure 6 (backward), NVIDIA H100 80GB HBM3](img/fig6_nvidia-h100-80gb-hbm3_abc1234.png)" in full
+    assert f"- {sentence}" in full and "fwd_bwd pass): step11" in full
+    assert full.count("### `") == 2 and "step13_det" in full.split("### `bench_backward.json`")[1]
+    header, rows = readme.pivot(grid)
+    assert all(r[header.index("best step")].startswith("step13 (") for r in rows)
+
+
+def test_readme_writes_the_backward_figure_and_check_detects_drift(tmp_path, monkeypatch):
+    res, img = tmp_path / "results", tmp_path / "img"
+    _save_backward(res)
+    path = _readme(tmp_path, body=f"{readme.STEPS_BEGIN}\n{readme.STEPS_END}\n")
+    monkeypatch.setattr(readme, "README", path)  # the "repository" README: docs, figures and headers follow it
+    monkeypatch.setattr(readme, "RESULTS_MD", tmp_path / "results.md")
+    monkeypatch.setattr(readme, "IMG_DIR", img)
+    monkeypatch.setattr(readme.headers, "update", lambda check=False: [])
+    args = ["--results", str(res)]
+    assert readme.main(["--check", *args]) == 1
+    assert readme.main(args) == 0
+    fig = img / "fig6_nvidia-h100-80gb-hbm3_abc1234.png"
+    assert fig.read_bytes().startswith(b"\x89PNG") and fig.name in path.read_text()
+    assert readme.main(["--check", *args]) == 0
+    fig.unlink()  # a missing figure is stale
+    assert readme.main(["--check", *args]) == 1
+    assert readme.main(args) == 0 and fig.is_file()
+    (img / "fig6_nvidia-h100-80gb-hbm3_0000000.png").write_bytes(b"old")  # a figure of no current run
+    assert readme.main(["--check", *args]) == 1
+    assert readme.main(args) == 0 and not (img / "fig6_nvidia-h100-80gb-hbm3_0000000.png").exists()
+    rows = _bwd(_BWD_ABL, seqlens=(8192,), headdims=(128,))
+    rows[0] = _row("step11", 1.5, **{k: rows[0][k] for k in ("headdim", "causal", "seqlen_q", "seqlen_k", "batch",
+                                                             "nheads", "nheads_kv", "pass")})
+    results.save("ablation_backward", rows, _meta(command="python -m fa3_lab bench --backward"), root=res)
+    assert readme.main(["--check", *args]) == 1  # a new backward number: the README and results.md drift
+
+
 def test_pivot_takes_the_median_of_repeats():
     run = results.Run(path=ROOT / "x.json", meta=_meta(),
                       rows=[_row("fa3", 1.0), _row("fa3", 2.0), _row("fa3", 4.0)])

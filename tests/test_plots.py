@@ -282,3 +282,65 @@ def test_plot_fp8_validation(fp8_run, bench_run):
     with pytest.raises(ValueError, match="ax: expected 1 Axes"):
         plots.plot_fp8(fp8_run, headdims=[128], ax=axes)
     assert plots.plot_fp8(_fp8_rows(), ax=axes[:1]) is fig
+
+
+# ------------------------------------------------------------------------------------- backward
+
+def _bwd_doc():
+    """A synthetic bench_backward run: headdim 64/128, both masks, 3 seqlens, bf16 + fp16, both passes; step13, its
+    deterministic mode, cuDNN and FA2."""
+    rows = []
+    for dtype in ("bf16", "fp16"):
+        for d in (64, 128):
+            for causal in (False, True):
+                for s in (512, 2048, 8192):
+                    for p in ("bwd", "fwd_bwd"):
+                        for impl, ms in (("step13", 1.0), ("step13_det", 1.1), ("cudnn", 1.2), ("sdpa_flash", 1.6)):
+                            r = {"impl": impl, "dtype": dtype, "pass": p, "headdim": d, "causal": causal,
+                                 "batch": 16384 // s, "seqlen_q": s, "seqlen_k": s, "nheads": 2048 // d,
+                                 "nheads_kv": 2048 // d, "ms": ms * (0.5 if dtype == "fp16" else 1.0)}
+                            r["tflops"] = results.tflops(r)
+                            rows.append(r)
+    meta = {"gpu": "NVIDIA H200", "sm_count": 132, "torch": "2.11.0+cu130", "cuda": "13.0", "cudnn": 91900,
+            "commit": "abc1234", "date": "2026-12-03T10:00:00Z", "command": "python -m fa3_lab bench --backward"}
+    return results.validate({"meta": meta, "rows": rows})
+
+
+def test_plot_backward_lines_are_the_bwd_rows_with_the_paper_reference():
+    doc = _bwd_doc()
+    fig = plots.plot_backward(doc)  # bf16 (present), the "bwd" pass
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["headdim 64, no mask", "headdim 128, no mask",
+                                               "headdim 64, causal", "headdim 128, causal"]
+    title = fig._suptitle.get_text()
+    assert title.startswith("Backward (2.5 × forward FLOPs), bf16: our step vs cuDNN, SDPA FA2\nNVIDIA H200")
+    assert "commit abc1234" in title and "2026-12-03" in title
+    hd128 = _lines(panels[1])
+    ref = hd128[plots.PAPER_FA3_BWD_LABEL]
+    assert list(ref.get_xdata()) == [512, 2048, 8192]
+    assert list(ref.get_ydata()) == [results.PAPER_FA3_BWD_HD128[s] for s in (512, 2048, 8192)]
+    assert all(plots.PAPER_FA3_BWD_LABEL not in _lines(a) for a in panels if a is not panels[1])
+    want = sorted((r["seqlen_q"], r["tflops"]) for r in doc["rows"] if r["impl"] == "step13" and r["dtype"] == "bf16"
+                  and r["pass"] == "bwd" and r["headdim"] == 128 and not r["causal"])
+    line = hd128[plots.LABELS["step13"]]
+    assert list(zip(line.get_xdata(), line.get_ydata())) == want
+    assert hd128[plots.LABELS["step13_det"]].get_linestyle() == "--"
+    assert set(hd128) == {plots.LABELS[i] for i in ("step13", "step13_det", "cudnn", "sdpa_flash")} | {
+        plots.PAPER_FA3_BWD_LABEL}
+
+
+def test_plot_backward_fwd_bwd_pass_has_no_paper_line_and_validates():
+    doc = _bwd_doc()
+    fig = plots.plot_backward(doc, dtype="fp16", pass_="fwd_bwd")
+    assert fig._suptitle.get_text().startswith("Forward + backward (3.5 × forward FLOPs), fp16")
+    assert all(plots.PAPER_FA3_BWD_LABEL not in _lines(a) for a in fig.axes)
+    with pytest.raises(ValueError, match="no 'bwd' rows"):
+        plots.plot_backward([r for r in doc["rows"] if r["pass"] == "fwd_bwd"])
+    with pytest.raises(ValueError, match="pass_"):
+        plots.backward_table(doc, pass_="fwd")
+    with pytest.raises(ValueError, match="expected 4 Axes"):
+        plots.plot_backward(doc, ax=plt.subplots(1, 3)[1])
+    table = plots.backward_table(doc)
+    assert table[(128, False, 8192)]["step13"] == next(
+        r["tflops"] for r in doc["rows"] if r["impl"] == "step13" and r["dtype"] == "bf16" and r["pass"] == "bwd"
+        and r["headdim"] == 128 and not r["causal"] and r["seqlen_q"] == 8192)

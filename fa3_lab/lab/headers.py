@@ -8,8 +8,10 @@ and ``python -m fa3_lab.lab.readme`` rewrites it with the README (``--check`` fa
 * 16-bit forward steps: the Table 2 shape (4, 8448, 16, 128), non-causal, bf16 and fp16, from ``ablation.json``,
   with the ratio to the parent step and, for the first step, to FA3 and cuDNN (same run);
 * the FP8 step: the kernel alone at headdim 128 and 256, seqlen 16k, from ``bench_fp8.json``, against FA3's e4m3;
-* backward steps: the backward alone (FLOPs 2.5 × forward) at headdim 128, seqlen 8k, from ``bench_backward.json``,
-  against cuDNN's and FA2's backward.
+* backward steps: the backward alone (FLOPs 2.5 × forward), bf16, from ``ablation_backward.json`` when the run has
+  it (:func:`_backward_ablation`: headdim 128 seqlen 8k, else the file's largest shape; non-causal and causal; the
+  ratio to the parent step, to cuDNN and to FA2 of the same run; the step's deterministic mode when timed), else
+  from ``bench_backward.json`` (the default step, headdim 128, seqlen 8k, against cuDNN's and FA2's backward).
 
 A step the current run does not cover says so. The paragraph ends at the next line that starts another part of
 the header (``Known limit``, ``Tried``, ``Twin:``, ``Correctness``, ``Resources``, the closing rule).
@@ -46,7 +48,11 @@ def _rows(runs, name):
     return None
 
 
-def _tf(run, **where):
+def _tf(run, pass_=None, **where):
+    """TFLOPs/s of the first row of ``run`` matching ``where`` (and ``pass_``, a row without ``pass`` being "fwd"),
+    or None."""
+    if pass_ is not None:
+        where["pass"] = pass_
     for r in run.rows:
         if all(r.get(k, "fwd" if k == "pass" else None) == v for k, v in where.items()):
             return r["tflops"]
@@ -62,6 +68,10 @@ def measured(step: registry.StepInfo, runs: list) -> str:
     """The paragraph's text (one line, unwrapped) for ``step`` from one GPU's current ``runs``."""
     impl = step.marker
     if step.series == "bwd":
+        abl = _rows(runs, "ablation_backward")
+        text = _backward_ablation(step, abl) if abl is not None else None
+        if text:
+            return text
         run = _rows(runs, "bench_backward")
         if run is not None:
             parts = []
@@ -95,6 +105,46 @@ def measured(step: registry.StepInfo, runs: list) -> str:
                 return text
     return ("Measured: the current recorded run (fa3_lab/results/) has no row for this step; "
             "`python -m fa3_lab bench` records one.")
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _backward_ablation(step: registry.StepInfo, run) -> str | None:
+    """A backward step from ``ablation_backward.json``: its bf16 "bwd" TFLOPs/s at headdim 128, seqlen 8k (else the
+    largest (seqlen, headdim) of its rows), non-causal then causal where recorded, each with its ratio to the parent
+    step, cuDNN and FA2 at the same shape, and its deterministic mode (``stepNN_det``) when timed; None when the run
+    has no bf16 "bwd" row of the step."""
+    impl = step.marker
+    mine = [r for r in run.rows if r["impl"] == impl and r["dtype"] == "bf16" and r.get("pass", "fwd") == "bwd"]
+    if not mine:
+        return None
+    at = [r for r in mine if r["headdim"] == 128 and r["seqlen_q"] == 8192]
+    if not at:  # the largest shape: longest seqlen, then widest headdim
+        n, d = max((r["seqlen_q"], r["headdim"]) for r in mine)
+        at = [r for r in mine if r["headdim"] == d and r["seqlen_q"] == n]
+    r0 = at[0]
+    parts = []
+    for causal in (False, True):
+        row = next((r for r in at if r["causal"] == causal), None)
+        if row is None:
+            continue
+        shape = {k: row[k] for k in ("headdim", "causal", "batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv")}
+        others = [(f"step {step.parent:02d}", registry.step(step.parent).marker)] if step.parent is not None else []
+        others += [("cuDNN", "cudnn"), ("FA2", "sdpa_flash")]
+        ratios = [f"{row['tflops'] / t:.2f}× {name}" for name, other in others
+                  if (t := _tf(run, impl=other, dtype="bf16", pass_="bwd", **shape))]
+        text = f"{'causal' if causal else 'non-causal'} {row['tflops']:.0f} TFLOPs/s" + (
+            f" ({', '.join(ratios)})" if ratios else "")
+        det = _tf(run, impl=impl + results.DET_SUFFIX, dtype="bf16", pass_="bwd", **shape)
+        if det:
+            pct = (det / row["tflops"] - 1) * 100
+            text += f", deterministic {det:.0f} ({'−' if pct < 0 else '+'}{abs(pct):.1f} %)"
+        parts.append(text)
+    heads = f"{r0['nheads']}" if r0["nheads"] == r0["nheads_kv"] else f"{r0['nheads']}/{r0['nheads_kv']}kv"
+    return (f"Measured ({_source(run)}): the backward alone (FLOPs 2.5 × forward), bf16, headdim {r0['headdim']}, "
+            f"seqlen {_k(r0['seqlen_q'])} (batch {r0['batch']}, {heads} heads): " + "; ".join(parts) + ".")
 
 
 def _shape(r) -> str:

@@ -1,4 +1,4 @@
-"""Figures from recorded GPU runs: the paper's Figure 5 layout and its Table 2 ablation.
+"""Figures from recorded GPU runs: the paper's Figure 5 layout, its Table 2 ablation, its Figure 6 (backward).
 
 Both functions read rows in the one results schema (docs/design.md, "Timing protocol";
 :mod:`fa3_lab.lab.results`) and draw with Matplotlib only. Nothing is random and nothing is measured
@@ -13,7 +13,7 @@ from __future__ import annotations
 from fa3_lab import registry as _registry
 
 from .bench import PAPER_ABLATION_TFLOPS
-from .results import IMPLS, STEP_IMPLS, Run
+from .results import DET_IMPLS, DET_SUFFIX, IMPLS, PAPER_FA3_BWD_HD128, STEP_IMPLS, Run
 
 #: The paper's Table 2 / §3.1 numbers (H100 SXM5, TFLOPs/s) beside our steps 01-04.
 PAPER_ABLATION = dict(PAPER_ABLATION_TFLOPS)
@@ -25,6 +25,7 @@ _SHORT = {1: "TMA+WGMMA", 2: "warp specialized", 3: "pingpong", 4: "intra-WG ove
 LABELS = {
     **{s.marker: f"step {s.id:02d} {_SHORT.get(s.id, s.name.partition('_')[2].replace('_', ' '))}"
        for s in _registry.STEPS},
+    **{d: f"step {d[4:6]} deterministic" for d in DET_IMPLS},
     "fa3": "FA3 (fa3-fwd)", "cudnn": "cuDNN", "sdpa_flash": "SDPA FA2", "sdpa_efficient": "SDPA mem-efficient",
     "sdpa_math": "SDPA math (standard)",
 }
@@ -35,6 +36,7 @@ _STEP_COLORS = ("#aec7e8", "#1f77b4", "#9467bd", "#17becf", "#e377c2",
                 "#8c564b", "#c49c94", "#f7b6d2", "#c5b0d5", "#393b79")
 COLORS = {
     **{s.marker: _STEP_COLORS[(s.id - 1) % len(_STEP_COLORS)] for s in _registry.STEPS},
+    **{d: _STEP_COLORS[(int(d[4:6]) - 1) % len(_STEP_COLORS)] for d in DET_IMPLS},  # drawn dashed/hatched
     "fa3": "#d62728", "cudnn": "#2ca02c", "sdpa_flash": "#ff7f0e", "sdpa_efficient": "#bcbd22",
     "sdpa_math": "#7f7f7f",
 }
@@ -343,6 +345,126 @@ def plot_ablation(rows, paper=PAPER_ABLATION, dtype="bf16", ax=None):
     ax.set_ylim(0, 1.15 * max(ours + pv))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------- backward
+
+#: Paper reference drawn by :func:`plot_backward` (one source: :data:`fa3_lab.lab.results.PAPER_FA3_BWD_HD128`).
+PAPER_FA3_BWD_LABEL = "paper FA3 (H100)"
+#: The peers of the backward figure: cuDNN's backward and FlashAttention-2's (SDPA's flash backend).
+BWD_PEERS = ("cudnn", "sdpa_flash")
+
+
+def backward_table(runs_or_rows, dtype="bf16", pass_="bwd"):
+    """The backward grid as {(headdim, causal, seqlen): {impl: TFLOPs/s}} for one dtype and one ``pass``.
+
+    Args:
+        runs_or_rows: one :class:`fa3_lab.lab.results.Run` (``bench_backward.json``), a results document or a list
+            of row dicts.
+        dtype: "bf16" or "fp16" (must occur in the rows of that pass).
+        pass_: "bwd" (the backward alone, FLOPs 2.5 × forward) or "fwd_bwd" (3.5 ×).
+
+    Raises:
+        TypeError: wrong input types. ValueError: empty input, several runs, a ``pass_`` other than "bwd" /
+        "fwd_bwd", no rows of that pass, a dtype absent from them, or duplicate rows.
+    """
+    if pass_ not in ("bwd", "fwd_bwd"):
+        raise ValueError(f"pass_: expected 'bwd' or 'fwd_bwd', got {pass_!r}")
+    rows, _ = _rows_and_meta(runs_or_rows, "backward_table")
+    rows = [r for r in rows if r.get("pass", "fwd") == pass_]
+    if not rows:
+        raise ValueError(f"rows: no {pass_!r} rows; expected a `python -m fa3_lab bench --backward` run")
+    return bench_table(rows, dtype)
+
+
+def plot_backward(runs_or_rows, dtype=None, pass_="bwd", peers=BWD_PEERS, paper=None, ax=None):
+    """The paper's Figure 6, redone: backward TFLOPs/s against seqlen, our steps against cuDNN and FA2.
+
+    Panels: rows = the masks of the run (no mask, causal), columns = its headdims (64, 128, 256); x = seqlen (log
+    scale), one line per implementation present: our steps (solid; a ``stepNN_det`` deterministic mode dashed, in
+    its step's colour), then ``peers`` present. In the headdim 128 no-mask panel of the "bwd" pass, the paper's
+    FA3 numbers (:data:`fa3_lab.lab.results.PAPER_FA3_BWD_HD128`, H100) at the run's seqlens are drawn as black
+    crosses on a dotted line, labelled "paper FA3 (H100)". The title names the pass, dtype, GPU, date and commit.
+
+    Args:
+        runs_or_rows: one :class:`fa3_lab.lab.results.Run` (``bench_backward.json``), a results document or a list
+            of row dicts.
+        dtype: the rows' dtype to draw; None: "bf16" if the run has it, else its first dtype.
+        pass_: "bwd" (the backward alone, 2.5 × forward FLOPs) or "fwd_bwd" (3.5 ×).
+        peers: peer impls to draw when present (default cuDNN, FA2).
+        paper: {seqlen: TFLOPs/s} to mark, default :data:`~fa3_lab.lab.results.PAPER_FA3_BWD_HD128`; {} for none.
+        ax: None (a new figure) or (masks × headdims) Matplotlib Axes (2-D array or flat, row-major).
+
+    Returns:
+        matplotlib.figure.Figure.
+
+    Raises:
+        TypeError: wrong input types. ValueError: as :func:`backward_table`, or the wrong number of Axes.
+
+    Source: paper §4.1, Figure 6 (backward speed, FP16/BF16, head dim 64/128, with and without causal mask).
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paper = PAPER_FA3_BWD_HD128 if paper is None else paper
+    if not isinstance(paper, dict):
+        raise TypeError(f"paper: expected a dict {{seqlen: TFLOPs/s}}, got {type(paper).__name__}")
+    rows, meta = _rows_and_meta(runs_or_rows, "plot_backward")
+    if dtype is None:
+        have = {r["dtype"] for r in rows if r.get("pass", "fwd") == pass_}
+        dtype = "bf16" if "bf16" in have or not have else sorted(have)[0]
+    table = backward_table(rows, dtype, pass_)
+    ours = [i for i in IMPL_ORDER if i not in peers and i.startswith("step") and any(i in c for c in table.values())]
+    impls = ours + [p for p in peers if any(p in c for c in table.values())]
+    headdims = [d for d in _FIG5_HEADDIMS if any(k[0] == d for k in table)]
+    headdims += sorted({k[0] for k in table} - set(headdims))
+    masks = [c for c in (False, True) if any(k[1] == c for k in table)]
+    if ax is None:
+        fig, axes = plt.subplots(len(masks), len(headdims), figsize=(4.6 * len(headdims), 3.2 * len(masks) + 0.6),
+                                 squeeze=False)
+    else:
+        axes = np.asarray(ax, dtype=object).reshape(-1)
+        if axes.size != len(masks) * len(headdims):
+            raise ValueError(f"ax: expected {len(masks) * len(headdims)} Axes ({len(masks)} masks × {len(headdims)} "
+                             f"headdims), got {axes.size}")
+        axes = axes.reshape(len(masks), len(headdims))
+        fig = axes[0, 0].figure
+    for r, causal in enumerate(masks):
+        for c, d in enumerate(headdims):
+            a = axes[r, c]
+            seqlens = sorted(k[2] for k in table if k[0] == d and k[1] == causal)
+            for impl in impls:
+                pts = [(s, table[(d, causal, s)][impl]) for s in seqlens if impl in table[(d, causal, s)]]
+                if pts:
+                    a.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if impl.endswith(DET_SUFFIX) else "o-",
+                           color=COLORS.get(impl), label=LABELS.get(impl, impl), ms=4)
+            ref = [(s, paper[s]) for s in seqlens if s in paper]
+            if ref and pass_ == "bwd" and d == 128 and not causal:
+                a.plot([p[0] for p in ref], [p[1] for p in ref], "kx:", label=PAPER_FA3_BWD_LABEL)
+            if seqlens:
+                a.set_xscale("log", base=2)
+                a.set_xticks(seqlens, [_seqlen_label(s) for s in seqlens])
+                a.minorticks_off()
+            a.set_ylim(0, None)
+            a.set_title(f"headdim {d}, {'causal' if causal else 'no mask'}", fontsize=9)
+            a.grid(alpha=0.3)
+            if c == 0:
+                a.set_ylabel("TFLOPs/s")
+            if r == len(masks) - 1:
+                a.set_xlabel("seqlen (batch = 16k / seqlen, nheads = 2048 / headdim)")
+    handles = {}
+    for a in axes.reshape(-1):
+        for h, label in zip(*a.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 5), fontsize=8,
+               frameon=False)
+    what = {"bwd": "Backward (2.5 × forward FLOPs)", "fwd_bwd": "Forward + backward (3.5 × forward FLOPs)"}[pass_]
+    theirs = [LABELS.get(p, p) for p in impls[len(ours):]]
+    vs = (f"our step{'s' if len([i for i in ours if i in STEP_IMPLS]) > 1 else ''} vs {', '.join(theirs)}" if theirs
+          else "our steps (this run timed no peers)")
+    fig.suptitle(f"{what}, {dtype}: {vs}\n{title_line(meta)}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07 if len(masks) > 1 else 0.14, 1, 0.95))
     return fig
 
 

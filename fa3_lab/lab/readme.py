@@ -11,12 +11,15 @@ when anything is stale):
   newest GPU (one commit, one protocol, said once), a Figure-5-style picture of our fastest step
   against FA3, cuDNN and FlashAttention-2, a short table, and sentences computed from the data;
 * ``docs/img/fig5_<gpu>_<commit>.png``: that picture (the name ties it to its run);
-* ``docs/results.md``: every current run of every GPU in full (grid, ablation, FP8).
+* with a backward grid (``bench_backward.json``): the paper's Figure 6 redone, ``docs/img/fig6_<gpu>_<commit>.png``
+  (our backward step against cuDNN and FlashAttention-2), its short table and sentences; with a backward ablation
+  (``ablation_backward.json``): a sentence per shape, step 11 → 12 → … and the deterministic mode;
+* ``docs/results.md``: every current run of every GPU in full (grid, ablation, FP8, backward).
 
 A GPU folder of ``fa3_lab/results/`` holds one run (one commit; :func:`fa3_lab.lab.results.current_runs`
 refuses more); older runs live in ``tools/experiments/results/`` and are never shown here. Step ids
 come from the run itself, so a run of any set of steps renders: "the best step" is the fastest
-``stepNN`` row at each point.
+``stepNN`` row at each point (a ``stepNN_det`` row, a step's deterministic mode, never is).
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ def _shape_cells(key, with_pass: bool = False) -> list[str]:
 
 
 def _best_step(tf: dict[str, float]):
+    """(TFLOPs/s, impl) of our fastest step in one cell, or (None, None); only :data:`results.STEP_IMPLS` count
+    (a deterministic mode ``stepNN_det`` is not a step of its own)."""
     ours = [(tf[s], s) for s in results.STEP_IMPLS if s in tf]
     return max(ours) if ours else (None, None)
 
@@ -111,28 +116,33 @@ def pivot(run: results.Run) -> tuple[list[str], list[list[str]]]:
 MAIN_PEERS = ("fa3", "cudnn", "sdpa_flash")
 
 
-def compact(run: results.Run, dtypes=None) -> tuple[list[str], list[list[str]]]:
-    """A narrow view of one run: the longest seqlen of each (dtype, headdim, mask).
+def compact(run: results.Run, dtypes=None, passes=None) -> tuple[list[str], list[list[str]]]:
+    """A narrow view of one run: the longest seqlen of each (dtype, headdim, mask, pass).
 
-    Columns: dtype, hdim, mask, seqlen, ours ("TFLOPs/s stepNN", our best step), then each of
-    :data:`MAIN_PEERS` present as "TFLOPs/s best/peer×". ``dtypes``: only these (default all).
+    Columns: dtype, hdim, mask, seqlen, ours ("TFLOPs/s stepNN", our best step; never a ``stepNN_det``), then each
+    of :data:`MAIN_PEERS` present as "TFLOPs/s best/peer×"; a first column ``pass`` when the rows shown have more
+    than one pass. ``dtypes``: only these (default all); ``passes``: only these of :data:`results.PASSES`
+    (default all; e.g. ``("bwd",)`` for the backward alone).
     """
     cells = _cells(run)
     if dtypes is not None:
         cells = {k: v for k, v in cells.items() if results.DTYPES[k[0]] in dtypes}
+    if passes is not None:
+        cells = {k: v for k, v in cells.items() if _PASS_ORDER[k[-1]] in passes}
     longest: dict[tuple, tuple] = {}
     for key in cells:
-        group = key[:3]
+        group = key[:3] + key[-1:]
         if group not in longest or (key[3], key[4]) > (longest[group][3], longest[group][4]):
             longest[group] = key
     present = {impl for by_impl in cells.values() for impl in by_impl}
     peers = [p for p in MAIN_PEERS if p in present]
-    header = ["dtype", "hdim", "mask", "seqlen", "ours"] + peers
+    with_pass = len({k[-1] for k in cells}) > 1
+    header = (["pass"] if with_pass else []) + ["dtype", "hdim", "mask", "seqlen", "ours"] + peers
     table = []
-    for key in sorted(longest.values()):
+    for key in sorted(longest.values(), key=lambda k: (k[-1],) + k[:-1] if with_pass else k):
         tf = cells[key]
         best, best_step = _best_step(tf)
-        line = _shape_cells(key)[:4] + ["—" if best is None else f"{best:.0f} {best_step}"]
+        line = _shape_cells(key, with_pass)[:4 + with_pass] + ["—" if best is None else f"{best:.0f} {best_step}"]
         for p in peers:
             if p not in tf:
                 line.append("—")
@@ -177,13 +187,17 @@ def run_line(runs: list[results.Run]) -> str:
             f"torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}. Files: {files}. {_protocol(runs)}.")
 
 
+_KIND_BY_NAME = {"bench": "grid", "ablation": "ablation", "bench_fp8": "fp8", "bench_backward": "backward",
+                 "ablation_backward": "backward_ablation"}
+
+
 def _kind(run: results.Run) -> str:
-    """"grid", "ablation", "fp8" or "backward": by file name (``bench``, ``ablation``, ``bench_fp8``,
-    ``bench_backward``), else by content (rows with a backward ``pass``: backward; e4m3 rows: fp8; step
-    rows at several configurations: grid; otherwise ablation)."""
+    """"grid", "ablation", "fp8", "backward" or "backward_ablation": by file name (``bench``, ``ablation``,
+    ``bench_fp8``, ``bench_backward``, ``ablation_backward``), else by content (rows with a backward ``pass``:
+    backward; e4m3 rows: fp8; step rows at several configurations: grid; otherwise ablation)."""
     name = run.path.stem if run.path is not None else ""
-    if name in ("bench", "ablation", "bench_fp8", "bench_backward"):
-        return {"bench": "grid", "ablation": "ablation", "bench_fp8": "fp8", "bench_backward": "backward"}[name]
+    if name in _KIND_BY_NAME:
+        return _KIND_BY_NAME[name]
     if any(row.get("pass", "fwd") != "fwd" for row in run.rows):
         return "backward"
     if any(row["dtype"] == "e4m3" for row in run.rows):
@@ -206,7 +220,13 @@ def fp8_runs(runs):
 
 
 def backward_runs(runs):
+    """The backward grids (``bench_backward.json``; not the backward ablation)."""
     return [r for r in runs if _kind(r) == "backward"]
+
+
+def backward_ablation_runs(runs):
+    """The backward ablations (``ablation_backward.json``: the backward steps at a few shapes)."""
+    return [r for r in runs if _kind(r) == "backward_ablation"]
 
 
 def _fmt_range(xs) -> str:
@@ -264,6 +284,53 @@ def ablation_sentence(run: results.Run, dtype: str = "bf16") -> str | None:
     return text + "."
 
 
+_PEER_NAMES = {"fa3": "FA3", "cudnn": "cuDNN", "sdpa_flash": "FA2"}
+
+
+def _pct(x: float) -> str:
+    """A signed percentage with a true minus sign: -0.0423 -> "−4.2 %"."""
+    return f"{'−' if x < 0 else '+'}{abs(x) * 100:.1f} %"
+
+
+def backward_ablation_sentences(run: results.Run, dtype: str = "bf16", pass_: str = "bwd") -> list[str]:
+    """One sentence per shape of a backward ablation (``ablation_backward.json``), computed from its rows.
+
+    "Backward ablation (bf16, batch 2, seqlen 8192, 16 heads, headdim 128, no mask, bwd pass): step11 X → step12 Y
+    → step13 Z → step14 W TFLOPs/s; deterministic step13: V (−p %); cuDNN C, FA2 F." — the steps in registry order
+    (those the shape has), each ``stepNN_det`` against its own step, the peers of :data:`MAIN_PEERS` present. Median
+    of repeated rows (:func:`pivot`'s cells). Shapes without a step row are left out; [] when none has one.
+
+    Raises:
+        ValueError: ``pass_`` not in :data:`results.PASSES`.
+    """
+    if pass_ not in _PASS_ORDER:
+        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
+    pass_i = _PASS_ORDER.index(pass_)
+    out = []
+    for key, tf in sorted(_cells(run).items()):
+        if results.DTYPES[key[0]] != dtype or key[-1] != pass_i:
+            continue
+        steps = [s for s in results.STEP_IMPLS if s in tf]
+        if not steps:
+            continue
+        _, headdim, causal, sq, sk, batch, nheads, nheads_kv, _ = key
+        heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
+        text = (f"Backward ablation ({dtype}, batch {batch}, seqlen {sq if sq == sk else f'{sq}→{sk}'}, {heads} heads, "
+                f"headdim {headdim}, {'causal' if causal else 'no mask'}, {pass_} pass): "
+                + " → ".join(f"{s} {tf[s]:.0f}" for s in steps) + " TFLOPs/s")
+        dets = []
+        for d in (d for d in results.DET_IMPLS if d in tf):
+            base = results.base_step(d)
+            dets.append(f"deterministic {base}: {tf[d]:.0f}" + (f" ({_pct(tf[d] / tf[base] - 1)})" if base in tf else ""))
+        if dets:
+            text += "; " + ", ".join(dets)
+        peers = [f"{_PEER_NAMES[p]} {tf[p]:.0f}" for p in MAIN_PEERS if p in tf]
+        if peers:
+            text += "; " + ", ".join(peers)
+        out.append(text + ".")
+    return out
+
+
 def fp8_sentence(run: results.Run) -> str | None:
     """Step 05 (kernel alone) against FA3's e4m3 forward, from a ``bench --fp8`` run."""
     rows = [r for r in run.rows if r["dtype"] == "e4m3"]
@@ -301,22 +368,38 @@ def dash_note(run: results.Run) -> str | None:
 
 # ------------------------------------------------------------------------------------ figure
 
+#: The figures' file name prefixes: the paper's Figure 5 (forward grid) and Figure 6 (backward grid).
+FIG_PREFIX = {"grid": "fig5", "backward": "fig6"}
+
+
 def figure_path(run: results.Run) -> Path:
-    """``docs/img/fig5_<gpu-slug>_<commit>.png``: the README's picture of ``run``."""
-    return IMG_DIR / f"fig5_{results.gpu_slug(run.meta['gpu'])}_{run.meta['commit']}.png"
+    """The README's picture of ``run``: ``docs/img/fig5_<gpu-slug>_<commit>.png`` for a forward grid (or any run not
+    a backward grid), ``docs/img/fig6_<gpu-slug>_<commit>.png`` for a backward grid (``bench_backward.json``)."""
+    prefix = FIG_PREFIX.get(_kind(run), "fig5")
+    return IMG_DIR / f"{prefix}_{results.gpu_slug(run.meta['gpu'])}_{run.meta['commit']}.png"
 
 
-def _fig_dtype(run: results.Run) -> str:
-    have = {r["dtype"] for r in run.rows}
+def _fig_dtype(run: results.Run, pass_: str | None = None) -> str:
+    have = {r["dtype"] for r in run.rows if pass_ is None or r.get("pass", "fwd") == pass_}
     return "bf16" if "bf16" in have else sorted(have)[0]
 
 
 def write_figure(run: results.Run, path: Path) -> Path:
+    """Draw ``run``'s picture into ``path`` (PNG, 80 dpi, no timestamp, so the same data gives the same bytes):
+    :func:`fa3_lab.lab.plots.plot_backward` (the "bwd" pass) for a backward grid, else
+    :func:`fa3_lab.lab.plots.plot_fig5`; bf16 when the run has it. Returns ``path``.
+
+    Raises:
+        ValueError: as the plot functions (e.g. a run without step rows, or without "bwd" rows for a backward grid).
+    """
     import matplotlib.pyplot as plt
 
     from fa3_lab.lab import plots
 
-    fig = plots.plot_fig5(run, _fig_dtype(run))
+    if _kind(run) == "backward":
+        fig = plots.plot_backward(run, _fig_dtype(run, "bwd"), "bwd")
+    else:
+        fig = plots.plot_fig5(run, _fig_dtype(run))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)
@@ -350,15 +433,35 @@ def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img"
         s = fp8_sentence(r)
         if s:
             parts.append(f"- {s}")
-    for r in backward_runs(runs):
-        parts += [f"- {s}" for p in ("bwd", "fwd_bwd") for s in grid_sentences(r, "bf16", p)[:2]]
-    notes = [n for n in (dash_note(g) for g in grids) if n]
+    bwds = backward_runs(runs)
+    for r in bwds:
+        parts += ["", *_backward_block(r, img_base)]
+    for r in backward_ablation_runs(runs):
+        parts += [f"- {s}" for s in backward_ablation_sentences(r, "bf16", "bwd")]
+    notes = [n for n in (dash_note(g) for g in grids + bwds) if n]
     parts += ["", *notes] if notes else []
     others = [f"{rs[0].meta['gpu']} (commit `{rs[0].meta['commit']}`)" for s, rs in runs_by_gpu.items() if s != slug]
     tail = "Every row of every current run: [docs/results.md](docs/results.md)"
     tail += f", also for {', '.join(others)}" if others else ""
     parts += ["", tail + ". Older runs are archived in `tools/experiments/results/` and not shown."]
     return "\n".join(parts).replace("\n\n\n", "\n\n") + "\n"
+
+
+def _backward_block(run: results.Run, img_base: str) -> list[str]:
+    """The README's lines for a backward grid: the Figure-6 picture, the "bwd" pass's longest seqlen per
+    (headdim, mask) against cuDNN and FA2, and the sentences of both passes."""
+    dtype = _fig_dtype(run, "bwd")
+    peers = [p for p in MAIN_PEERS if any(r["impl"] == p for r in run.rows)]
+    names = {"fa3": "FA3", "cudnn": "cuDNN", "sdpa_flash": "FlashAttention-2"}
+    against = f"against {' and '.join(names[p] for p in peers)}" if peers else "(this run timed no peers)"
+    header, rows = compact(run, dtypes=(dtype,), passes=("bwd",))
+    lines = [f"![Figure 6 of the paper, redone: backward TFLOPs/s of our step {against}, {dtype}, "
+             f"{run.meta['gpu']}, commit {run.meta['commit']}]({img_base}/{figure_path(run).name})", ""]
+    if rows:
+        lines += [f"Backward alone (FLOPs 2.5 × forward), {dtype}, longest sequence of each configuration (TFLOPs/s"
+                  + ("; × = our fastest step ÷ that peer):" if peers else "):"), "", _markdown(header, rows), ""]
+    lines += [f"- {s}" for p in ("bwd", "fwd_bwd") for s in grid_sentences(run, dtype, p)[:2]]
+    return lines
 
 
 def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
@@ -373,6 +476,8 @@ def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
         lines += [f"## {runs[0].meta['gpu']}", "", run_line(runs), ""]
         for r in grid_runs(runs):
             lines += [f"![Figure 5, {r.meta['gpu']}](img/{figure_path(r).name})", ""]
+        for r in backward_runs(runs):
+            lines += [f"![Figure 6 (backward), {r.meta['gpu']}](img/{figure_path(r).name})", ""]
         for r in runs:
             header, rows = pivot(r)
             lines += [f"### `{r.path.name}`: `{r.meta['command'].strip()}`", "", _markdown(header, rows), ""]
@@ -384,6 +489,8 @@ def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
         sentences += [s for r in fp8_runs(runs) if (s := fp8_sentence(r))]
         sentences += [s for r in backward_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
                       for s in grid_sentences(r, d, p)]
+        sentences += [s for r in backward_ablation_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
+                      for s in backward_ablation_sentences(r, d, p)]
         if sentences:
             lines += ["In short:", ""] + [f"- {s}" for s in sentences] + [""]
     return "\n".join(lines)
@@ -455,14 +562,14 @@ def update(text: str, runs_by_gpu, steps: bool | None = None) -> str:
 
 
 def figures(runs_by_gpu) -> list[tuple[results.Run, Path]]:
-    """(grid run, its picture's path) for every current GPU run that has a grid."""
-    return [(g, figure_path(g)) for runs in runs_by_gpu.values() for g in grid_runs(runs)]
+    """(run, its picture's path) for every forward grid and every backward grid of the current GPU runs."""
+    return [(g, figure_path(g)) for runs in runs_by_gpu.values() for g in grid_runs(runs) + backward_runs(runs)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fa3_lab.lab.readme",
                                      description="Regenerate README.md's steps and results, docs/results.md and "
-                                                 "docs/img/fig5_*.png from fa3_lab/registry.py and fa3_lab/results/.")
+                                                 "docs/img/fig5_*.png / fig6_*.png from fa3_lab/registry.py and fa3_lab/results/.")
     parser.add_argument("--check", action="store_true", help="exit 1 if anything is stale; change nothing")
     parser.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
@@ -483,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     stale += [p for _, p in figs if not p.exists()]
     stale += headers_stale if default else []
     wanted = {p for _, p in figs}
-    extra = [p for p in sorted(IMG_DIR.glob("fig5_*.png")) if p not in wanted] if default else []
+    extra = ([p for prefix in FIG_PREFIX.values() for p in sorted(IMG_DIR.glob(f"{prefix}_*.png")) if p not in wanted]
+             if default else [])
     if args.check:
         if stale or extra:
             for p in stale:
@@ -492,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{parser.prog}: {_rel(p)} belongs to no current run", file=sys.stderr)
             print(f"{parser.prog}: run `python -m fa3_lab.lab.readme`", file=sys.stderr)
             return 1
-        print("README.md, docs/results.md and the figure are up to date" if default
+        print("README.md, docs/results.md, the figures and the step headers are up to date" if default
               else f"{args.readme.name} results table is up to date")
         return 0
     for p in (headers.update() if default else []):

@@ -33,12 +33,21 @@ RESULTS_DIR = _env.RESULTS_DIR
 
 #: Our kernel steps (``fa3_lab/registry.py``) and the peers of docs/design.md "Numbers everyone uses".
 STEP_IMPLS = tuple(s.marker for s in registry.STEPS)
+#: A backward step run with ``deterministic=True`` (dQ added in a fixed order): impl ``stepNN_det``. It is a mode
+#: of step NN, not a step: it is shown beside the step and is never "our fastest step" (not in :data:`STEP_IMPLS`).
+DET_SUFFIX = "_det"
+DET_IMPLS = tuple(f"{s.marker}{DET_SUFFIX}" for s in registry.STEPS if s.series == "bwd")
 PEER_IMPLS = ("fa3", "cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
-IMPLS = STEP_IMPLS + PEER_IMPLS
+#: Every impl a row may name, in table/legend order: each step, its deterministic mode right after it, the peers.
+IMPLS = tuple(i for s in STEP_IMPLS for i in (s, s + DET_SUFFIX) if i in STEP_IMPLS or i in DET_IMPLS) + PEER_IMPLS
 DTYPES = ("fp16", "bf16", "e4m3")
 #: A row's ``pass``: the forward, the backward alone (FLOPs 2.5 × the forward's: five GEMMs against two),
 #: or both (3.5 ×). A row without ``pass`` is a forward row.
 PASSES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+#: The paper's FlashAttention-3 backward (§4.1, Figure 6: H100 SXM5, FP16/BF16, headdim 128, no mask, the
+#: backward alone), TFLOPs/s by seqlen: the reference line of :func:`fa3_lab.lab.plots.plot_backward`.
+PAPER_FA3_BWD_HD128 = {512: 316, 1024: 424, 2048: 501, 4096: 542, 8192: 559, 16384: 561}
 
 META_KEYS = ("gpu", "sm_count", "torch", "cuda", "cudnn", "commit", "date", "command")
 ROW_KEYS = ("impl", "dtype", "headdim", "causal", "batch", "seqlen_q", "seqlen_k",
@@ -157,6 +166,19 @@ def tflops(row: dict) -> float:
     (backward 2.5 ×), divided by its ``ms``."""
     f = flops(row["batch"], row["nheads"], row["seqlen_q"], row["seqlen_k"], row["headdim"], row["causal"])
     return f * PASSES[row.get("pass", "fwd")] / (row["ms"] * 1e-3) / 1e12
+
+
+def base_step(impl: str) -> str | None:
+    """The step an impl times: ``"step13"`` and ``"step13_det"`` -> ``"step13"``; a peer (``"cudnn"``) -> None.
+
+    Raises:
+        ValueError: ``impl`` is not in :data:`IMPLS`.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl in PEER_IMPLS:
+        return None
+    return impl.removesuffix(DET_SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------- schema
