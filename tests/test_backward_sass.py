@@ -1,6 +1,6 @@
 """The backward steps' SASS (marker ``sass``: needs nvcc + cuobjdump, no GPU): every instantiation of each backward
 step's main kernel (dtype × headdim × causal) compiles without spills or local memory, runs its five GEMMs as the
-HGMMA groups the tiles ask for, keeps its exponentials between the Sᵀ/dPᵀ GEMMs and the dV/dK GEMMs, and (steps
+HGMMA groups the tiles ask for, keeps its exponentials under the dPᵀ GEMM (or among the dV GEMM's k-steps), and (steps
 13+, headdim ≤ 128) adds dQ with one bulk reduction instead of fp32 atomics.
 
 The HGMMA forms, as cuobjdump prints them: Sᵀ and dPᵀ are SS with both descriptors plain; dV and dK are RS (the A
@@ -68,10 +68,11 @@ def test_gemm_groups_and_where_the_exponentials_sit(compiled):
         assert order.count("sdp") >= 2 * headdim // 16, (s.name, name, order)
         assert order.count("rs") == 2 * block_m // 16, (s.name, name, order)  # dV, dK: K = kBlockM queries
         assert order.count("dq") == block_n // 16, (s.name, name, order)      # dQ: K = kBlockN keys
-        # the exponentials: kBlockM/2 per thread (64 keys × kBlockM queries over 128 threads), each after an Sᵀ/dPᵀ
-        # HGMMA — under the dPᵀ GEMM, before the RS GEMMs that consume Pᵀ
+        # the exponentials: kBlockM/2 per thread (64 keys × kBlockM queries over 128 threads), under the dPᵀ GEMM
+        # (the last HGMMA before them an Sᵀ/dPᵀ one) or, where Pᵀ is packed as it is computed (step 14), among the
+        # dV GEMM's k-steps that consume it — never behind the dQ GEMM
         assert len(before_ex2) == block_m // 2, (s.name, name, len(before_ex2))
-        assert set(before_ex2) == {"sdp"}, (s.name, name, before_ex2)
+        assert before_ex2[0] == "sdp" and set(before_ex2) <= {"sdp", "rs"}, (s.name, name, before_ex2)
 
 
 def test_dq_accumulation_form(compiled):

@@ -16,8 +16,9 @@
 //
 // so the tensor cores have Sᵀ_{i+1} queued while the consumer waits for dQ_i, stores it and hands it to the
 // writer; wgmma.wait_group 1 waits for dQ_i alone. The cost: Sᵀ_{i+1}'s accumulator is live beside dQ_i, dV
-// and dK, and the exponentials go to their own array (pf) instead of overwriting s. dPᵀ_{i+1} too would need
-// 64 more registers than the 240 a consumer has (ptxas spills 256 bytes); headdim 64 and 256 keep 13's order
+// and dK, so the consumer never writes s: Pᵀ goes straight into its packed 16-bit fragments and dSᵀ is computed
+// from those (the Pᵀ the dV GEMM sees). dPᵀ_{i+1} too would need 64 more registers than the 240 a consumer has
+// (ptxas spilled 256 bytes); headdim 64 and 256 keep 13's order
 // (Config::kPipelined).
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
@@ -84,6 +85,16 @@ struct Config {
   static_assert(kBwdRowPad % kBlockM == 0, "rows are padded to whole m_blocks");
   static_assert(kDKVCols % kAtomCols16 == 0 && kDqCols % kAtomCols16 == 0, "column splits on atom boundaries");
 };
+
+// Two 16-bit values of a packed A-fragment register back to fp32 (exact).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x);
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) { return __half22float2(*reinterpret_cast<__half2*>(&x)); }
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+}
 
 // ---------------------------------------------------------------- preprocess
 // (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit 16-bit → float)
@@ -268,47 +279,46 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     wgmma_wait<1>();
     fence_regs(s);
 
-    // 2.–3. Pᵀ = exp2(Sᵀ·scale_log2 − L·log2 e) into pf, 0 past seqlen_k and (causal) past the diagonal. With
-    //       kPipelined, s is the next m_block's accumulator and is never written by the consumer (ptxas serializes
-    //       the WGMMAs of a pipeline whose accumulators other instructions define)
+    // 2.–3. Pᵀ = exp2(Sᵀ·scale_log2 − L·log2 e), 0 past seqlen_k and (causal) past the diagonal, packed at once
+    //       into the 16-bit A fragments pa (pack_p's layout). s is only read: with kPipelined it is the next
+    //       m_block's accumulator, and ptxas serializes the WGMMAs of a pipeline whose accumulators other
+    //       instructions define; an fp32 copy of Pᵀ would not fit beside it (registers).
     const int q0 = m_block * kBlockM;
-    const bool crosses_end = key0 + kRowsPerWarpgroup > p.seqlen_k;
-    const bool crosses_diag = kCausal && key0 + kRowsPerWarpgroup - 1 > q0 + causal_offset;
+    const bool needs_mask = key0 + kRowsPerWarpgroup > p.seqlen_k ||
+                            (kCausal && key0 + kRowsPerWarpgroup - 1 > q0 + causal_offset);
     const float* lse_s = sLse + stage * kBlockM;
     const float* d_s = sD + stage * kBlockM;
-    float pf_own[kBlockM / 2];  // unused (and dropped) without kPipelined: P and dS then overwrite s in place
-    float(&pf)[kBlockM / 2] = *(Cfg::kPipelined ? &pf_own : &s);
-#pragma unroll
-    for (int c = 0; c < kBlockM / 8; ++c) {
-      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * (lane % 4));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) pf[4 * c + j] = fast_exp2(fmaf(s[4 * c + j], p.scale_log2, -((j & 1) ? l2.y : l2.x)));
-    }
-    if (crosses_end || crosses_diag) {
-#pragma unroll
-      for (int e = 0; e < kBlockM / 2; ++e) {
-        const int key = key0 + frag_row(e), query = q0 + frag_col(e);
-        bool masked = key >= p.seqlen_k;
-        if constexpr (kCausal) masked |= key > query + causal_offset;
-        if (masked) pf[e] = 0.f;
-      }
-    }
     uint32_t pa[kBlockM / 16][4];   // Pᵀ, 16-bit A fragments (64 keys × kBlockM queries)
     uint32_t dsa[kBlockM / 16][4];  // dSᵀ, same
-    pack_p<Traits, kBlockM>(pf, pa);
+#pragma unroll
+    for (int c = 0; c < kBlockM / 8; ++c) {  // elements 4c..4c+3: registers [c/2][2(c%2)], [c/2][2(c%2) + 1]
+      const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * c + 2 * (lane % 4));
+      float pv[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int e = 4 * c + j;
+        pv[j] = fast_exp2(fmaf(s[e], p.scale_log2, -((j & 1) ? l2.y : l2.x)));
+        if (needs_mask) {
+          const int key = key0 + frag_row(e), query = q0 + frag_col(e);
+          if (key >= p.seqlen_k || (kCausal && key > query + causal_offset)) pv[j] = 0.f;
+        }
+      }
+      pa[c / 2][2 * (c % 2)] = Traits::pack(pv[0], pv[1]);
+      pa[c / 2][2 * (c % 2) + 1] = Traits::pack(pv[2], pv[3]);
+    }
 
-    // 4. dSᵀ = Pᵀ ∘ (dPᵀ − D), D per column (into pf)
+    // 4. dSᵀ = Pᵀ ∘ (dPᵀ − D), D per column, from the packed Pᵀ (the rounding the dV GEMM sees too)
     wgmma_wait<0>();
     fence_regs(dp);
 #pragma unroll
     for (int c = 0; c < kBlockM / 8; ++c) {
       const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * (lane % 4));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) pf[4 * c + j] *= dp[4 * c + j] - ((j & 1) ? d2.y : d2.x);
+      const float2 p01 = unpack2<T>(pa[c / 2][2 * (c % 2)]), p23 = unpack2<T>(pa[c / 2][2 * (c % 2) + 1]);
+      dsa[c / 2][2 * (c % 2)] = Traits::pack(p01.x * (dp[4 * c] - d2.x), p01.y * (dp[4 * c + 1] - d2.y));
+      dsa[c / 2][2 * (c % 2) + 1] = Traits::pack(p23.x * (dp[4 * c + 2] - d2.x), p23.y * (dp[4 * c + 3] - d2.y));
     }
 
     // 5. dV_j += Pᵀ·dO_i, dK_j += dSᵀ·Q_i (this warpgroup's kDKVCols columns)
-    pack_p<Traits, kBlockM>(pf, dsa);
     wgmma_fence();
     gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dv, pa, sdO_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
     gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
