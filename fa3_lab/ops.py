@@ -37,7 +37,10 @@ OP = "fa3_lab::flash_attn_fwd"
 OP_OUT = "fa3_lab::flash_attn_fwd_out"
 OP_BWD = "fa3_lab::flash_attn_bwd"
 
-#: The backward kernel step autograd runs by default (cuda/steps/bwd/; registry.DEFAULT_BWD_STEP).
+#: The backward kernel step autograd runs by default (cuda/steps/bwd/; registry.DEFAULT_BWD_STEP). The ops' schemas
+#: take their defaults from it: the dispatcher drops an argument equal to its schema default and the Python
+#: function then fills in its own default, so the two must be the same number (a schema default of 11 beside a
+#: Python default of 13 made bwd_step=11 run step 13).
 BWD_STEP = registry.DEFAULT_BWD_STEP
 
 
@@ -76,7 +79,7 @@ def _check_real(q, k, v):
 
 @torch.library.custom_op(OP, mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int step,"
-                                " bool deterministic=False, int bwd_step=11) -> (Tensor, Tensor)")
+                                f" bool deterministic=False, int bwd_step={BWD_STEP}) -> (Tensor, Tensor)")
 def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False, bwd_step=BWD_STEP):
     """FlashAttention-3 forward, one kernel step, as an opaque op (paper §3, Alg. 1–2).
 
@@ -131,7 +134,7 @@ def check_dout(dout, out):
 
 @torch.library.custom_op(OP_BWD, mutates_args=(),
                          schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal,"
-                                " float softmax_scale, bool deterministic=False, int step=11)"
+                                f" float softmax_scale, bool deterministic=False, int step={BWD_STEP})"
                                 " -> (Tensor, Tensor, Tensor)")
 def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic=False, step=BWD_STEP):
     """FlashAttention-3 backward (paper App. B.1, Algorithm 3): dq, dk, dv from the forward's out and lse.

@@ -278,3 +278,14 @@ def test_check_dout_messages():
     with pytest.raises(ValueError, match=r"dout: expected shape \(1, 4, 2, 64\) \(that of out\), got \(4, 2, 64\)"):
         ops.check_dout(out[0], out)
     ops.check_dout(out.clone(), out)
+
+
+@DEFAULT_STEP
+def test_op_schema_defaults_are_the_python_defaults():
+    """The dispatcher drops an argument equal to its schema default and the Python function fills in its own
+    default: the two must agree, or bwd_step=<schema default> silently runs the Python default's step (found on
+    the H200: bwd_step=11 ran step 13 while the schema said 11 and registry.DEFAULT_BWD_STEP was 13)."""
+    for op, arg in ((torch.ops.fa3_lab.flash_attn_fwd.default, "bwd_step"),
+                    (torch.ops.fa3_lab.flash_attn_bwd.default, "step")):
+        schema_arg = next(a for a in op._schema.arguments if a.name == arg)
+        assert schema_arg.default_value == ops.BWD_STEP == registry.DEFAULT_BWD_STEP, (op, schema_arg)

@@ -30,10 +30,8 @@
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: none — the multicast changes where K/V bytes come from, not what any warpgroup computes; the
 // schedule is reference/fa3_pipeline.py::pipelined_forward's.
-// Measured (NVIDIA H200, commit 4250ff1, 2026-12-03; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 681 TFLOPs/s (1.04× step 09); against cfb378a's kernel in the same call
-//   over 72 points of the paper grid (bf16 + fp16;
-//   tools/experiments/results/nvidia-h200/grid_vs_cfb378a.json): median 0.999×, 0.977–1.030×.
+// Measured (NVIDIA H200, commit 3d9a06c, 2026-12-03; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 677 TFLOPs/s (1.06× step 09).
 // Known limits: the launcher takes min(work, SMs / 2) clusters and assumes all are co-resident; the
 // cluster runs only at non-causal headdim 128 (elsewhere it measured neutral or lost, docs/performance.md).
 // Tried (docs/performance.md has the numbers):

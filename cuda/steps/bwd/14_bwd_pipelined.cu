@@ -21,8 +21,10 @@
 // (ptxas spilled 256 bytes); headdim 64 and 256 keep 13's order
 // (Config::kPipelined).
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
-// Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
-//   records one.
+// Measured (NVIDIA H200, commit 3d9a06c, 2026-12-03; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 477
+//   TFLOPs/s (0.92× step 13, 0.90× cuDNN, 1.55× FA2), deterministic 467 (−2.2 %); causal 432 TFLOPs/s (0.90×
+//   step 13, 0.88× cuDNN, 1.47× FA2), deterministic 256 (−40.7 %).
 // Known limits: the two consumer warpgroups meet at the dSᵀ barrier every m_block, so their exponentials run
 // at the same time; headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================
