@@ -25,8 +25,11 @@
 //   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 477
 //   TFLOPs/s (0.92× step 13, 0.90× cuDNN, 1.55× FA2), deterministic 467 (−2.2 %); causal 432 TFLOPs/s (0.90×
 //   step 13, 0.88× cuDNN, 1.47× FA2), deterministic 256 (−40.7 %).
-// Known limits: the two consumer warpgroups meet at the dSᵀ barrier every m_block, so their exponentials run
-// at the same time; headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
+// Known limits: it does not pay (Measured above; docs/performance.md): the loop is bound by shared-memory
+// bandwidth, not by tensor-core idle time, so Sᵀ_{i+1}'s reads compete with dQ's store and the exponentials lose
+// the dPᵀ GEMM they ran under in 13. Kept as the measured counter-example; the default backward step is 13.
+// The two consumer warpgroups meet at the dSᵀ barrier every m_block; headdim 256 computes Sᵀ and dPᵀ twice and
+// adds dQ by atomics.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
