@@ -490,8 +490,9 @@ def test_readme_shows_the_backward_figure_table_and_ablation(tmp_path):
     assert readme.backward_runs([grid, abl]) == [grid] and not readme.grid_runs([grid, abl])
     assert readme.figure_path(grid).name == "fig6_nvidia-h100-80gb-hbm3_abc1234.png"
     block = readme.render(runs)
-    assert ("![Figure 6 of the paper, redone: backward TFLOPs/s of our step against cuDNN and FlashAttention-2, bf16, "
+    assert ("Figure 6 of the paper, redone — [backward TFLOPs/s of our step against cuDNN and FlashAttention-2, bf16, "
             "NVIDIA H100 80GB HBM3, commit abc1234](docs/img/fig6_nvidia-h100-80gb-hbm3_abc1234.png)") in block
+    assert "![Figure 6" not in block  # a link: the README shows one picture (the forward's)
     assert "| dtype | hdim | mask | seqlen | ours | cudnn | sdpa_flash |" in block
     t = {i: _row(i, ms, headdim=128, seqlen_q=8192, seqlen_k=8192, batch=2, nheads=16, **{"pass": "bwd"})["tflops"]
          for i, ms in _BWD_GRID}

@@ -448,15 +448,16 @@ def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img"
 
 
 def _backward_block(run: results.Run, img_base: str) -> list[str]:
-    """The README's lines for a backward grid: the Figure-6 picture, the "bwd" pass's longest seqlen per
-    (headdim, mask) against cuDNN and FA2, and the sentences of both passes."""
+    """The README's lines for a backward grid: a link to the Figure-6 picture (the README shows one picture, the
+    forward's; docs/results.md shows both), the "bwd" pass's longest seqlen per (headdim, mask) against cuDNN and
+    FA2, and the sentences of both passes."""
     dtype = _fig_dtype(run, "bwd")
     peers = [p for p in MAIN_PEERS if any(r["impl"] == p for r in run.rows)]
     names = {"fa3": "FA3", "cudnn": "cuDNN", "sdpa_flash": "FlashAttention-2"}
     against = f"against {' and '.join(names[p] for p in peers)}" if peers else "(this run timed no peers)"
     header, rows = compact(run, dtypes=(dtype,), passes=("bwd",))
-    lines = [f"![Figure 6 of the paper, redone: backward TFLOPs/s of our step {against}, {dtype}, "
-             f"{run.meta['gpu']}, commit {run.meta['commit']}]({img_base}/{figure_path(run).name})", ""]
+    lines = [f"Figure 6 of the paper, redone — [backward TFLOPs/s of our step {against}, {dtype}, "
+             f"{run.meta['gpu']}, commit {run.meta['commit']}]({img_base}/{figure_path(run).name}).", ""]
     if rows:
         lines += [f"Backward alone (FLOPs 2.5 × forward), {dtype}, longest sequence of each configuration (TFLOPs/s"
                   + ("; × = our fastest step ÷ that peer):" if peers else "):"), "", _markdown(header, rows), ""]
