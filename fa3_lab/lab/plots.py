@@ -13,7 +13,7 @@ from __future__ import annotations
 from fa3_lab import registry as _registry
 
 from .bench import PAPER_ABLATION_TFLOPS
-from .results import DET_IMPLS, DET_SUFFIX, IMPLS, PAPER_FA3_BWD_HD128, STEP_IMPLS, Run
+from .results import DET_SUFFIX, IMPLS, PAPER_FA3_BWD_HD128, STEP_IMPLS, Run
 
 #: The paper's Table 2 / §3.1 numbers (H100 SXM5, TFLOPs/s) beside our steps 01-04.
 PAPER_ABLATION = dict(PAPER_ABLATION_TFLOPS)
@@ -25,7 +25,7 @@ _SHORT = {1: "TMA+WGMMA", 2: "warp specialized", 3: "pingpong", 4: "intra-WG ove
 LABELS = {
     **{s.marker: f"step {s.id:02d} {_SHORT.get(s.id, s.name.partition('_')[2].replace('_', ' '))}"
        for s in _registry.STEPS},
-    **{d: f"step {d[4:6]} deterministic" for d in DET_IMPLS},
+    **{s.marker + DET_SUFFIX: f"step {s.id:02d} deterministic" for s in _registry.series("bwd")},
     "fa3": "FA3 (fa3-fwd)", "cudnn": "cuDNN", "sdpa_flash": "SDPA FA2", "sdpa_efficient": "SDPA mem-efficient",
     "sdpa_math": "SDPA math (standard)",
 }
@@ -36,7 +36,8 @@ _STEP_COLORS = ("#aec7e8", "#1f77b4", "#9467bd", "#17becf", "#e377c2",
                 "#8c564b", "#c49c94", "#f7b6d2", "#c5b0d5", "#393b79")
 COLORS = {
     **{s.marker: _STEP_COLORS[(s.id - 1) % len(_STEP_COLORS)] for s in _registry.STEPS},
-    **{d: _STEP_COLORS[(int(d[4:6]) - 1) % len(_STEP_COLORS)] for d in DET_IMPLS},  # drawn dashed/hatched
+    **{s.marker + DET_SUFFIX: _STEP_COLORS[(s.id - 1) % len(_STEP_COLORS)]  # its step's colour, drawn dashed
+       for s in _registry.series("bwd")},
     "fa3": "#d62728", "cudnn": "#2ca02c", "sdpa_flash": "#ff7f0e", "sdpa_efficient": "#bcbd22",
     "sdpa_math": "#7f7f7f",
 }
