@@ -107,10 +107,6 @@ def measured(step: registry.StepInfo, runs: list) -> str:
             "`python -m fa3_lab bench` records one.")
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
 def _backward_ablation(step: registry.StepInfo, run) -> str | None:
     """A backward step from ``ablation_backward.json``: its bf16 "bwd" TFLOPs/s at headdim 128, seqlen 8k (else the
     largest (seqlen, headdim) of its rows), non-causal then causal where recorded, each with its ratio to the parent
@@ -144,7 +140,7 @@ def _backward_ablation(step: registry.StepInfo, run) -> str | None:
         parts.append(text)
     heads = f"{r0['nheads']}" if r0["nheads"] == r0["nheads_kv"] else f"{r0['nheads']}/{r0['nheads_kv']}kv"
     return (f"Measured ({_source(run)}): the backward alone (FLOPs 2.5 × forward), bf16, headdim {r0['headdim']}, "
-            f"seqlen {_k(r0['seqlen_q'])} (batch {r0['batch']}, {heads} heads): " + "; ".join(parts) + ".")
+            f"seqlen {results.seqlen_label(r0['seqlen_q'])} (batch {r0['batch']}, {heads} heads): " + "; ".join(parts) + ".")
 
 
 def _shape(r) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from fa3_lab import registry as _registry
 
 from .bench import PAPER_ABLATION_TFLOPS
-from .results import DET_SUFFIX, IMPLS, PAPER_FA3_BWD_HD128, STEP_IMPLS, Run
+from .results import DET_SUFFIX, IMPLS, PAPER_FA3_BWD_HD128, STEP_IMPLS, Run, seqlen_label
 
 #: The paper's Table 2 / §3.1 numbers (H100 SXM5, TFLOPs/s) beside our steps 01-04.
 PAPER_ABLATION = dict(PAPER_ABLATION_TFLOPS)
@@ -445,7 +445,7 @@ def plot_backward(runs_or_rows, dtype=None, pass_="bwd", peers=BWD_PEERS, paper=
                 a.plot([p[0] for p in ref], [p[1] for p in ref], "kx:", label=PAPER_FA3_BWD_LABEL)
             if seqlens:
                 a.set_xscale("log", base=2)
-                a.set_xticks(seqlens, [_seqlen_label(s) for s in seqlens])
+                a.set_xticks(seqlens, [seqlen_label(s) for s in seqlens])
                 a.minorticks_off()
             a.set_ylim(0, None)
             a.set_title(f"headdim {d}, {'causal' if causal else 'no mask'}", fontsize=9)
@@ -564,10 +564,6 @@ def fp8_table(runs_or_rows, causal=False):
     return [points[k] for k in sorted(points)]
 
 
-def _seqlen_label(s):
-    return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
-
-
 def plot_fp8(runs_or_rows, headdims=None, causal=False, ax=None):
     """FP8 forward speed: TFLOPs/s vs seqlen of step 05 (e4m3), FA3's e4m3 forward and our bf16 step.
 
@@ -641,7 +637,7 @@ def plot_fp8(runs_or_rows, headdims=None, causal=False, ax=None):
         if not drawn:
             a.text(0.02, 0.03, "quantize time not recorded", transform=a.transAxes, fontsize=8, color="gray")
         a.set_xscale("log", base=2)
-        a.set_xticks(xs, [_seqlen_label(s) for s in xs])
+        a.set_xticks(xs, [seqlen_label(s) for s in xs])
         a.minorticks_off()
         a.set_ylim(0, None)
         a.set_title(f"headdim {d}, {'causal' if causal else 'no mask'}", fontsize=9)

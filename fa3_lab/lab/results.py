@@ -168,6 +168,11 @@ def tflops(row: dict) -> float:
     return f * PASSES[row.get("pass", "fwd")] / (row["ms"] * 1e-3) / 1e12
 
 
+def seqlen_label(n: int) -> str:
+    """A seqlen as the figures and headers write it: 8192 -> "8k", 8448 -> "8448"."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def base_step(impl: str) -> str | None:
     """The step an impl times: ``"step13"`` and ``"step13_det"`` -> ``"step13"``; a peer (``"cudnn"``) -> None.
 
