@@ -24,6 +24,12 @@ FA3_DECLARE_BWD_STEP(13)
 #ifdef FA3_HAS_STEP14
 FA3_DECLARE_BWD_STEP(14)
 #endif
+#ifdef FA3_HAS_STEP15
+FA3_DECLARE_BWD_STEP(15)
+#endif
+#ifdef FA3_HAS_STEP16
+FA3_DECLARE_BWD_STEP(16)
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -52,7 +58,32 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   const int64_t seqlen_k = k.size(1), nheads_kv = k.size(2);
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == batch && lse.size(1) == nheads && lse.size(2) == seqlen_q,
               "bwd: lse must be (batch, nheads, seqlen_q)");
-  const int64_t rounded = (seqlen_q + fa3::kBwdRowPad - 1) / fa3::kBwdRowPad * fa3::kBwdRowPad;
+  // The step's m_block size (its kBlockM at this headdim) and its launcher.
+  int (*block_m)(int) = nullptr;
+  void (*run)(const fa3::BwdParams&, cudaStream_t) = nullptr;
+  switch (step) {
+#ifdef FA3_HAS_STEP11
+    case 11: block_m = fa3::bwd_step11_block_m, run = fa3::run_bwd_step11; break;
+#endif
+#ifdef FA3_HAS_STEP12
+    case 12: block_m = fa3::bwd_step12_block_m, run = fa3::run_bwd_step12; break;
+#endif
+#ifdef FA3_HAS_STEP13
+    case 13: block_m = fa3::bwd_step13_block_m, run = fa3::run_bwd_step13; break;
+#endif
+#ifdef FA3_HAS_STEP14
+    case 14: block_m = fa3::bwd_step14_block_m, run = fa3::run_bwd_step14; break;
+#endif
+#ifdef FA3_HAS_STEP15
+    case 15: block_m = fa3::bwd_step15_block_m, run = fa3::run_bwd_step15; break;
+#endif
+#ifdef FA3_HAS_STEP16
+    case 16: block_m = fa3::bwd_step16_block_m, run = fa3::run_bwd_step16; break;
+#endif
+    default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
+  }
+  const int64_t bm = block_m(static_cast<int>(headdim));
+  const int64_t rounded = (seqlen_q + bm - 1) / bm * bm;  // whole m_blocks (bwd_params.h)
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor lse_log2 = at::empty({batch, nheads, rounded}, f32);
   at::Tensor dpsum = at::empty({batch, nheads, rounded}, f32);
@@ -84,28 +115,10 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   p.causal = causal, p.deterministic = deterministic;
   p.dtype = q.scalar_type() == at::kHalf ? fa3::Dtype::kFloat16 : fa3::Dtype::kBFloat16;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](int (*block_m)(int), void (*run)(const fa3::BwdParams&, cudaStream_t)) {
-    if (deterministic) {
-      const int bm = block_m(static_cast<int>(headdim));
-      semaphore = at::zeros({batch, nheads, (seqlen_q + bm - 1) / bm}, q.options().dtype(at::kInt));
-      p.dq_semaphore = semaphore.data_ptr<int>();
-    }
-    run(p, stream);
-  };
-  switch (step) {
-#ifdef FA3_HAS_STEP11
-    case 11: launch(fa3::bwd_step11_block_m, fa3::run_bwd_step11); break;
-#endif
-#ifdef FA3_HAS_STEP12
-    case 12: launch(fa3::bwd_step12_block_m, fa3::run_bwd_step12); break;
-#endif
-#ifdef FA3_HAS_STEP13
-    case 13: launch(fa3::bwd_step13_block_m, fa3::run_bwd_step13); break;
-#endif
-#ifdef FA3_HAS_STEP14
-    case 14: launch(fa3::bwd_step14_block_m, fa3::run_bwd_step14); break;
-#endif
-    default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
+  if (deterministic) {
+    semaphore = at::zeros({batch, nheads, rounded / bm}, q.options().dtype(at::kInt));
+    p.dq_semaphore = semaphore.data_ptr<int>();
   }
+  run(p, stream);
   return {dq, dk, dv};
 }

@@ -107,6 +107,14 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(14, "14_bwd_pipelined", "bwd", 13,
              "backward: m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)",
              "beyond the paper (Alg. 2's idea, backward)", None),
+    StepInfo(15, "15_bwd_gemm_order", "bwd", 13,
+             "backward: dQ's GEMM issued before dK's, so dQ_i's store to the writer's tile runs under the dK GEMM "
+             "(and dV's under the dSᵀ barrier)",
+             "beyond the paper (FA3's code)", None),
+    StepInfo(16, "16_bwd_tile_shape", "bwd", 15,
+             "backward, headdim 128: m_blocks of 80 queries (less shared-memory traffic per FLOP), dQ swapped "
+             "(dQᵀ = Kᵀ·dSᵀ, dS stored by stmatrix .trans)",
+             "beyond the paper (FA3's code)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -121,7 +129,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14)),
+            (11, 12, 13, 14, 15, 16)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

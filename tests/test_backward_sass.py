@@ -1,7 +1,8 @@
 """The backward steps' SASS (marker ``sass``: needs nvcc + cuobjdump, no GPU): every instantiation of each backward
 step's main kernel (dtype × headdim × causal) compiles without spills or local memory, runs its five GEMMs as the
-HGMMA groups the tiles ask for, keeps its exponentials under the dPᵀ GEMM (or among the dV GEMM's k-steps), and (steps
-13+, headdim ≤ 128) adds dQ with one bulk reduction instead of fp32 atomics.
+HGMMA groups the tiles ask for, keeps its exponentials under the dPᵀ GEMM (or among the dV GEMM's k-steps), (steps
+13+, headdim ≤ 128) adds dQ with one bulk reduction instead of fp32 atomics, and (step 15 and its children) issues
+the dQ GEMM between dV's and dK's.
 
 The HGMMA forms, as cuobjdump prints them: Sᵀ and dPᵀ are SS with both descriptors plain; dV and dK are RS (the A
 operand a register, ``.tnspB``); dQ = dS·K is SS with ``.tnspA.tnspB`` (cuda/steps/bwd/11_bwd.cu, "Why transposed").
@@ -17,8 +18,23 @@ from fa3_lab.lab import sass
 
 pytestmark = pytest.mark.sass
 
-#: headdim → (kBlockM, kBlockN) of every backward step so far (each step's Config).
+#: headdim → (kBlockM, kBlockN) of the backward steps (each step's Config); step 16 and its children use
+#: 80-query m_blocks at headdim 128.
 TILES = {64: (128, 128), 128: (64, 128), 256: (64, 64)}
+
+
+def _extends(s, step_id):
+    """Whether step ``s`` is ``step_id`` or built on it (its parent chain)."""
+    while s is not None:
+        if s.id == step_id:
+            return True
+        s = registry.step(s.parent) if s.parent is not None else None
+    return False
+
+
+def tiles(s, headdim):
+    """(kBlockM, kBlockN) of step ``s`` at ``headdim``."""
+    return (80, 128) if headdim == 128 and _extends(s, 16) else TILES[headdim]
 BWD_STEPS = [pytest.param(s, marks=getattr(pytest.mark, s.marker), id=s.marker) for s in registry.series("bwd")]
 
 
@@ -40,11 +56,11 @@ def _forms(text):
 def compiled(request):
     s = request.param
     cubin, log = sass.compile_source(_env.REPO_ROOT / s.path)
-    return s, _build.ptxas_report(log), sass.dump_sass(cubin)
+    return s, _build.ptxas_report(log), sass.dump_sass(cubin), log
 
 
 def test_no_spills_and_no_local_memory(compiled):
-    s, report, funcs = compiled
+    s, report, funcs, _ = compiled
     rows = [r for r in report if "bwd_kernel" in r["kernel"]]
     assert len(rows) == 12, [r["kernel"] for r in rows]  # {fp16, bf16} × {64, 128, 256} × {causal, not}
     for r in rows:
@@ -57,12 +73,12 @@ def test_no_spills_and_no_local_memory(compiled):
 
 
 def test_gemm_groups_and_where_the_exponentials_sit(compiled):
-    s, _, funcs = compiled
+    s, _, funcs, _ = compiled
     for name, text in funcs.items():
         if "bwd_kernel" not in name:
             continue
         headdim = int(re.search(r"Li(\d+)E", name).group(1))
-        block_m, block_n = TILES[headdim]
+        block_m, block_n = tiles(s, headdim)
         order, before_ex2 = _forms(text)
         # Sᵀ and dPᵀ: K = headdim in steps of 16, each at least once (step 14 issues Sᵀ in two places)
         assert order.count("sdp") >= 2 * headdim // 16, (s.name, name, order)
@@ -78,7 +94,7 @@ def test_gemm_groups_and_where_the_exponentials_sit(compiled):
 def test_dq_accumulation_form(compiled):
     """Steps 11–12 add dQ with fp32 atomics from registers; from step 13 on, headdim ≤ 128 adds it with one bulk
     reduction (UBLKRED) of the writer warp, and no fp32 global atomic is left in the kernel."""
-    s, _, funcs = compiled
+    s, _, funcs, _ = compiled
     for name, text in funcs.items():
         if "bwd_kernel" not in name:
             continue
@@ -89,3 +105,35 @@ def test_dq_accumulation_form(compiled):
             assert bulk == 1 and atomics == 0, (s.name, name, bulk, atomics)
         else:
             assert bulk == 0 and atomics > 0, (s.name, name, bulk, atomics)
+
+
+def test_dq_gemm_between_dv_and_dk(compiled):
+    """Step 15's lesson: the dQ GEMM is issued after dV's and before dK's, so dQ_i's store runs under dK; before
+    step 15, and at headdim 256 (Config::kDqUnderDk), the two RS GEMMs (dV, dK) come back to back and dQ after them."""
+    s, _, funcs, _ = compiled
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        block_m, block_n = tiles(s, headdim)
+        order = "".join({"sdp": "s", "rs": "r", "dq": "q"}[f] for f in _forms(text)[0])
+        rs, dq = "r" * (block_m // 16), "q" * (block_n // 16)
+        expected = rs + dq + rs if _extends(s, 15) and headdim <= 128 else rs + rs + dq  # 256: 13's order (registers)
+        assert expected in order, (s.name, name, order)
+
+
+def test_wgmma_not_serialized(compiled):
+    """Where ptxas cannot keep every in-flight WGMMA's registers apart (info C7512) or sees other instructions read
+    an accumulator inside the pipeline (C7514), it makes each WGMMA wait for the last — a WARPGROUP.DEPBAR after
+    every HGMMA — and the GEMMs overlap nothing. Every step but 14 compiles without it (step 14 has it at
+    headdim 128: docs/performance.md)."""
+    s, _, funcs, log = compiled
+    serialized = set(re.findall(r"wgmma.mma_async instructions are serialized.*?function '(\S+)'", log))
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        waits_after_each = len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", text)) >= len(re.findall(r"\bHGMMA\.", text))
+        assert (name in serialized) == waits_after_each, (s.name, name)  # the message and the SASS agree
+        if s.id != 14:  # step 14, the measured counter-example, is serialized at headdim 128
+            assert name not in serialized, f"{s.name} {name}: WGMMAs serialized (ptxas C7512)"

@@ -69,7 +69,8 @@ def _bwd_abl(rows_ms, **shape):
     return [_row(impl, "bf16", ms, **kw) for impl, ms in rows_ms]
 
 
-_ABL_MS = (("step11", 2.0), ("step12", 1.6), ("step13", 1.25), ("step13_det", 1.4), ("step14", 1.2),
+_ABL_MS = (("step11", 2.0), ("step12", 1.6), ("step13", 1.25), ("step13_det", 1.4), ("step14", 1.2), ("step15", 1.15),
+           ("step16", 1.1),
            ("cudnn", 1.3), ("sdpa_flash", 1.8))
 
 

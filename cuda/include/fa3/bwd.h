@@ -50,6 +50,17 @@ __device__ __forceinline__ void gemm_ss_tt(float (&acc)[kN / 2], uint32_t a_base
                                                     kk > 0 ? 1 : 0);
 }
 
+// D(64 × kN) (+)= A(64 × kK) · B(kK × kN): A from smem MN-major (stored as Aᵀ: kK rows of 64 contiguous
+// M-elements, kRowsA rows per atom), B from smem K-major (kN rows of kK contiguous elements in 64-column atoms
+// of kRowsB rows) — step 16's dQᵀ = Kᵀ·dSᵀ: A = K_j as stored, B = dS as stored by store_frag_transposed.
+template <typename T, int kN, int kK, int kRowsA, int kRowsB>
+__device__ __forceinline__ void gemm_ss_ta(float (&acc)[kN / 2], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    WgmmaSSTA<kN, typename ElemTraits<T>::Tag>::run(acc, desc_mnmajor<kRowsA>(a_base, kk), desc_kmajor<kRowsB>(b_base, 0, kk),
+                                                    kk > 0 ? 1 : 0);
+}
+
 // Byte offset of 16-bit element (row, col) in a tile of kRows rows stored as 64-column, 128-byte-swizzled
 // atoms (the TMA layout of wgmma.h): atom col/64, row r at r·128, 16-byte chunk (col%64)/8 XOR r%8.
 template <int kRows>
@@ -73,6 +84,21 @@ __device__ __forceinline__ void store_frag_swizzled(const uint32_t (&a)[kN / 16]
       asm volatile("st.shared.b32 [%0], %1;" ::"r"(tile_base + swizzled_offset<kRows>(row, col)), "r"(a[kk][j])
                    : "memory");
     }
+}
+
+// The same fragment (64 rows × kN columns: this warpgroup's keys × the m_block's queries) stored TRANSPOSED into
+// a (kRows queries × keys) swizzled tile, the keys at columns col0 + (0..63): element (key r, query c) at row c,
+// column col0 + r. One stmatrix .trans per k-slice: lane 8·m + i addresses query 16kk + 8·(m / 2) + i, keys
+// col0 + 16·warp + 8·(m % 2) .. + 7 (register m of a[kk] is matrix m: keys + 8·(m % 2), queries + 8·(m / 2)).
+template <int kRows, int kN>
+__device__ __forceinline__ void store_frag_transposed(const uint32_t (&a)[kN / 16][4], uint32_t tile_base, int col0) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32, mat = lane / 8;
+  const int col = col0 + 16 * warp + 8 * (mat % 2);
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    const int row = 16 * kk + 8 * (mat / 2) + lane % 8;
+    stmatrix_x4_trans(tile_base + swizzled_offset<kRows>(row, col), a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
+  }
 }
 
 }  // namespace fa3

@@ -7,10 +7,6 @@
 
 namespace fa3 {
 
-// The backward's rows are padded to a multiple of kBwdRowPad (≥ every step's kBlockM), so that every m_block
-// of lse_log2, dpsum and dq_accum is whole: the TMA/bulk copies and the dQ atomics need no bounds checks.
-constexpr int kBwdRowPad = 128;
-
 struct BwdParams {
   // Inputs, BSHD, strides in ELEMENTS, last dim contiguous (dout: made so, with 16-byte aligned strides, by
   // the binding, since it is loaded by TMA).
@@ -37,7 +33,8 @@ struct BwdParams {
   float* dk_accum;       // GQA (nheads > nheads_kv): (batch, seqlen_k, nheads, headdim) fp32, one slice per
   float* dv_accum;       //   query head, summed over each group by the postprocess; else nullptr
   int batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim;
-  int seqlen_q_rounded;  // seqlen_q rounded up to kBwdRowPad
+  int seqlen_q_rounded;  // seqlen_q rounded up to the step's kBlockM (cuda/binding_bwd.cpp): lse_log2, dpsum and
+                         // dq_accum hold whole m_blocks, so their copies and the dQ adds need no bounds checks
   float softmax_scale;   // α
   float scale_log2;      // α·log2(e)
   bool causal;

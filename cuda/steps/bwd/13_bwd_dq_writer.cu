@@ -4,6 +4,8 @@
 //   12_bwd_warp_specialized + producer warpgroup, Q/dO ring with full/empty mbarriers, dSᵀ double-buffered
 //   13_bwd_dq_writer        + dQ through smem, added by a bulk reduce of a dQ-writer warp   <- this file
 //   14_bwd_pipelined        + m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)
+//   15_bwd_gemm_order       (from 13) + dQ's GEMM before dK's, dQ_i's store under the dK GEMM
+//   16_bwd_tile_shape       + headdim 128: 80-query m_blocks, dQᵀ = Kᵀ·dSᵀ
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
@@ -81,7 +83,6 @@ struct Config {
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kOffBar + 8 * (1 + 2 * kStages);
   static_assert(kSmemBytes <= 227 * 1024, "smem");
   static_assert(kOffDQ % 16 == 0 && kDqBytes % 16 == 0, "bulk reduce: 16-byte aligned");
-  static_assert(kBwdRowPad % kBlockM == 0, "rows are padded to whole m_blocks");
   static_assert(kDKVCols % kAtomCols16 == 0 && kDqCols % kAtomCols16 == 0, "column splits on atom boundaries");
 };
 

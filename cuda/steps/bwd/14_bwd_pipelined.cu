@@ -4,6 +4,8 @@
 //   12_bwd_warp_specialized + producer warpgroup, Q/dO ring with full/empty mbarriers, dSᵀ double-buffered
 //   13_bwd_dq_writer        + dQ through smem, added by a bulk reduce of a dQ-writer warp
 //   14_bwd_pipelined        + m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)   <- this file
+//   15_bwd_gemm_order       (from 13) + dQ's GEMM before dK's, dQ_i's store under the dK GEMM
+//   16_bwd_tile_shape       + headdim 128: 80-query m_blocks, dQᵀ = Kᵀ·dSᵀ
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
@@ -25,9 +27,9 @@
 //   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 477
 //   TFLOPs/s (0.92× step 13, 0.90× cuDNN, 1.55× FA2), deterministic 467 (−2.2 %); causal 432 TFLOPs/s (0.90×
 //   step 13, 0.88× cuDNN, 1.47× FA2), deterministic 256 (−40.7 %).
-// Known limits: it does not pay (Measured above; docs/performance.md): the loop is bound by shared-memory
-// bandwidth, not by tensor-core idle time, so Sᵀ_{i+1}'s reads compete with dQ's store and the exponentials lose
-// the dPᵀ GEMM they ran under in 13. Kept as the measured counter-example; the default backward step is 13.
+// Known limits: it does not pay (Measured above; docs/performance.md), and the ptxas log says why: at headdim 128
+// ptxas serializes every WGMMA of this kernel (info C7514: other instructions read an accumulator inside the WGMMA
+// pipeline), so the queued Sᵀ_{i+1} overlaps nothing. Kept as the measured counter-example; step 15 starts from 13.
 // The two consumer warpgroups meet at the dSᵀ barrier every m_block; headdim 256 computes Sᵀ and dPᵀ twice and
 // adds dQ by atomics.
 // ============================================================================================
@@ -87,7 +89,6 @@ struct Config {
   static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kOffBar + 8 * (1 + 2 * kStages);
   static_assert(kSmemBytes <= 227 * 1024, "smem");
   static_assert(kOffDQ % 16 == 0 && kDqBytes % 16 == 0, "bulk reduce: 16-byte aligned");
-  static_assert(kBwdRowPad % kBlockM == 0, "rows are padded to whole m_blocks");
   static_assert(kDKVCols % kAtomCols16 == 0 && kDqCols % kAtomCols16 == 0, "column splits on atom boundaries");
 };
 
