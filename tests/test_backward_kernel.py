@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fa3_lab  # noqa: E402
-from fa3_lab import ops, registry  # noqa: E402
+from fa3_lab import api, ops, registry  # noqa: E402
 from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
 DEFAULT_STEP = getattr(pytest.mark, registry.step(registry.DEFAULT_BWD_STEP).marker)  # the other tests' marker
@@ -103,7 +103,7 @@ def check_grads(dtype_name, q, k, v, dout, causal, note="", deterministic=False,
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bwd_step", BWD_STEPS)
 def test_backward_matches_reference(bwd_step, dtype_name, headdim, causal, shape):
-    if bwd_step not in fa3_lab.api.backward_steps():
+    if bwd_step not in api.backward_steps():
         pytest.skip(f"backward step {bwd_step} is not built ($FA3_LAB_STEPS)")
     seed = hash((dtype_name, headdim, causal, shape)) % (2**31)
     q, k, v, dout = make_inputs(dtype_name, headdim, *shape, seed=seed)
@@ -171,13 +171,13 @@ def test_deterministic_is_bitwise_reproducible(causal):
 @DEFAULT_STEP
 def test_opcheck_backward_op():
     q, k, v, dout = make_inputs("bf16", 128, 2, 113, 203, 8, 2, seed=3)
-    out, lse = torch.ops.fa3_lab.flash_attn_fwd(q, k, v, True, 0.1, fa3_lab.api.default_step(128))
+    out, lse = torch.ops.fa3_lab.flash_attn_fwd(q, k, v, True, 0.1, api.default_step(128))
     for det in (False, True):
         torch.library.opcheck(torch.ops.fa3_lab.flash_attn_bwd.default, (dout, q, k, v, out, lse, True, 0.1, det, 11),
                               test_utils=("test_schema", "test_faketensor"))
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     torch.library.opcheck(torch.ops.fa3_lab.flash_attn_fwd.default, (qg, kg, vg, True, 0.1,
-                                                                      fa3_lab.api.default_step(128), True))
+                                                                      api.default_step(128), True))
 
 
 @pytest.mark.gpu
@@ -265,8 +265,6 @@ def test_peak_memory_beside_cudnn():
 
 @DEFAULT_STEP
 def test_fp8_backward_message_names_the_16bit_path():
-    from fa3_lab import api
-
     assert "no backward" in api.FP8_BACKWARD_MESSAGE and "flash_attn_func" in api.FP8_BACKWARD_MESSAGE
 
 

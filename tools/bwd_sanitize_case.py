@@ -7,8 +7,9 @@ import sys
 import torch
 
 import fa3_lab
+from fa3_lab import api
 
-step = int(sys.argv[1]) if len(sys.argv) > 1 else fa3_lab.api.default_bwd_step()
+step = int(sys.argv[1]) if len(sys.argv) > 1 else api.default_bwd_step()
 
 for hd in (64, 128, 256):
     for causal in (False, True):

@@ -44,9 +44,10 @@ def main(argv=None) -> int:
     import torch
 
     import fa3_lab
+    from fa3_lab import api
     from fa3_lab.lab import bench
 
-    step = args.step or fa3_lab.api.default_bwd_step()
+    step = args.step or api.default_bwd_step()
     for seqlen in (int(s) for s in args.seqlens.split(",")):
         cfg = next(bench.grid_configs(["bf16"], [args.headdim], [seqlen], [args.causal]))
         q, k, v, dout = (torch.randn(cfg["batch"], seqlen, cfg["nheads"], args.headdim, device="cuda",
