@@ -30,28 +30,35 @@ FA3_DECLARE_BWD_STEP(15)
 #ifdef FA3_HAS_STEP16
 FA3_DECLARE_BWD_STEP(16)
 #endif
+#ifdef FA3_HAS_STEP17
+FA3_DECLARE_BWD_STEP(17)
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
-// dout is copied to a contiguous tensor when its last dim is not contiguous or a stride is not 16-byte
-// aligned (it is loaded by TMA).
+// dout (loaded by TMA) and out (16-byte loads in step 17's preprocess) are copied to fresh contiguous tensors when
+// their last dim is not contiguous or their address or a stride is not 16-byte aligned.
 std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_in, bool causal,
+                                const at::Tensor& v, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
                                 double softmax_scale, bool deterministic) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && out.is_cuda() && dout_in.is_cuda() && lse_in.is_cuda(),
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && out_in.is_cuda() && dout_in.is_cuda() && lse_in.is_cuda(),
               "bwd: every tensor must be on CUDA");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "bwd: q must be fp16 or bf16");
-  for (const auto* t : {&k, &v, &out, &dout_in})
+  for (const auto* t : {&k, &v, &out_in, &dout_in})
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "bwd: q, k, v, out, dout must share one dtype");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && out.sizes() == q.sizes() &&
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && out_in.sizes() == q.sizes() &&
               dout_in.sizes() == q.sizes(), "bwd: shapes do not fit");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1,
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out_in.stride(3) == 1,
               "bwd: the last dim of q, k, v, out must be contiguous");
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t elem = q.element_size();
   bool dout_ok = dout_in.stride(3) == 1 && reinterpret_cast<uintptr_t>(dout_in.data_ptr()) % 16 == 0;
   for (int d = 0; d < 3; ++d) dout_ok = dout_ok && (dout_in.stride(d) * elem) % 16 == 0;
-  const at::Tensor dout = dout_ok ? dout_in : dout_in.contiguous();
+  // (clone, not contiguous(): a contiguous tensor at a misaligned address would come back as it is)
+  const at::Tensor dout = dout_ok ? dout_in : dout_in.clone(at::MemoryFormat::Contiguous);
+  bool out_ok = reinterpret_cast<uintptr_t>(out_in.data_ptr()) % 16 == 0;  // step 17's preprocess loads 16 bytes
+  for (int d = 0; d < 3; ++d) out_ok = out_ok && (out_in.stride(d) * elem) % 16 == 0;
+  const at::Tensor out = out_ok ? out_in : out_in.clone(at::MemoryFormat::Contiguous);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
 
   const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), headdim = q.size(3);
@@ -61,6 +68,7 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   // The step's m_block size (its kBlockM at this headdim) and its launcher.
   int (*block_m)(int) = nullptr;
   void (*run)(const fa3::BwdParams&, cudaStream_t) = nullptr;
+  bool zeroes_dq_accum = false;  // the step's preprocess zeroes dq_accum itself (step 17 on); else a memset here
   switch (step) {
 #ifdef FA3_HAS_STEP11
     case 11: block_m = fa3::bwd_step11_block_m, run = fa3::run_bwd_step11; break;
@@ -80,6 +88,9 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP16
     case 16: block_m = fa3::bwd_step16_block_m, run = fa3::run_bwd_step16; break;
 #endif
+#ifdef FA3_HAS_STEP17
+    case 17: block_m = fa3::bwd_step17_block_m, run = fa3::run_bwd_step17, zeroes_dq_accum = true; break;
+#endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }
   const int64_t bm = block_m(static_cast<int>(headdim));
@@ -87,7 +98,8 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor lse_log2 = at::empty({batch, nheads, rounded}, f32);
   at::Tensor dpsum = at::empty({batch, nheads, rounded}, f32);
-  at::Tensor dq_accum = at::zeros({batch, nheads, rounded, headdim}, f32);
+  at::Tensor dq_accum = zeroes_dq_accum ? at::empty({batch, nheads, rounded, headdim}, f32)
+                                         : at::zeros({batch, nheads, rounded, headdim}, f32);
   at::Tensor dq = at::empty({batch, seqlen_q, nheads, headdim}, q.options());
   at::Tensor dk = at::empty({batch, seqlen_k, nheads_kv, headdim}, q.options());
   at::Tensor dv = at::empty({batch, seqlen_k, nheads_kv, headdim}, q.options());

@@ -115,6 +115,10 @@ STEPS: tuple[StepInfo, ...] = (
              "backward, headdim 128: m_blocks of 80 queries (less shared-memory traffic per FLOP), dQ swapped "
              "(dQᵀ = Kᵀ·dSᵀ, dS stored by stmatrix .trans)",
              "beyond the paper (FA3's code)", None),
+    StepInfo(17, "17_bwd_fused_preprocess", "bwd", 16,
+             "backward: the preprocess at bandwidth (16-byte loads of O and dO, kHeadDim/8 threads per row) and "
+             "dq_accum zeroed in the same pass instead of a memset",
+             "beyond the paper (FA3's code)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -129,7 +133,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16)),
+            (11, 12, 13, 14, 15, 16, 17)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
