@@ -173,7 +173,8 @@ def test_opcheck_backward_op():
     q, k, v, dout = make_inputs("bf16", 128, 2, 113, 203, 8, 2, seed=3)
     out, lse = torch.ops.fa3_lab.flash_attn_fwd(q, k, v, True, 0.1, api.default_step(128))
     for det in (False, True):
-        torch.library.opcheck(torch.ops.fa3_lab.flash_attn_bwd.default, (dout, q, k, v, out, lse, True, 0.1, det, 11),
+        torch.library.opcheck(torch.ops.fa3_lab.flash_attn_bwd.default,
+                              (dout, q, k, v, out, lse, True, 0.1, det, api.default_bwd_step()),
                               test_utils=("test_schema", "test_faketensor"))
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     torch.library.opcheck(torch.ops.fa3_lab.flash_attn_fwd.default, (qg, kg, vg, True, 0.1,
