@@ -138,7 +138,7 @@ def _backward_ablation(step: registry.StepInfo, run) -> str | None:
             pct = (det / row["tflops"] - 1) * 100
             text += f", deterministic {det:.0f} ({'−' if pct < 0 else '+'}{abs(pct):.1f} %)"
         parts.append(text)
-    heads = f"{r0['nheads']}" if r0["nheads"] == r0["nheads_kv"] else f"{r0['nheads']}/{r0['nheads_kv']}kv"
+    heads = results.heads_label(r0["nheads"], r0["nheads_kv"])
     return (f"Measured ({_source(run)}): the backward alone (FLOPs 2.5 × forward), bf16, headdim {r0['headdim']}, "
             f"seqlen {results.seqlen_label(r0['seqlen_q'])} (batch {r0['batch']}, {heads} heads): " + "; ".join(parts) + ".")
 

@@ -65,7 +65,7 @@ def _cells(run: results.Run) -> dict[tuple, dict[str, float]]:
 
 def _shape_cells(key, with_pass: bool = False) -> list[str]:
     dtype_i, headdim, causal, sq, sk, batch, nheads, nheads_kv, pass_i = key
-    heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
+    heads = results.heads_label(nheads, nheads_kv)
     return ([_PASS_ORDER[pass_i]] if with_pass else []) + [
         results.DTYPES[dtype_i], str(headdim), "causal" if causal else "full",
         str(sq) if sq == sk else f"{sq}→{sk}", f"{batch}×{heads}"]
@@ -314,7 +314,7 @@ def backward_ablation_sentences(run: results.Run, dtype: str = "bf16", pass_: st
         if not steps:
             continue
         _, headdim, causal, sq, sk, batch, nheads, nheads_kv, _ = key
-        heads = f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
+        heads = results.heads_label(nheads, nheads_kv)
         text = (f"Backward ablation ({dtype}, batch {batch}, seqlen {sq if sq == sk else f'{sq}→{sk}'}, {heads} heads, "
                 f"headdim {headdim}, {'causal' if causal else 'no mask'}, {pass_} pass): "
                 + " → ".join(f"{s} {tf[s]:.0f}" for s in steps) + " TFLOPs/s")

@@ -173,6 +173,11 @@ def seqlen_label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+def heads_label(nheads: int, nheads_kv: int) -> str:
+    """Heads as the tables and headers write them: (16, 16) -> "16", (16, 2) -> "16/2kv"."""
+    return f"{nheads}" if nheads == nheads_kv else f"{nheads}/{nheads_kv}kv"
+
+
 def base_step(impl: str) -> str | None:
     """The step an impl times: ``"step13"`` and ``"step13_det"`` -> ``"step13"``; a peer (``"cudnn"``) -> None.
 

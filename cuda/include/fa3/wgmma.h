@@ -34,7 +34,7 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo_b
          (static_cast<uint64_t>((sbo_bytes & 0x3FFFF) >> 4) << 32) | kDescSwizzle128;
 }
 
-// Element type → WGMMA type tag and 16-bit pack.
+// Element type → WGMMA type tag, 16-bit pack and unpack (two packed values back to fp32, exact).
 template <typename T> struct ElemTraits;
 template <> struct ElemTraits<__half> {
   using Tag = wg_f16;
@@ -42,12 +42,16 @@ template <> struct ElemTraits<__half> {
     __half2 h = __floats2half2_rn(lo, hi);  // .x = lo is the lower 16 bits
     return *reinterpret_cast<uint32_t*>(&h);
   }
+  __device__ static inline float2 unpack(uint32_t x) { return __half22float2(*reinterpret_cast<__half2*>(&x)); }
 };
 template <> struct ElemTraits<__nv_bfloat16> {
   using Tag = wg_bf16;
   __device__ static inline uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static inline float2 unpack(uint32_t x) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
   }
 };
 

@@ -93,16 +93,6 @@ struct Config {
   static_assert(kDKVCols % kAtomCols16 == 0 && kDqCols % kAtomCols16 == 0, "column splits on atom boundaries");
 };
 
-// Two 16-bit values of a packed A-fragment register back to fp32 (exact).
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t x);
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) { return __half22float2(*reinterpret_cast<__half2*>(&x)); }
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
-  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
-}
-
 // ---------------------------------------------------------------- preprocess
 // (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit 16-bit → float)
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -320,7 +310,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
 #pragma unroll
     for (int c = 0; c < kBlockM / 8; ++c) {
       const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * (lane % 4));
-      const float2 p01 = unpack2<T>(pa[c / 2][2 * (c % 2)]), p23 = unpack2<T>(pa[c / 2][2 * (c % 2) + 1]);
+      const float2 p01 = ElemTraits<T>::unpack(pa[c / 2][2 * (c % 2)]);
+      const float2 p23 = ElemTraits<T>::unpack(pa[c / 2][2 * (c % 2) + 1]);
       dsa[c / 2][2 * (c % 2)] = Traits::pack(p01.x * (dp[4 * c] - d2.x), p01.y * (dp[4 * c + 1] - d2.y));
       dsa[c / 2][2 * (c % 2) + 1] = Traits::pack(p23.x * (dp[4 * c + 2] - d2.x), p23.y * (dp[4 * c + 3] - d2.y));
     }

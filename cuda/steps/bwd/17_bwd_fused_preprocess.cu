@@ -87,16 +87,7 @@ struct Config {
 };
 
 // ---------------------------------------------------------------- preprocess
-// (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit 16-bit → float)
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t x);  // two packed 16-bit values → fp32 (exact)
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) { return __half22float2(*reinterpret_cast<__half2*>(&x)); }
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
-  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
-}
-
+// (torch builds with __CUDA_NO_HALF_CONVERSIONS__: 16-bit → float by ElemTraits::unpack)
 // kHeadDim/8 threads per padded query row (b, h, row), 8 elements each: D = Σ_d dO·O in fp32 (16-byte loads,
 // shuffles within the row's threads), L·log2(e), and the row of dq_accum zeroed; the padding gets D = 0, L = +inf
 // (so P = 0 there). seqlen_q_rounded is a multiple of kBlockM and so of the rows per CTA: no thread leaves early.
@@ -116,7 +107,7 @@ __global__ void __launch_bounds__(256) preprocess_kernel(const BwdParams p) {
     const uint32_t ow[4] = {o8.x, o8.y, o8.z, o8.w}, dw[4] = {d8.x, d8.y, d8.z, d8.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float2 of = unpack2<T>(ow[j]), df = unpack2<T>(dw[j]);
+      const float2 of = ElemTraits<T>::unpack(ow[j]), df = ElemTraits<T>::unpack(dw[j]);
       acc = fmaf(of.x, df.x, fmaf(of.y, df.y, acc));
     }
   }
