@@ -33,6 +33,9 @@ FA3_DECLARE_BWD_STEP(16)
 #ifdef FA3_HAS_STEP17
 FA3_DECLARE_BWD_STEP(17)
 #endif
+#ifdef FA3_HAS_STEP18
+FA3_DECLARE_BWD_STEP(18)
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -90,6 +93,9 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #endif
 #ifdef FA3_HAS_STEP17
     case 17: block_m = fa3::bwd_step17_block_m, run = fa3::run_bwd_step17, zeroes_dq_accum = true; break;
+#endif
+#ifdef FA3_HAS_STEP18
+    case 18: block_m = fa3::bwd_step18_block_m, run = fa3::run_bwd_step18, zeroes_dq_accum = true; break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

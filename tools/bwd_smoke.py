@@ -15,7 +15,8 @@ import test_backward_kernel as T  # noqa: E402
 
 from fa3_lab import api  # noqa: E402
 
-CASES = (((2, 113, 203, 4, 2), False), ((1, 1031, 1000, 8, 1), False), ((2, 515, 777, 4, 4), True))  # (shape, det)
+CASES = (((2, 113, 203, 4, 2), False), ((1, 1031, 1000, 8, 1), False), ((2, 515, 777, 4, 4), True),
+         ((1, 1031, 1000, 8, 2), True))  # (shape, deterministic): sq > sk and sq < sk in each mode
 rows = []
 for step, hd, causal, dt, (shape, det) in itertools.product([int(a) for a in sys.argv[1:]] or api.backward_steps(),
                                                           (64, 128, 256), (False, True), ("bf16", "fp16"), CASES):
