@@ -36,9 +36,6 @@ FA3_DECLARE_BWD_STEP(17)
 #ifdef FA3_HAS_STEP18
 FA3_DECLARE_BWD_STEP(18)
 #endif
-#ifdef FA3_HAS_STEP19
-FA3_DECLARE_BWD_STEP(19)
-#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -100,9 +97,6 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP18
     case 18: block_m = fa3::bwd_step18_block_m, run = fa3::run_bwd_step18, zeroes_dq_accum = true; break;
 #endif
-#ifdef FA3_HAS_STEP19
-    case 19: block_m = fa3::bwd_step19_block_m, run = fa3::run_bwd_step19, zeroes_dq_accum = true; break;
-#endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }
   const int64_t bm = block_m(static_cast<int>(headdim));
@@ -116,7 +110,6 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   at::Tensor dk = at::empty({batch, seqlen_k, nheads_kv, headdim}, q.options());
   at::Tensor dv = at::empty({batch, seqlen_k, nheads_kv, headdim}, q.options());
   at::Tensor dk_accum, dv_accum, semaphore;
-  at::Tensor tile_count = at::empty({1}, q.options().dtype(at::kInt));  // the persistent steps' scheduler (step 19 on)
 
   fa3::BwdParams p{};
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.o = out.data_ptr(), p.dout = dout.data_ptr();
@@ -128,7 +121,6 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
   p.lse_log2 = lse_log2.data_ptr<float>(), p.dpsum = dpsum.data_ptr<float>(), p.dq_accum = dq_accum.data_ptr<float>();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  p.tile_count = tile_count.data_ptr<int>();
   if (nheads != nheads_kv) {  // GQA/MQA: one fp32 slice per query head, summed over the group afterwards
     dk_accum = at::empty({batch, seqlen_k, nheads, headdim}, f32);
     dv_accum = at::empty({batch, seqlen_k, nheads, headdim}, f32);

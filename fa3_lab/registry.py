@@ -123,10 +123,6 @@ STEPS: tuple[StepInfo, ...] = (
              "backward, causal: CTAs launched longest first in L2-sized groups of heads; deterministic: the dQ adds "
              "in reverse n_block order, shortest CTAs first",
              "beyond the paper (FA3's code)", None),
-    StepInfo(19, "19_bwd_persistent", "bwd", 18,
-             "backward: persistent CTAs, one per SM, take tiles from an atomic counter in step 18's order; the next "
-             "tile's K/V and first Q/dO load under the epilogue",
-             "beyond the paper (FA3's code)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -141,7 +137,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19)),
+            (11, 12, 13, 14, 15, 16, 17, 18)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

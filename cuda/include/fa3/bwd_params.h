@@ -26,7 +26,6 @@ struct BwdParams {
   float* dpsum;          // (batch, nheads, seqlen_q_rounded) D_i = rowsum(dO_i ∘ O_i); 0 in the padding
   float* dq_accum;       // (batch, nheads, seqlen_q_rounded, headdim), zeroed by the caller
   int* dq_semaphore;     // (batch, nheads, ceil(seqlen_q / kBlockM)), zeroed; deterministic mode only
-  int* tile_count;       // one int: the persistent steps' tile counter (step 19 on; zeroed by their preprocess)
   // Outputs: contiguous (batch, seqlen, heads, headdim).
   void* dq;              // q's shape, input dtype
   void* dk;              // k's shape, input dtype

@@ -8,7 +8,6 @@
 //   16_bwd_tile_shape       + headdim 128: 80-query m_blocks, dQᵀ = Kᵀ·dSᵀ
 //   17_bwd_fused_preprocess + D with 16-byte loads, dq_accum zeroed in the same pass
 //   18_bwd_causal_scheduler + causal: longest n_blocks first in L2-sized head groups; deterministic: reverse
-//   19_bwd_persistent       + one CTA per SM takes tiles from a counter; the next tile's loads under the epilogue
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
