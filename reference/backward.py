@@ -30,16 +30,16 @@ rows make every padded P exactly 0.
 """
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from ._validate import (check_array, check_block, check_bool, check_finite, check_qkv,
                         resolve_scale)
 from .flash_forward import ceil_div, kLog2e
 
-__all__ = ["kernel_tiles", "m_block_range", "preprocess", "postprocess", "flash_attention_backward"]
-
-kBwdRowPad = 128  # rows of lse_log2, dpsum, dq_accum are padded to a multiple of this (cuda/include/fa3/bwd.h)
-
+__all__ = ["kernel_tiles", "m_block_range", "heads_per_group", "tile_order", "dq_turn", "launch_makespan", "preprocess",
+           "postprocess", "flash_attention_backward"]
 
 def kernel_tiles(headdim: int) -> tuple[int, int]:
     """(block_m, block_n) = (Br, Bc) of step 11 at this headdim: (128, 128) at 64, (64, 128) at 128 and (64, 64)
@@ -72,6 +72,71 @@ def m_block_range(n_block: int, seqlen_q: int, seqlen_k: int, block_m: int, bloc
     if causal:
         m_block_min = min(max(0, n_block * block_n - seqlen_k + seqlen_q) // block_m, m_block_max)
     return m_block_min, m_block_max
+
+
+def heads_per_group(seqlen_q: int, headdim: int, l2_bytes: int = 40 << 20) -> int:
+    """Step 18's group of (batch, head) pairs: the largest power of two whose Q and dO (16-bit) and dq_accum (fp32),
+    ``seqlen_q · headdim · 8`` bytes per head, fit in ``l2_bytes`` (at least 1).
+
+    Source: cuda/steps/bwd/18_bwd_causal_scheduler.cu, run(); FA3's SingleTileBwdLPTScheduler (its 40 MB).
+    """
+    head_bytes = seqlen_q * headdim * (2 * 2 + 4)
+    g = 1
+    while 2 * g * head_bytes <= l2_bytes:
+        g *= 2
+    return g
+
+
+def tile_order(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, block_n: int, headdim: int, causal: bool,
+               deterministic: bool = False) -> list[tuple[int, int, int]]:
+    """The CTAs of step 18's main kernel in launch order (blockIdx.x = 0, 1, …), each as ``(n_block, h, b)``.
+
+    Non-causal: n_block fastest, head by head (steps 11–17's grid). Causal: groups of
+    :func:`heads_per_group` (b, h) pairs, and inside a group n_block by n_block — n_block 0 (the most m_blocks)
+    of every head of the group first: longest first. Deterministic causal: shortest first (n_block descending),
+    the order of the dQ adds (:func:`dq_turn`).
+
+    Source: cuda/steps/bwd/18_bwd_causal_scheduler.cu, tile_of.
+    """
+    num_n = ceil_div(seqlen_k, block_n)
+    bh_all = batch * nheads
+    order = []
+    if not causal:
+        for bh in range(bh_all):
+            order += [(n, bh % nheads, bh // nheads) for n in range(num_n)]
+        return order
+    g = heads_per_group(seqlen_q, headdim)
+    for first in range(0, bh_all, g):
+        group = range(first, min(first + g, bh_all))
+        for n in (range(num_n - 1, -1, -1) if deterministic else range(num_n)):
+            order += [(n, bh % nheads, bh // nheads) for bh in group]
+    return order
+
+
+def dq_turn(n_block: int, m_block: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
+            causal: bool) -> int:
+    """In deterministic mode, the value of m_block's semaphore at which CTA ``n_block`` adds its dQ_i: n_block
+    itself when non-causal; causal, the highest n_block that sees m_block adds first,
+    ``min(num_n_blocks − 1, ⌊((m_block + 1)·Br − 1 + seqlen_k − seqlen_q) / Bc⌋) − n_block``.
+
+    Source: cuda/steps/bwd/18_bwd_causal_scheduler.cu, dq_turn.
+    """
+    if not causal:
+        return n_block
+    last = min(ceil_div(seqlen_k, block_n) - 1, ((m_block + 1) * block_m - 1 + seqlen_k - seqlen_q) // block_n)
+    return last - n_block
+
+
+def launch_makespan(costs, num_sms: int = 132) -> float:
+    """Greedy list scheduling, the model of the GPU's block scheduler: CTAs start in launch order, each on the
+    SM that frees first (one CTA per SM); ``costs`` are their lengths in launch order. Returns the time the last
+    one ends, in the units of ``costs``.
+    """
+    free = [0.0] * num_sms
+    heapq.heapify(free)
+    for c in costs:
+        heapq.heappush(free, heapq.heappop(free) + c)
+    return max(free)
 
 
 def _check_like(name: str, x, shape) -> np.ndarray:
@@ -163,7 +228,7 @@ def flash_attention_backward(q, k, v, out, lse, dout, causal=False, softmax_scal
     num_m_blocks = ceil_div(seqlen_q, block_m)
     num_n_blocks = ceil_div(seqlen_k, block_n)
 
-    # preprocess; seqlen_q_rounded covers whole m_blocks (the kernel pads to kBwdRowPad, a multiple of its Br)
+    # preprocess; seqlen_q_rounded covers whole m_blocks (the binding pads to the step's own Br)
     seqlen_q_rounded = num_m_blocks * block_m
     dpsum, lse_log2, dq_accum = preprocess(out, dout, lse64, seqlen_q_rounded)
     # TMA zero-fills reads past the end: the padded tensors the kernel effectively sees

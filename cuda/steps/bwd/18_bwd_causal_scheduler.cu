@@ -28,10 +28,13 @@
 //     first (shortest first): each n_block reaches an m_block after the one above it, as its turn comes.
 // Non-causal attention and the kernel's loop body are step 17's. FA3 orders its causal backward the same way
 // (SingleTileBwdLPTScheduler; shortest first when deterministic).
-// Twin: none — the arithmetic is step 11's (reference/backward.py).
+// Twin: reference/backward.py — tile_order (tile_of), dq_turn, and launch_makespan, the model above
+//   (tests/test_reference_bwd_scheduler.py); the arithmetic is step 11's.
+// Tried (docs/performance.md): persistent CTAs taking tiles from a counter, next K/V under the epilogue:
+//   0.96–1.02× this step, deterministic 1.2–4.6× slower (ff45b7f, reverted).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
-// Known limits: the order is fixed at launch (no persistent CTAs); headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
+// Known limits: headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
