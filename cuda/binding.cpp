@@ -232,7 +232,8 @@ std::vector<at::Tensor> quantize_fp8(const at::Tensor& q, const at::Tensor& k, c
 // cuda/binding_bwd.cpp: the backward (steps in cuda/steps/bwd/)
 std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                double softmax_scale, bool deterministic);
+                                double softmax_scale, bool deterministic, c10::optional<at::Tensor> trace,
+                                int64_t trace_ctas);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "FlashAttention-3 forward, one of the lab's steps");

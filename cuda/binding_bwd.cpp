@@ -40,10 +40,12 @@ FA3_DECLARE_BWD_STEP(18)
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
 // dout (loaded by TMA) and out (16-byte loads in step 17's preprocess) are copied to fresh contiguous tensors when
-// their last dim is not contiguous or their address or a stride is not 16-byte aligned.
+// their last dim is not contiguous or their address or a stride is not 16-byte aligned. trace_ (FA3_TRACE builds,
+// int64 (trace_ctas, 4, 2·capacity), cuda/include/fa3/trace.h): the main kernel's first trace_ctas CTAs record.
 std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-                                double softmax_scale, bool deterministic) {
+                                double softmax_scale, bool deterministic, c10::optional<at::Tensor> trace_,
+                                int64_t trace_ctas) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && out_in.is_cuda() && dout_in.is_cuda() && lse_in.is_cuda(),
               "bwd: every tensor must be on CUDA");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "bwd: q must be fp16 or bf16");
@@ -131,6 +133,13 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal, p.deterministic = deterministic;
+  if (trace_.has_value()) {
+    TORCH_CHECK(trace_->is_cuda() && trace_->scalar_type() == at::kLong && trace_->dim() == 3 && trace_->size(1) == 4 &&
+                trace_->size(0) >= trace_ctas, "bwd: trace must be a CUDA int64 tensor (>= trace_ctas, 4, 2·capacity)");
+    p.trace = reinterpret_cast<uint64_t*>(trace_->data_ptr<int64_t>());
+    p.trace_ctas = static_cast<int>(trace_ctas);
+    p.trace_capacity = static_cast<int>(trace_->size(-1) / 2);  // records of 2 int64
+  }
   p.dtype = q.scalar_type() == at::kHalf ? fa3::Dtype::kFloat16 : fa3::Dtype::kBFloat16;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (deterministic) {

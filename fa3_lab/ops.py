@@ -161,7 +161,7 @@ def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic
     check_dout(dout, out)
     _check_real(q, k, v)
     dq, dk, dv = _ext().bwd(int(step), dout, q, k, v, out, lse, bool(causal), float(softmax_scale),
-                            bool(deterministic))
+                            bool(deterministic), None, 0)
     return dq, dk, dv
 
 

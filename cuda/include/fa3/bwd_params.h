@@ -40,6 +40,10 @@ struct BwdParams {
   bool causal;
   bool deterministic;    // dQ added in n_block order (semaphore per (batch, head, m_block))
   Dtype dtype;
+  // Tracing (FA3_TRACE builds only, cuda/include/fa3/trace.h): the first `trace_ctas` CTAs of the main kernel.
+  uint64_t* trace = nullptr;
+  int trace_ctas = 0;
+  int trace_capacity = 0;  // events per row
 };
 
 }  // namespace fa3

@@ -4,6 +4,7 @@
 // Buffer (FwdParams::trace): int64 (trace_ctas, kTraceRows, trace_capacity records × 2 words).
 //   row 0 = TMA issue (the producer's elected thread; step 01: thread 0), row 1 = TMA arrival (an
 //   otherwise idle producer warp that watches the full barriers), rows 2, 3 = consumer warpgroups 0, 1.
+//   Backward (BwdParams::trace, step 18): row 1 is the dQ writer warp instead.
 //   record 0 of a row: {clock64 at CTA start, (smid << 32) | kTraceHeader}; record 1: {%globaltimer
 //   at start, %globaltimer at end}; then events {clock64, (code << 32) | tile index}.
 // clock64 (SM cycles) gives the resolution; the two %globaltimer stamps convert cycles to ns.
@@ -20,6 +21,9 @@ enum TraceCode : uint32_t {
   kTmaIssueK = 1, kTmaIssueV = 2, kArriveK = 3, kArriveV = 4,          // producer row
   kGemm0Issue = 10, kGemm0Done = 11, kSoftmaxBegin = 12, kSoftmaxEnd = 13,  // consumer rows
   kGemm1Issue = 14, kGemm1Done = 15,
+  // backward: producer row (tile = m_block), dQ writer row, consumer rows
+  kBwdIssueKV = 20, kBwdIssueQ = 21, kBwdDqFull = 22, kBwdDqAdded = 23,
+  kBwdKVReady = 24, kBwdIterBegin = 25, kBwdIterEnd = 26, kBwdEpilogueEnd = 27,
 };
 
 #ifdef FA3_TRACE
@@ -27,7 +31,8 @@ constexpr bool kTraceBuild = true;  // configs that trace one tile per CTA and t
 struct Tracer {
   int64_t* rec = nullptr;  // this row's records, or null when this thread does not record
   int n = 0, cap = 0;
-  __device__ __forceinline__ void init(const FwdParams& p, int row, bool recorder) {
+  template <class Params>  // FwdParams or BwdParams
+  __device__ __forceinline__ void init(const Params& p, int row, bool recorder) {
     const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     if (!recorder || p.trace == nullptr || cta >= p.trace_ctas) return;
     cap = p.trace_capacity;

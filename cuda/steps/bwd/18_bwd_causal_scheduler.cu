@@ -46,6 +46,7 @@
 #include "fa3/host.h"
 #include "fa3/ptx.h"
 #include "fa3/softmax.h"
+#include "fa3/trace.h"  // FA3_TRACE builds: tools/experiments/bwd_trace.py
 #include "fa3/wgmma.h"
 
 namespace fa3 {
@@ -221,10 +222,13 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     if constexpr (Cfg::kDqInSmem) {
       if (threadIdx.x / 32 == 1 && num_iters > 0) {  // the dQ writer
         const float* sdq = reinterpret_cast<const float*>(smem + Cfg::kOffDQ);
+        FA3_TRACE_DECL(tr);
+        FA3_TRACE_INIT(tr, p, 1, threadIdx.x % 32 == 0);
         named_barrier_arrive(kBarDqEmpty, Cfg::kConsumerThreads + 32);  // the tile starts empty
         for (int i = 0; i < num_iters; ++i) {
           const int m_block = m_block_min + i;
           named_barrier_sync(kBarDqFull, Cfg::kConsumerThreads + 32);
+          FA3_TRACE_STAMP(tr, kBwdDqFull, m_block);
           if (threadIdx.x % 32 == 0) {
             int* sem = p.dq_semaphore + (static_cast<int64_t>(b) * p.nheads + h) * num_m_blocks + m_block;
             if (p.deterministic)  // n_blocks add in turn (dq_turn)
@@ -241,15 +245,19 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
             } else {
               bulk_wait_read<0>();
             }
+            FA3_TRACE_STAMP(tr, kBwdDqAdded, m_block);
           }
           __syncwarp();
           if (i + 1 < num_iters) named_barrier_arrive(kBarDqEmpty, Cfg::kConsumerThreads + 32);
         }
         if (threadIdx.x % 32 == 0) bulk_wait<0>();
+        FA3_TRACE_FINISH(tr);
         return;
       }
     }
     if (threadIdx.x / 32 != 0 || !elect_one() || num_iters == 0) return;
+    FA3_TRACE_DECL(tr);
+    FA3_TRACE_INIT(tr, p, 0, true);
     // 0. K_j, V_j once
     mbarrier_arrive_expect_tx(bar_kv, 2 * Cfg::kKVBytes);
 #pragma unroll
@@ -259,6 +267,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       tma_load_4d(reinterpret_cast<uint8_t*>(sV) + a * kAtomBytesKV, &tmap_v, bar_kv, a * kAtomCols16,
                   n_block * kBlockN, h_kv, b);
     }
+    FA3_TRACE_STAMP(tr, kBwdIssueKV, 0);
     // Q_i, dO_i, L_i, D_i of every m_block into the ring, up to kStages ahead of the consumers
     for (int i = 0; i < num_iters; ++i) {
       const int stage = i % kStages, m_block = m_block_min + i;
@@ -273,11 +282,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       }
       bulk_load_1d(sLse + stage * kBlockM, p.lse_log2 + row_base + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
       bulk_load_1d(sD + stage * kBlockM, p.dpsum + row_base + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
+      FA3_TRACE_STAMP(tr, kBwdIssueQ, m_block);
     }
+    FA3_TRACE_FINISH(tr);
     return;
   }
   // -------------------------------------------------------------------- consumer warpgroups
   setmaxnreg_inc<Cfg::kConsumerRegs>();
+  FA3_TRACE_DECL(tr);
+  FA3_TRACE_INIT(tr, p, 2 + cwg, threadIdx.x % kThreadsPerWarpgroup == 0);
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int m_block_min = first_m_block(num_m_blocks), num_iters = num_m_blocks - m_block_min;
   float dv[Cfg::kDKVCols / 2];  // (64 keys, kDKVCols) fp32 accumulator fragment, registers
@@ -289,6 +302,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   const int lane = threadIdx.x % 32;
   const int key0 = n_block * kBlockN + key_group * kRowsPerWarpgroup;  // this warpgroup's first key
   if (num_iters > 0) mbarrier_wait(bar_kv, 0);
+  FA3_TRACE_STAMP(tr, kBwdKVReady, 0);
 
   for (int i = 0; i < num_iters; ++i) {
     const int m_block = m_block_min + i;
@@ -302,6 +316,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     float s[kBlockM / 2];   // (64 keys, kBlockM queries) fp32 accumulator fragment
     float dp[kBlockM / 2];  // same
     mbarrier_wait(&bar_q[stage], phase);
+    FA3_TRACE_STAMP(tr, kBwdIterBegin, m_block);
     wgmma_fence();
     gemm_ss<T, kBlockM, kHeadDim, kBlockN, kBlockM>(s, sK_addr, key_group * kRowsPerWarpgroup, sQ_addr, false);
     wgmma_commit();
@@ -433,6 +448,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     fence_regs(dk);
     fence_regs_u32(dsa);
     mbarrier_arrive(&bar_q_empty[stage]);  // every consumer thread: its own L_i, D_i reads (ld.shared) are released
+    FA3_TRACE_STAMP(tr, kBwdIterEnd, m_block);
   }
 
   // 10. epilogue: dK·α and dV of this warpgroup's (64 keys, kDKVCols) → global (keys < seqlen_k)
@@ -452,6 +468,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + idx) = Traits::pack(dv[e], dv[e + 1]);
     }
   }
+  FA3_TRACE_STAMP(tr, kBwdEpilogueEnd, 0);
+  FA3_TRACE_FINISH(tr);
 }
 
 // ---------------------------------------------------------------- postprocess
