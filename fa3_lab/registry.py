@@ -123,6 +123,9 @@ STEPS: tuple[StepInfo, ...] = (
              "backward, causal: CTAs launched longest first in L2-sized groups of heads; deterministic: the dQ adds "
              "in reverse n_block order, shortest CTAs first",
              "beyond the paper (FA3's code)", None),
+    StepInfo(19, "19_bwd_tma_store_epilogue", "bwd", 18,
+             "backward: dK and dV through shared memory (stmatrix into the free Q/dO ring), written by TMA stores",
+             "beyond the paper (FA3's code)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -137,7 +140,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
