@@ -122,7 +122,7 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(18, "18_bwd_causal_scheduler", "bwd", 17,
              "backward, causal: CTAs launched longest first in L2-sized groups of heads; deterministic: the dQ adds "
              "in reverse n_block order, shortest CTAs first",
-             "beyond the paper (FA3's code)", None),
+             "beyond the paper (FA3's code)", "reference/backward.py::tile_order"),
     StepInfo(19, "19_bwd_tma_store_epilogue", "bwd", 18,
              "backward: dK and dV through shared memory (stmatrix into the free Q/dO ring), written by TMA stores",
              "beyond the paper (FA3's code)", None),

@@ -28,7 +28,8 @@
 // Twin: none — the arithmetic is step 11's (reference/backward.py), the order step 18's.
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
-// Known limits: headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
+// Known limits: not yet run on a GPU (2026-12-03: the session's device time ran out after the trace), so it is
+//   not the default backward; headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
