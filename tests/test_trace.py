@@ -85,3 +85,53 @@ def test_cli_rejects_bad_shape():
         trace.parse_shape("4,8448,16,96")
     with pytest.raises(UsageError, match="--shape"):
         trace.parse_shape("a,b")
+
+
+# ---------------------------------------------------------------- the backward's trace (tools/experiments/bwd_trace.py)
+
+def _bwd_trace_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "experiments" / "bwd_trace.py"
+    spec = importlib.util.spec_from_file_location("bwd_trace", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bwd_trace_splits_a_cta_into_its_phases():
+    """Two CTAs on one SM, stamped as step 18's FA3_TRACE build does (codes of trace.h): prologue, two m_blocks, the
+    epilogue, the writer's last add, and the gap before the second CTA."""
+    bt = _bwd_trace_module()
+    buf = np.zeros((2, 4, 2 * CAP), dtype=np.int64)
+    for cta, t0 in enumerate((1_000, 9_000)):
+        for r in range(4):
+            buf[cta, r].reshape(-1, 2)[:2] = ((t0, (5 << 32) | bt.HEADER), (100, 4_100))
+        consumer = buf[cta, 2].reshape(-1, 2)
+        for i, (dt, code) in enumerate(((500, 24), (900, 25), (2_900, 26), (3_000, 25), (5_000, 26), (5_600, 27))):
+            consumer[2 + i] = (t0 + dt, (code << 32) | (i // 2))
+        buf[cta, 1].reshape(-1, 2)[2] = (t0 + 5_900, (23 << 32) | 1)
+    ctas = bt.decode(buf)
+    assert [c["smid"] for c in ctas] == [5, 5]
+    p = bt.phases(ctas[0])
+    assert p == {"m_blocks": 2, "to_kv_ready": 500, "to_first_q": 900, "loop": 4_100, "iter_median": 2_000,
+                 "ring_waits": 100, "epilogue": 600, "writer_after_epilogue": 300, "span": 5_900}
+    s = bt.summarize(ctas)
+    assert s["gap_between_ctas"] == 9_000 - (1_000 + 5_900)
+    assert s["ghz"] == pytest.approx((5_900 + 5_600) / 2 / 4_000)  # median over the rows of cycles ÷ ns
+
+
+def test_recorded_bwd_traces_hold_their_medians():
+    from fa3_lab.lab import results
+
+    paths = sorted((results.RESULTS_DIR / "traces").glob("*/bwd_trace_step*.json"))
+    if not paths:
+        pytest.skip("no recorded backward traces")
+    for path in paths:
+        doc = json.loads(path.read_text())
+        assert {"meta", "step", "headdim", "runs"} <= set(doc), path
+        for run in doc["runs"]:
+            c = run["median_cycles"]
+            assert run["recorded"] == run["ctas"] and c["m_blocks"] >= 1, path
+            assert c["to_first_q"] + c["loop"] + c["epilogue"] <= c["span"] * 1.05, path
