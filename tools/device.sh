@@ -2,6 +2,7 @@
 # One device call: install carried wheels, build the extension, then the named actions, in order.
 # Usage (from the repo root, on the GPU machine):  bash tools/device.sh [smoke|test|gputests|sanitize|bench|
 #   ablation|fp8test|fp8sanitize|fp8bench|bwdsmoke|bwdtest|bwdslow|bwdhf|bwdmem|bwdbench|bwdablation|bwdsass|bwdsanitize|
+#   bwdtrace|
 #   notebooks|results|pack] ...
 # FA3_LAB_STEPS=1,11 builds only those steps (e.g. a quick backward call: the forward's step 01 and step 11).
 # BWD_STEPS="12 13" restricts the bwd* actions to those backward steps (default: every backward step built).
@@ -54,6 +55,8 @@ for what in "$@"; do
         cuobjdump -sass "$o" > "$OUT/sass$st.txt"
         echo "step $st: HGMMA $(grep -c HGMMA "$OUT/sass$st.txt"), local memory (STL) $(grep -c 'STL' "$OUT/sass$st.txt")"
       done; done ;;
+    bwdtrace)  # every CTA of the last backward step stamped (its FA3_TRACE build): prologue, loop, epilogue, gaps
+      python3 tools/experiments/bwd_trace.py --step "${bwd_steps##* }" --out "$OUT" 2>&1 | grep -v Warn | tail -30 ;;
     bwdsanitize) for st in $bwd_steps; do for tool in memcheck racecheck synccheck; do echo "== step $st $tool"
       compute-sanitizer --tool $tool --print-limit 20 python3 tools/bwd_sanitize_case.py $st 2>&1 | tail -4
       done; done 2>&1 | tee "$OUT/bwd_sanitize.log" ;;
