@@ -584,7 +584,7 @@ void run(const BwdParams& p, cudaStream_t stream) {
                                         p.k_head_stride, p.k_batch_stride, kAtomCols16, Cfg::kBlockN);
   const CUtensorMap tv = make_tmap_bshd(p.v, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, p.v_row_stride,
                                         p.v_head_stride, p.v_batch_stride, kAtomCols16, Cfg::kBlockN);
-  const int64_t dkv_row = int64_t(p.nheads_kv) * p.headdim;  // dk, dv: contiguous (batch, seqlen_k, nheads_kv, headdim)
+  const int64_t dkv_row = int64_t(p.nheads_kv) * p.headdim;  // dk, dv: contiguous (b, seqlen_k, nheads_kv, headdim)
   const CUtensorMap tdk = make_tmap_bshd(p.dk, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, dkv_row,
                                          p.headdim, dkv_row * p.seqlen_k, kAtomCols16, kRowsPerWarpgroup);
   const CUtensorMap tdv = make_tmap_bshd(p.dv, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, dkv_row,
