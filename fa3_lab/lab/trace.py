@@ -43,6 +43,25 @@ def parse_shape(text):
     return vals
 
 
+def read_rows(cta_buf, rows=ROWS, codes=CODES):
+    """One CTA's records as trace.h writes them, int64 (len(rows), 2·capacity), undecoded in time:
+    ``(smid, {row: (start_clk, globaltimer_start, globaltimer_end, [(clk, event, tile)])})`` for the rows that
+    recorded (smid None when none did). ``rows``/``codes`` name the rows and event codes (the forward's by default;
+    tools/experiments/bwd_trace.py passes the backward's)."""
+    import numpy as np
+
+    raw, smid = {}, None
+    for r, name in enumerate(rows):
+        rec = np.asarray(cta_buf[r]).reshape(-1, 2)
+        if rec[0, 1] & 0xFFFFFFFF != HEADER:
+            continue
+        smid = int(rec[0, 1] >> 32)
+        events = [(int(c), codes.get(int(w >> 32), f"code{int(w >> 32)}"), int(w & 0xFFFFFFFF))
+                  for c, w in rec[2:] if c != 0]
+        raw[name] = (int(rec[0, 0]), int(rec[1, 0]), int(rec[1, 1]), events)
+    return smid, raw
+
+
 def decode(buf, sm_clock_ghz=None):
     """Decode the int64 buffer (ctas, 4, 2·capacity) into a list of CTAs with events in ns.
 
@@ -55,17 +74,8 @@ def decode(buf, sm_clock_ghz=None):
     buf = np.asarray(buf)
     out = []
     for cta in range(buf.shape[0]):
-        rows, smid, t0, ghz = {}, None, None, sm_clock_ghz
-        raw = {}
-        for r, name in enumerate(ROWS):
-            rec = buf[cta, r].reshape(-1, 2)
-            if rec[0, 1] & 0xFFFFFFFF != HEADER:
-                continue
-            smid = int(rec[0, 1] >> 32)
-            start_clk, gt0, gt1 = int(rec[0, 0]), int(rec[1, 0]), int(rec[1, 1])
-            events = [(int(c), CODES.get(int(w >> 32), f"code{int(w >> 32)}"), int(w & 0xFFFFFFFF))
-                      for c, w in rec[2:] if c != 0]
-            raw[name] = (start_clk, gt0, gt1, events)
+        rows, ghz = {}, sm_clock_ghz
+        smid, raw = read_rows(buf[cta])
         if not raw:
             continue
         if ghz is None:  # calibrate on the longest row: cycles between its first and last stamp vs ns

@@ -13,6 +13,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+def bwd_case(headdim: int, seqlen: int, causal: bool):
+    """The bench grid's backward inputs at one shape (bf16, randn, 16k tokens): (cfg, q, k, v, dout, out, lse), BSHD on
+    CUDA, out and lse from our forward. Shared by bwd_trace.py and ncu_bwd_case.py."""
+    import torch
+
+    import fa3_lab
+    from fa3_lab.lab import bench
+
+    cfg = next(bench.grid_configs(["bf16"], [headdim], [seqlen], [causal]))
+    q, k, v, dout = (torch.randn(cfg["batch"], seqlen, cfg["nheads"], headdim, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(4))
+    out, lse = fa3_lab.flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    return cfg, q, k, v, dout, out, lse
+
+
+def cudnn_backward(q, k, v, dout, causal: bool):
+    """A callable that runs SDPA-cuDNN's backward for these inputs (its forward once, here)."""
+    import torch
+
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_(True) for t in (q, k, v))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+        o_ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    g = dout.transpose(1, 2)
+    return lambda: torch.autograd.grad(o_ref, (qt, kt, vt), g, retain_graph=True)
+
+
 def kernel_times(fn, reps: int = 5) -> dict[str, float]:
     """{kernel name: mean µs per call} of the CUDA kernels ``fn`` launches."""
     import torch
@@ -43,24 +69,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    import fa3_lab
+    import fa3_lab  # noqa: F401 (registers torch.ops.fa3_lab)
     from fa3_lab import api
-    from fa3_lab.lab import bench
 
     step = args.step or api.default_bwd_step()
     for seqlen in (int(s) for s in args.seqlens.split(",")):
-        cfg = next(bench.grid_configs(["bf16"], [args.headdim], [seqlen], [args.causal]))
-        q, k, v, dout = (torch.randn(cfg["batch"], seqlen, cfg["nheads"], args.headdim, device="cuda",
-                                     dtype=torch.bfloat16) for _ in range(4))
-        out, lse = fa3_lab.flash_attn_func(q, k, v, causal=args.causal, return_lse=True)
+        cfg, q, k, v, dout, out, lse = bwd_case(args.headdim, seqlen, args.causal)
         scale = 1 / math.sqrt(args.headdim)
         ours = kernel_times(lambda: torch.ops.fa3_lab.flash_attn_bwd(dout, q, k, v, out, lse, args.causal, scale,
                                                                      False, step))
-        qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_(True) for t in (q, k, v))
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            o_ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal)
-        g = dout.transpose(1, 2)
-        cudnn = kernel_times(lambda: torch.autograd.grad(o_ref, (qt, kt, vt), g, retain_graph=True))
+        cudnn = kernel_times(cudnn_backward(q, k, v, dout, args.causal))
         print(f"--- bf16 headdim {args.headdim} seqlen {seqlen} {'causal' if args.causal else 'full'} "
               f"(batch {cfg['batch']}, {cfg['nheads']} heads), µs per backward call")
         for name, times in ((f"step{step}", ours), ("cudnn", cudnn)):

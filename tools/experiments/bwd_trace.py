@@ -18,36 +18,30 @@ import os
 import sys
 from pathlib import Path
 
+from fa3_lab.lab.trace import HEADER, read_rows  # noqa: F401 (HEADER: the record header trace.h writes)
+
 ROWS = ("producer", "dq_writer", "consumer0", "consumer1")
 CODES = {20: "issue_kv", 21: "issue_q", 22: "dq_full", 23: "dq_added", 24: "kv_ready", 25: "iter_begin",
          26: "iter_end", 27: "epilogue_end"}
-HEADER = 0xFFFF
 CAPACITY = 2 * 260 + 8  # rows of the longest CTA at 16k: two stamps per m_block (205 at 16k, headdim 128)
 
 
 def decode(buf):
-    """int64 (ctas, 4, 2·capacity) → [{"smid", "start", "end", "ghz", "rows": {row: [(cycle, event, tile)]}}]."""
+    """int64 (ctas, 4, 2·capacity) → [{"smid", "start", "end", "ghz", "rows": {row: [(cycle, event, tile)]}}],
+    cycles as stamped (one SM's clock64, so CTAs on one SM compare); the records are read by fa3_lab.lab.trace."""
     import numpy as np
 
     out = []
     for cta in range(buf.shape[0]):
-        rows, starts, ends, ghz, smid = {}, [], [], [], None
-        for r, name in enumerate(ROWS):
-            rec = np.asarray(buf[cta, r]).reshape(-1, 2)
-            if int(rec[0, 1]) & 0xFFFFFFFF != HEADER:
-                continue
-            smid = int(rec[0, 1]) >> 32
-            start, gt0, gt1 = int(rec[0, 0]), int(rec[1, 0]), int(rec[1, 1])
-            ev = [(int(c), CODES.get(int(w) >> 32, str(int(w) >> 32)), int(w) & 0xFFFFFFFF) for c, w in rec[2:] if c]
-            rows[name] = ev
-            starts.append(start)
-            end = ev[-1][0] if ev else start
-            ends.append(end)
-            if gt1 > gt0 and end > start:
-                ghz.append((end - start) / (gt1 - gt0))
-        if rows:
-            out.append({"cta": cta, "smid": smid, "start": min(starts), "end": max(ends),
-                        "ghz": float(np.median(ghz)) if ghz else None, "rows": rows})
+        smid, raw = read_rows(buf[cta], ROWS, CODES)
+        if not raw:
+            continue
+        ends = {name: (ev[-1][0] if ev else start) for name, (start, _, _, ev) in raw.items()}
+        ghz = [(ends[name] - start) / (g1 - g0) for name, (start, g0, g1, _) in raw.items()
+               if g1 > g0 and ends[name] > start]
+        out.append({"cta": cta, "smid": smid, "start": min(start for start, *_ in raw.values()),
+                    "end": max(ends.values()), "ghz": float(np.median(ghz)) if ghz else None,
+                    "rows": {name: ev for name, (*_, ev) in raw.items()}})
     return out
 
 
@@ -98,20 +92,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    import fa3_lab
+    from bwd_kernel_times import bwd_case  # this folder
     from fa3_lab import _build
     from fa3_lab.lab import bench, results
+    from reference.backward import kernel_tiles
 
     plain, traced = _build.load(), _build.load(traced=True)
     doc = {"meta": results.collect_meta(command="python tools/experiments/bwd_trace.py " + " ".join(argv or sys.argv[1:])),
            "step": args.step, "headdim": args.headdim, "causal": args.causal, "runs": []}
     for seqlen in (int(s) for s in args.seqlens.split(",")):
-        cfg = next(bench.grid_configs(["bf16"], [args.headdim], [seqlen], [args.causal]))
-        q, k, v, dout = (torch.randn(cfg["batch"], seqlen, cfg["nheads"], args.headdim, device="cuda",
-                                     dtype=torch.bfloat16) for _ in range(4))
-        out, lse = fa3_lab.flash_attn_func(q, k, v, causal=args.causal, return_lse=True)
+        cfg, q, k, v, dout, out, lse = bwd_case(args.headdim, seqlen, args.causal)
         scale = 1 / math.sqrt(args.headdim)
-        ctas = cfg["batch"] * cfg["nheads"] * -(-seqlen // (64 if args.headdim == 256 else 128))  # kBlockN
+        ctas = cfg["batch"] * cfg["nheads"] * -(-seqlen // kernel_tiles(args.headdim)[1])  # one per n_block (Bc)
         buf = torch.zeros(ctas, len(ROWS), 2 * CAPACITY, device="cuda", dtype=torch.int64)
 
         def call(ext, trace):

@@ -23,22 +23,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    import fa3_lab
+    import fa3_lab  # noqa: F401 (registers torch.ops.fa3_lab)
+    from bwd_kernel_times import bwd_case, cudnn_backward  # this folder
     from fa3_lab import api
-    from fa3_lab.lab import bench
 
     step = args.step or api.default_bwd_step()
     for seqlen in (int(s) for s in args.seqlens.split(",")):
-        cfg = next(bench.grid_configs(["bf16"], [args.headdim], [seqlen], [args.causal]))
-        q, k, v, dout = (torch.randn(cfg["batch"], seqlen, cfg["nheads"], args.headdim, device="cuda",
-                                     dtype=torch.bfloat16) for _ in range(4))
-        out, lse = fa3_lab.flash_attn_func(q, k, v, causal=args.causal, return_lse=True)
+        _, q, k, v, dout, out, lse = bwd_case(args.headdim, seqlen, args.causal)
         torch.ops.fa3_lab.flash_attn_bwd(dout, q, k, v, out, lse, args.causal, 1 / math.sqrt(args.headdim), False,
                                          step)
-        qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_(True) for t in (q, k, v))
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            o_ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal)
-        torch.autograd.grad(o_ref, (qt, kt, vt), dout.transpose(1, 2))
+        cudnn_backward(q, k, v, dout, args.causal)()
     torch.cuda.synchronize()
     return 0
 

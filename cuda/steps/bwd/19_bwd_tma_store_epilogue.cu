@@ -475,15 +475,13 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       bulk_commit();
       bulk_wait_read<0>();  // the shared memory stays until the stores have read it
     }
-  }
+  } else {  // GQA: (batch, seqlen_k, nheads, headdim) fp32, one slice per query head
 #pragma unroll
-  for (int e = 0; e < (gqa ? Cfg::kDKVCols / 2 : 0); e += 2) {
-    const int key = key0 + frag_row(e), col = col_part * Cfg::kDKVCols + frag_col(e);
-    if (key >= p.seqlen_k) continue;
-    const float k0 = dk[e] * p.softmax_scale, k1 = dk[e + 1] * p.softmax_scale;
-    if (gqa) {  // (batch, seqlen_k, nheads, headdim) fp32, one slice per query head
+    for (int e = 0; e < Cfg::kDKVCols / 2; e += 2) {
+      const int key = key0 + frag_row(e), col = col_part * Cfg::kDKVCols + frag_col(e);
+      if (key >= p.seqlen_k) continue;
       const int64_t idx = ((static_cast<int64_t>(b) * p.seqlen_k + key) * p.nheads + h) * kHeadDim + col;
-      *reinterpret_cast<float2*>(p.dk_accum + idx) = make_float2(k0, k1);
+      *reinterpret_cast<float2*>(p.dk_accum + idx) = make_float2(dk[e] * p.softmax_scale, dk[e + 1] * p.softmax_scale);
       *reinterpret_cast<float2*>(p.dv_accum + idx) = make_float2(dv[e], dv[e + 1]);
     }
   }
