@@ -9,6 +9,7 @@
 //   17_bwd_fused_preprocess + D with 16-byte loads, dq_accum zeroed in the same pass
 //   18_bwd_causal_scheduler + causal: longest n_blocks first in L2-sized head groups; deterministic: reverse
 //   19_bwd_tma_store_epilogue + dK, dV through shared memory, written by TMA stores   <- this file
+//   20_bwd_decoupled_consumers + headdim 64: each consumer's dQ over its own keys, GEMMs issued in turns
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
@@ -28,8 +29,8 @@
 // Twin: none — the arithmetic is step 11's (reference/backward.py), the order step 18's.
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
-// Known limits: not yet run on a GPU (2026-12-03: the session's device time ran out after the trace), so it is
-//   not the default backward; headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
+// Known limits: the epilogue still takes ~4 k cycles (the last dK GEMM's wait, the ring barrier); headdim 256
+//   computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
