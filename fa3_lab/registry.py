@@ -126,10 +126,6 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(19, "19_bwd_tma_store_epilogue", "bwd", 18,
              "backward: dK and dV through shared memory (stmatrix into the free Q/dO ring), written by TMA stores",
              "beyond the paper (FA3's code)", None),
-    StepInfo(20, "20_bwd_decoupled_consumers", "bwd", 19,
-             "backward, headdim 64: each consumer's dQ over its own keys (no barrier between the consumers), GEMMs "
-             "issued in turns so one's exponentials run under the other's GEMMs",
-             "beyond the paper (§3.1's pingpong, backward)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -144,14 +140,14 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
 DEFAULT_STEP = 10
 FP8_STEP = 5
 #: The backward step autograd runs by default (``flash_attn_func(..., bwd_step=None)``).
-DEFAULT_BWD_STEP = 18
+DEFAULT_BWD_STEP = 19
 
 
 def step(step_id: int) -> StepInfo:

@@ -109,8 +109,7 @@ def test_dq_accumulation_form(compiled):
 
 def test_dq_gemm_between_dv_and_dk(compiled):
     """Step 15's lesson: the dQ GEMM is issued after dV's and before dK's, so dQ_i's store runs under dK; before
-    step 15, at headdim 256 (Config::kDqUnderDk), and from step 20 on at headdim 64 (each consumer's dQ in a turn of
-    its own, Config::kDqPerConsumer), the two RS GEMMs (dV, dK) come back to back and dQ after them."""
+    step 15, and at headdim 256 (Config::kDqUnderDk), the two RS GEMMs (dV, dK) come back to back and dQ after them."""
     s, _, funcs, _ = compiled
     for name, text in funcs.items():
         if "bwd_kernel" not in name:
@@ -119,8 +118,7 @@ def test_dq_gemm_between_dv_and_dk(compiled):
         block_m, block_n = tiles(s, headdim)
         order = "".join({"sdp": "s", "rs": "r", "dq": "q"}[f] for f in _forms(text)[0])
         rs, dq = "r" * (block_m // 16), "q" * (block_n // 16)
-        dq_between = _extends(s, 15) and headdim <= 128 and not (_extends(s, 20) and headdim == 64)
-        expected = rs + dq + rs if dq_between else rs + rs + dq  # 256: 13's order (registers)
+        expected = rs + dq + rs if _extends(s, 15) and headdim <= 128 else rs + rs + dq  # 256: 13's order (registers)
         assert expected in order, (s.name, name, order)
 
 

@@ -9,7 +9,6 @@
 //   17_bwd_fused_preprocess + D with 16-byte loads, dq_accum zeroed in the same pass
 //   18_bwd_causal_scheduler + causal: longest n_blocks first in L2-sized head groups; deterministic: reverse
 //   19_bwd_tma_store_epilogue + dK, dV through shared memory, written by TMA stores   <- this file
-//   20_bwd_decoupled_consumers + headdim 64: each consumer's dQ over its own keys, GEMMs issued in turns
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
@@ -27,6 +26,8 @@
 // The Q/dO ring is free by then, once both warpgroups are past their last GEMM (a named barrier), so it holds the
 // tiles. GQA keeps step 18's fp32 stores into the per-head slices.
 // Twin: none — the arithmetic is step 11's (reference/backward.py), the order step 18's.
+// Tried (docs/performance.md): at headdim 64, each consumer's dQ over its own keys and GEMMs issued in turns
+//   (pingpong): 1.00–1.05× this step (12709c1, reverted) — the shared-memory traffic, not the exponentials, bounds it.
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
 // Known limits: the epilogue still takes ~4 k cycles (the last dK GEMM's wait, the ring barrier); headdim 256
