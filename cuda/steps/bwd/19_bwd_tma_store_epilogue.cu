@@ -27,7 +27,7 @@
 // tiles. GQA keeps step 18's fp32 stores into the per-head slices.
 // Twin: none — the arithmetic is step 11's (reference/backward.py), the order step 18's.
 // Tried (docs/performance.md): at headdim 64, each consumer's dQ over its own keys and GEMMs issued in turns
-//   (pingpong): 1.00–1.05× this step (12709c1, reverted) — the shared-memory traffic, not the exponentials, bounds it.
+//   (pingpong): 1.00–1.05× this step, racecheck not clean (12709c1, reverted).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
 // Known limits: the epilogue still takes ~4 k cycles (the last dK GEMM's wait, the ring barrier); headdim 256
