@@ -39,6 +39,9 @@ FA3_DECLARE_BWD_STEP(18)
 #ifdef FA3_HAS_STEP19
 FA3_DECLARE_BWD_STEP(19)
 #endif
+#ifdef FA3_HAS_STEP20
+FA3_DECLARE_BWD_STEP(20)
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -104,6 +107,9 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #endif
 #ifdef FA3_HAS_STEP19
     case 19: block_m = fa3::bwd_step19_block_m, run = fa3::run_bwd_step19, zeroes_dq_accum = true; break;
+#endif
+#ifdef FA3_HAS_STEP20
+    case 20: block_m = fa3::bwd_step20_block_m, run = fa3::run_bwd_step20, zeroes_dq_accum = true; break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

@@ -126,6 +126,10 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(19, "19_bwd_tma_store_epilogue", "bwd", 18,
              "backward: dK and dV through shared memory (stmatrix into the free Q/dO ring), written by TMA stores",
              "beyond the paper (FA3's code)", None),
+    StepInfo(20, "20_bwd_exp_under_dp", "bwd", 19,
+             "backward: dV's GEMM issued before the wait for dPᵀ, so the exponentials run under dPᵀ's GEMM (ptxas "
+             "had hoisted that wait above them); dS from the packed Pᵀ",
+             "§3.2's overlap, backward (Alg. 2's idea)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -140,7 +144,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
