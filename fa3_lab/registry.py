@@ -126,10 +126,10 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(19, "19_bwd_tma_store_epilogue", "bwd", 18,
              "backward: dK and dV through shared memory (stmatrix into the free Q/dO ring), written by TMA stores",
              "beyond the paper (FA3's code)", None),
-    StepInfo(20, "20_bwd_exp_under_dp", "bwd", 19,
-             "backward: dV's GEMM issued before the wait for dPᵀ, so the exponentials run under dPᵀ's GEMM (ptxas "
-             "had hoisted that wait above them); dS from the packed Pᵀ",
-             "§3.2's overlap, backward (Alg. 2's idea)", None),
+    StepInfo(20, "20_bwd_dq_one_behind", "bwd", 19,
+             "backward: m_block i's dQ GEMM in iteration i + 1, so the two consumer warpgroups need not meet every "
+             "m_block; they run half an m_block apart and one's exponentials overlap the other's GEMMs",
+             "§3.1's pingpong, backward", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (

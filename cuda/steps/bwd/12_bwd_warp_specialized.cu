@@ -9,7 +9,7 @@
 //   17_bwd_fused_preprocess + D with 16-byte loads, dq_accum zeroed in the same pass
 //   18_bwd_causal_scheduler + causal: longest n_blocks first in L2-sized head groups; deterministic: reverse
 //   19_bwd_tma_store_epilogue + dK, dV through shared memory, written by TMA stores
-//   20_bwd_exp_under_dp     + dV issued before dPᵀ's wait, so the exponentials run under dPᵀ's GEMM
+//   20_bwd_dq_one_behind    + m_block i's dQ GEMM in iteration i + 1: the consumers run out of step
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //

@@ -9,27 +9,30 @@
 //   17_bwd_fused_preprocess + D with 16-byte loads, dq_accum zeroed in the same pass
 //   18_bwd_causal_scheduler + causal: longest n_blocks first in L2-sized head groups; deterministic: reverse
 //   19_bwd_tma_store_epilogue + dK, dV through shared memory, written by TMA stores
-//   20_bwd_exp_under_dp     + dV issued before dPᵀ's wait, so the exponentials run under dPᵀ's GEMM   <- this file
+//   20_bwd_dq_one_behind    + m_block i's dQ GEMM in iteration i + 1: the consumers run out of step   <- this file
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
-// Step 20 extends 19 in the order of one m_block. Steps 15–19 issue Sᵀ and dPᵀ, wait for Sᵀ, compute Pᵀ, then
-// wait for dPᵀ — in the PTX. In the SASS (`cuobjdump -sass`, the check notebook 07 makes for the forward) ptxas
-// moves that second `WARPGROUP.DEPBAR.LE gsb0, 0x0` above every `MUFU.EX2` at headdim 64 and 128: the
-// exponentials (64 per thread at headdim 64, 40 at 128) never run under dPᵀ's GEMM, which the warpgroup waits
-// out first. Reading L with `ld.shared` instead of generic loads moves only 3–7 of them ahead; issuing dPᵀ after
-// Sᵀ has landed changes nothing; a wait predicated on the exponentials' results serializes every WGMMA (C7511).
-//   Now dV_j += Pᵀ·dO_i is issued as soon as Pᵀ is packed, before the wait for dPᵀ (`wgmma_wait<1>` behind it).
-// A WGMMA issue cannot move above the instructions that compute its A operand, and the wait cannot move above
-// the issue (it counts commit groups), so the exponentials sit between Sᵀ's wait and dPᵀ's: under dPᵀ's GEMM,
-// and dS's arithmetic under dV's. dSᵀ = Pᵀ ∘ (dPᵀ − D) reads the packed 16-bit Pᵀ (Sᵀ's fp32 registers are free
-// by then — kept, they leave ptxas too few and it serializes, C7511), as step 14 did; and dQ gets registers of its
-// own at headdim 128 (in Sᵀ's, ptxas serializes now). Headdim 256 keeps step 19's order (dV with dK).
-// Twin: none — the arithmetic is step 11's (reference/backward.py); dS uses Pᵀ rounded to 16 bits, as the GEMMs do.
+// Step 20 extends 19 in how the two consumer warpgroups share an m_block. Up to step 19 they meet at a barrier in
+// every m_block: dQ_i = dS_i·K_j needs both warpgroups' rows of dSᵀ_i (each holds 64 of the kBlockN keys), so neither
+// may start its dQ GEMM before the other has written its dSᵀ. The barrier keeps them in step — both issue Sᵀ and dPᵀ
+// at once, then both compute their exponentials at once (64 MUFU.EX2 per thread at headdim 64, 40 at 128) while the
+// tensor cores wait. At headdim 64 an m_block is ~2.6 k cycles of GEMMs and ~1 k of exponentials per SM (16 per
+// clock): in step, ~40 % of the loop has the tensor cores idle; Nsight Compute saw them 48 % busy (54be13d).
+//   Now m_block i's dQ GEMM is issued in iteration i + 1, behind dV_{i+1}, and the last one's after the loop. dSᵀ is
+// double-buffered with mbarriers (full: both consumers' rows written; empty: both dQ GEMMs have read it) instead of
+// the named barrier, and each consumer hands the dQ writer its own half of the dQ tile (its own named barriers), so
+// a consumer waits for the other only if it gets a whole m_block ahead. Consumer 1 starts when consumer 0 has done
+// its first exponentials: half an m_block apart, each one's exponentials run under the other's GEMMs — the
+// forward's pingpong (§3.1), without a barrier per m_block. Headdim 256 keeps 19's order (its registers are full).
+// Twin: none — the arithmetic is step 11's (reference/backward.py), the order step 18's.
+// Tried (docs/performance.md): at headdim 64, each consumer's dQ over its own keys and GEMMs issued in turns
+//   (pingpong): 1.00–1.05× step 19, racecheck not clean (12709c1, reverted). dV issued before dPᵀ's wait, so that
+//   the exponentials run under dPᵀ's GEMM (ptxas hoists that wait above them in 15–19): 0.95–1.02× step 19 (48ccd3e).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
-// Known limits: not yet run on a GPU (2026-12-03: compiled, SASS checked — the device time was spent), so it is
-//   not the default backward; headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
+// Known limits: at i = 0 a dQ GEMM runs on buffer 1 and its result is dropped (under a branch, ptxas serializes
+//   every WGMMA); headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,7 +53,8 @@ namespace step20 {
 
 constexpr int kThreadsPerWarpgroup = 128;
 constexpr int kRowsPerWarpgroup = 64;  // M of every WGMMA
-constexpr int kBarDqEmpty = 3, kBarDqFull = 4;  // named barriers of the dQ tile (1: dSᵀ, 2: atomics' turn)
+constexpr int kBarSkew = 1;                      // once: consumer 1 starts after consumer 0's first exponentials
+constexpr int kBarDqEmpty = 3, kBarDqFull = 8;   // + cwg: a consumer's half of the dQ tile (2: atomics' turn)
 constexpr int kBarRingDone = 5;                  // both consumers are past their last GEMM: the ring is free
 constexpr int kBarEpi = 6;                       // + cwg: this warpgroup's dK/dV tiles are in shared memory
 
@@ -87,12 +91,13 @@ struct Config {
   static constexpr bool kDqInSmem = kHeadDim <= 128;               // else step 12's atomics (see the header)
   static constexpr bool kDqUnderDk = kHeadDim <= 128;  // else 13's order: at headdim 256 this one's leaves ptxas
                                                        // too few registers and it serializes every WGMMA (C7512)
+  static constexpr int kDqLag = kDqUnderDk ? 1 : 0;    // m_block i's dQ GEMM runs in iteration i + kDqLag
   static constexpr int kDqBytes = kBlockM * kHeadDim * sizeof(float);  // the fp32 dQ_i(partial) tile
   static constexpr int kDKVTileBytes = kRowsPerWarpgroup * kDKVCols * sizeof(T);  // one warpgroup's dK (or dV)
   static constexpr int kOffDKV = kOffQ;  // the epilogue's dK, dV tiles: (consumer, dK|dV) in the Q/dO ring
   static constexpr int kOffDQ = kOffD + kStages * kRowBytes;
   static constexpr int kOffBar = kOffDQ + (kDqInSmem ? kDqBytes : 0);
-  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kOffBar + 8 * (1 + 2 * kStages);
+  static constexpr int kSmemBytes = 1024 /*alignment slack*/ + kOffBar + 8 * (1 + 2 * kStages + 4);
   static_assert(kSmemBytes <= 227 * 1024, "smem");
   static_assert(kOffDQ % 16 == 0 && kDqBytes % 16 == 0, "bulk reduce: 16-byte aligned");
   static_assert(kNumWarpgroups * 2 * kDKVTileBytes <= 2 * kStages * kQBytes && kOffDKV % 1024 == 0,
@@ -191,6 +196,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   uint64_t* bar_kv = reinterpret_cast<uint64_t*>(smem + Cfg::kOffBar);  // "K_j, V_j have landed"
   uint64_t* bar_q = bar_kv + 1;           // (kStages) full: "Q_i, dO_i, L_i, D_i have landed"
   uint64_t* bar_q_empty = bar_q + kStages;  // (kStages) empty: "both consumers are done with the stage"
+  uint64_t* bar_ds_full = bar_q_empty + kStages;  // (2) "both consumers' dSᵀ rows of the buffer are in smem"
+  uint64_t* bar_ds_empty = bar_ds_full + 2;       // (2) "both consumers' dQ GEMMs have read the buffer"
 
   const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const Tile tile = tile_of<kCausal>(blockIdx.x, p, num_n_blocks, heads_per_group);
@@ -213,6 +220,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   if (threadIdx.x == 0) {
     mbarrier_init(bar_kv, 1);
     for (int s = 0; s < kStages; ++s) mbarrier_init(&bar_q[s], 1), mbarrier_init(&bar_q_empty[s], Cfg::kConsumerThreads);
+    for (int s = 0; s < 2; ++s) mbarrier_init(&bar_ds_full[s], Cfg::kConsumerThreads), mbarrier_init(&bar_ds_empty[s], Cfg::kConsumerThreads);
     fence_barrier_init();
   }
   __syncthreads();
@@ -227,20 +235,23 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
         const float* sdq = reinterpret_cast<const float*>(smem + Cfg::kOffDQ);
         FA3_TRACE_DECL(tr);
         FA3_TRACE_INIT(tr, p, 1, threadIdx.x % 32 == 0);
-        named_barrier_arrive(kBarDqEmpty, Cfg::kConsumerThreads + 32);  // the tile starts empty
-        for (int i = 0; i < num_iters; ++i) {
-          const int m_block = m_block_min + i;
-          named_barrier_sync(kBarDqFull, Cfg::kConsumerThreads + 32);
-          FA3_TRACE_STAMP(tr, kBwdDqFull, m_block);
+        constexpr int kHalf = Cfg::kDqBytes / 2 / sizeof(float);  // a consumer's part, contiguous (as in dq_accum)
+        named_barrier_arrive(kBarDqEmpty, kThreadsPerWarpgroup + 32);  // the tile starts empty
+        named_barrier_arrive(kBarDqEmpty + 1, kThreadsPerWarpgroup + 32);
+        for (int i = 0; i < 2 * num_iters; ++i) {  // consumer 0's half of m_block i / 2, then 1's: neither waits
+          const int m_block = m_block_min + i / 2, w = i % 2;
+          named_barrier_sync(kBarDqFull + w, kThreadsPerWarpgroup + 32);
+          if (w == 0) { FA3_TRACE_STAMP(tr, kBwdDqFull, m_block); }
           if (threadIdx.x % 32 == 0) {
             int* sem = p.dq_semaphore + (static_cast<int64_t>(b) * p.nheads + h) * num_m_blocks + m_block;
-            if (p.deterministic)  // n_blocks add in turn (dq_turn)
+            if (p.deterministic && w == 0)  // n_blocks add in turn (dq_turn)
               while (ld_acquire_gpu(sem) != dq_turn<kCausal, kBlockM, kBlockN>(n_block, m_block, num_n_blocks,
                                                                                 causal_offset)) {
               }
-            bulk_reduce_add_f32(p.dq_accum + (row_base + m_block * kBlockM) * kHeadDim, sdq, Cfg::kDqBytes);
+            bulk_reduce_add_f32(p.dq_accum + (row_base + m_block * kBlockM) * kHeadDim + w * kHalf, sdq + w * kHalf,
+                                Cfg::kDqBytes / 2);
             bulk_commit();
-            if (p.deterministic) {
+            if (p.deterministic && w == 1) {
               bulk_wait<0>();  // the adds are done: pass the turn
               fence_proxy_async_global();
               __threadfence();
@@ -248,10 +259,10 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
             } else {
               bulk_wait_read<0>();
             }
-            FA3_TRACE_STAMP(tr, kBwdDqAdded, m_block);
+            if (w == 1) { FA3_TRACE_STAMP(tr, kBwdDqAdded, m_block); }
           }
           __syncwarp();
-          if (i + 1 < num_iters) named_barrier_arrive(kBarDqEmpty, Cfg::kConsumerThreads + 32);
+          if (i + 2 < 2 * num_iters) named_barrier_arrive(kBarDqEmpty + w, kThreadsPerWarpgroup + 32);
         }
         if (threadIdx.x % 32 == 0) bulk_wait<0>();
         FA3_TRACE_FINISH(tr);
@@ -307,6 +318,34 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   if (num_iters > 0) mbarrier_wait(bar_kv, 0);
   FA3_TRACE_STAMP(tr, kBwdKVReady, 0);
 
+  // 6. dQ_j(partial) = dS·K_j of m_block m_block_min + j over both consumers' dSᵀ rows (buffer j % 2): rows
+  //    64·dq_row_part.., columns kDqCols·dq_col_part.., K = kBlockN keys; swapped, dQᵀ: rows = headdim
+  //    kDqCols·dq_col_part.., columns = the kBlockM queries
+  //    (j = −1: a GEMM whose result is dropped — an issue under a branch serializes every WGMMA, ptxas C7514)
+  auto issue_dq = [&](float (&dq)[Cfg::kDqFrag], int j) {
+    const uint32_t sdS_j = sdS_addr + (j & 1) * Cfg::kDSBytes;
+    if (j >= 0) mbarrier_wait(&bar_ds_full[j & 1], (j >> 1) & 1);  // the other consumer's rows are in too
+    wgmma_fence();
+    if constexpr (Cfg::kDqSwapped)
+      gemm_ss_ta<T, kBlockM, kBlockN, kBlockN, kBlockM>(dq, sK_addr + dq_col_part * kAtomBytesKV, sdS_j);
+    else
+      gemm_ss_tt<T, Cfg::kDqCols, kBlockN, kBlockN, kBlockN>(
+          dq, sdS_j + dq_row_part * kAtomBytesKV, sK_addr + dq_col_part * (Cfg::kDqCols / kAtomCols16) * kAtomBytesKV);
+    wgmma_commit();
+  };
+  // 7. dQ_j(partial) → this consumer's half of the smem tile, once the writer has read its last one; the writer adds
+  //    it to dq_accum
+  auto store_dq = [&](const float (&dq)[Cfg::kDqFrag]) {
+    float4* sdq = reinterpret_cast<float4*>(smem + Cfg::kOffDQ) + cwg * (Cfg::kDqFrag / 4) * kThreadsPerWarpgroup;
+    named_barrier_sync(kBarDqEmpty + cwg, kThreadsPerWarpgroup + 32);
+#pragma unroll
+    for (int j = 0; j < Cfg::kDqFrag / 4; ++j)
+      sdq[j * kThreadsPerWarpgroup + threadIdx.x % kThreadsPerWarpgroup] =
+          make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+    fence_proxy_async();  // the generic-proxy stores before the bulk reduce (async proxy) reads them
+    named_barrier_arrive(kBarDqFull + cwg, kThreadsPerWarpgroup + 32);
+  };
+
   for (int i = 0; i < num_iters; ++i) {
     const int m_block = m_block_min + i;
     const int stage = i % kStages;
@@ -318,6 +357,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     // 1. Sᵀ = K_j·Q_iᵀ and dPᵀ = V_j·dO_iᵀ, rows = this warpgroup's 64 keys, columns = kBlockM queries
     float s[kBlockM / 2];   // (64 keys, kBlockM queries) fp32 accumulator fragment
     float dp[kBlockM / 2];  // same
+    if (Cfg::kDqLag == 1 && i == 0 && cwg == 1) named_barrier_sync(kBarSkew, Cfg::kConsumerThreads);  // see 3
     mbarrier_wait(&bar_q[stage], phase);
     FA3_TRACE_STAMP(tr, kBwdIterBegin, m_block);
     wgmma_fence();
@@ -351,91 +391,74 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 4; ++j) s[4 * c + j] = fast_exp2(fmaf(s[4 * c + j], p.scale_log2, -((j & 1) ? l2.y : l2.x)));
     }
+    // consumer 1 starts here, half an m_block behind consumer 0: from now on one's exponentials run under the
+    // other's GEMMs (nothing makes them wait for each other within an m_block any more: dQ is one m_block behind)
+    if (Cfg::kDqLag == 1 && i == 0 && cwg == 0) named_barrier_arrive(kBarSkew, Cfg::kConsumerThreads);
 
-    // 4. dV_j += Pᵀ·dO_i is issued first (headdim ≤ 128): it needs all of Pᵀ, so the exponentials run before the
-    //    wait for dPᵀ — under its GEMM; then dSᵀ = Pᵀ ∘ (dPᵀ − D), D per column
-    uint32_t pa[kBlockM / 16][4];   // Pᵀ, 16-bit A fragments (64 keys × kBlockM queries)
-    pack_p<Traits, kBlockM>(s, pa);
-    if constexpr (Cfg::kDqUnderDk) {
-      wgmma_fence();
-      gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dv, pa, sdO_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
-      wgmma_commit();
-      wgmma_wait<1>();  // Sᵀ and dPᵀ are done; dV runs on
-    } else {
-      wgmma_wait<0>();
-    }
+    // 4. dSᵀ = Pᵀ ∘ (dPᵀ − D), D per column
+    wgmma_wait<0>();
     fence_regs(dp);
-    const uint32_t* pw = &pa[0][0];  // word u of the packed Pᵀ holds s[2u], s[2u + 1] (pack_p's layout)
 #pragma unroll
     for (int c = 0; c < kBlockM / 8; ++c) {
       const float2 d2 = *reinterpret_cast<const float2*>(d_s + 8 * c + 2 * (lane % 4));
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float2 pv = Traits::unpack(pw[2 * c + h]);
-        dp[4 * c + 2 * h] = pv.x * (dp[4 * c + 2 * h] - d2.x);
-        dp[4 * c + 2 * h + 1] = pv.y * (dp[4 * c + 2 * h + 1] - d2.y);
-      }
+      for (int j = 0; j < 4; ++j) dp[4 * c + j] = s[4 * c + j] * (dp[4 * c + j] - ((j & 1) ? d2.y : d2.x));
     }
 
-    // 5. dSᵀ → smem (one copy: at headdim 256 both warpgroups hold the same keys, and dV, dK are issued here)
+    // 5. dV_j += Pᵀ·dO_i (this warpgroup's kDKVCols columns); dSᵀ → smem buffer i % 2 under it, once both
+    //    consumers' dQ GEMMs of m_block i − 2 have read that buffer (one copy: at headdim 256 both warpgroups hold
+    //    the same keys)
+    uint32_t pa[kBlockM / 16][4];   // Pᵀ, 16-bit A fragments (64 keys × kBlockM queries)
     uint32_t dsa[kBlockM / 16][4];  // dSᵀ, same
+    pack_p<Traits, kBlockM>(s, pa);
     pack_p<Traits, kBlockM>(dp, dsa);
-    if constexpr (!Cfg::kDqUnderDk) {
-      wgmma_fence();
-      gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dv, pa, sdO_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
+    wgmma_fence();
+    gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dv, pa, sdO_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
+    if constexpr (!Cfg::kDqUnderDk)
       gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
-      wgmma_commit();
-    }
+    wgmma_commit();
+    if (i >= 1) mbarrier_wait(&bar_ds_empty[i % 2], (i / 2 - 1 + i % 2) & 1);  // buffer 1 is also read at i = 0
     if (col_part == 0) {
       if constexpr (Cfg::kDqSwapped)  // as dS: (kBlockM queries × kBlockN keys), keys contiguous
         store_frag_transposed<kBlockM, kBlockM>(dsa, sdS_i, key_group * kRowsPerWarpgroup);
       else
         store_frag_swizzled<kBlockN, kBlockM>(dsa, sdS_i, key_group * kRowsPerWarpgroup);
     }
-    fence_proxy_async();  // the generic-proxy stores before the WGMMA (async proxy) reads of 6
-    if constexpr (!Cfg::kDqUnderDk) {
+    fence_proxy_async();  // the generic-proxy stores before the WGMMA (async proxy) reads of the dQ GEMM
+    mbarrier_arrive(&bar_ds_full[i % 2]);
+
+    // 6. dQ_i(partial) = dS·K_j: rows 64·dq_row_part.., columns kDqCols·dq_col_part.., K = kBlockN keys; then
+    //    dK_j += dSᵀ·Q_i behind it. Each wait_group 1 waits for the GEMM before the one just issued.
+    // (64 queries, kDqCols) fp32 accumulator fragment; swapped, (64 headdim, kBlockM) in Sᵀ's 40 registers, free
+    // once Pᵀ is packed: a fresh block beside dV's in-flight pa and dsa leaves ptxas too few contiguous registers,
+    // and it serializes every WGMMA of the kernel (ptxas C7512). The first k-slice ignores the old values.
+    // Headdim ≤ 128: the dQ GEMM here is m_block i − 1's (i's comes in the next iteration, the last one's after the loop).
+    float dq_own[Cfg::kDqSwapped ? 1 : Cfg::kDqFrag];
+    float(&dq)[Cfg::kDqFrag] = *reinterpret_cast<float(*)[Cfg::kDqFrag]>(Cfg::kDqSwapped ? s : dq_own);
+    if constexpr (Cfg::kDqLag == 1) {
+      issue_dq(dq, i - 1);
+      gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
+      wgmma_commit();
+      wgmma_wait<1>();  // dV and dQ are done; dK runs under 7
+      fence_regs(dv);
+      fence_regs_u32(pa);
+      fence_regs(dq);
+      mbarrier_arrive(&bar_ds_empty[(i - 1) & 1]);
+      if (i > 0) store_dq(dq);  // 7
+    } else {
       wgmma_wait<0>();
       fence_regs(dv);
       fence_regs(dk);
       fence_regs_u32(pa);
       fence_regs_u32(dsa);
-    }
-    named_barrier_sync(1, Cfg::kConsumerThreads);  // the whole dSᵀ tile is in smem (dV runs meanwhile)
-
-    // 6. dQ_i(partial) = dS·K_j: rows 64·dq_row_part.., columns kDqCols·dq_col_part.., K = kBlockN keys; then
-    //    dK_j += dSᵀ·Q_i behind it. Each wait_group 1 waits for the GEMM before the one just issued.
-    // (64 queries, kDqCols) fp32 accumulator fragment; swapped, (64 headdim, kBlockM). Its own registers: in Sᵀ's
-    // (step 16), with dV now in flight since before dS, ptxas serializes every WGMMA (C7511).
-    float dq[Cfg::kDqFrag];
-    if constexpr (Cfg::kDqSwapped)  // dQᵀ: rows = headdim kDqCols·dq_col_part.., columns = the kBlockM queries
-      gemm_ss_ta<T, kBlockM, kBlockN, kBlockN, kBlockM>(dq, sK_addr + dq_col_part * kAtomBytesKV, sdS_i);
-    else
-      gemm_ss_tt<T, Cfg::kDqCols, kBlockN, kBlockN, kBlockN>(
-          dq, sdS_i + dq_row_part * kAtomBytesKV, sK_addr + dq_col_part * (Cfg::kDqCols / kAtomCols16) * kAtomBytesKV);
-    wgmma_commit();
-    if constexpr (Cfg::kDqUnderDk) {
-      wgmma_wait<1>();  // dV is done
-      fence_regs(dv);
-      fence_regs_u32(pa);
-      gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
-      wgmma_commit();
-      wgmma_wait<1>();  // dQ is done; dK runs under 7
-    } else {
+      issue_dq(dq, i);
       wgmma_wait<0>();
+      fence_regs(dq);
+      mbarrier_arrive(&bar_ds_empty[i % 2]);
     }
-    fence_regs(dq);
 
-    // 7. dQ_i(partial) → the smem tile, once the writer has read the last one; the writer adds it to dq_accum
-    if constexpr (Cfg::kDqInSmem) {
-      float4* sdq = reinterpret_cast<float4*>(smem + Cfg::kOffDQ) + cwg * (Cfg::kDqFrag / 4) * kThreadsPerWarpgroup;
-      named_barrier_sync(kBarDqEmpty, Cfg::kConsumerThreads + 32);
-#pragma unroll
-      for (int j = 0; j < Cfg::kDqFrag / 4; ++j)
-        sdq[j * kThreadsPerWarpgroup + threadIdx.x % kThreadsPerWarpgroup] =
-            make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-      fence_proxy_async();  // the generic-proxy stores before the bulk reduce (async proxy) reads them
-      named_barrier_arrive(kBarDqFull, Cfg::kConsumerThreads + 32);
-    } else {  // headdim 256: fp32 atomics from registers (rows are padded: no bounds check), as step 12
+    // 7. headdim 256: fp32 atomics from registers (rows are padded: no bounds check), as step 12
+    if constexpr (!Cfg::kDqInSmem) {
       if (p.deterministic) {  // n_blocks add in turn (dq_turn)
         int* sem = p.dq_semaphore + (static_cast<int64_t>(b) * p.nheads + h) * num_m_blocks + m_block;
         if (threadIdx.x == kThreadsPerWarpgroup)
@@ -463,6 +486,15 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     fence_regs_u32(dsa);
     mbarrier_arrive(&bar_q_empty[stage]);  // every consumer thread: its own L_i, D_i reads (ld.shared) are released
     FA3_TRACE_STAMP(tr, kBwdIterEnd, m_block);
+  }
+  if constexpr (Cfg::kDqLag == 1) {  // 9. the last m_block's dQ
+    if (num_iters > 0) {
+      float dq[Cfg::kDqFrag];
+      issue_dq(dq, num_iters - 1);
+      wgmma_wait<0>();
+      fence_regs(dq);
+      store_dq(dq);
+    }
   }
 
   // 10. epilogue: dK·α and dV of this warpgroup's (64 keys, kDKVCols) → global (keys < seqlen_k)
