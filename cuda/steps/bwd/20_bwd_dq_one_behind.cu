@@ -417,7 +417,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     if constexpr (!Cfg::kDqUnderDk)
       gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
     wgmma_commit();
-    if (i >= 1) mbarrier_wait(&bar_ds_empty[i % 2], (i / 2 - 1 + i % 2) & 1);  // buffer 1 is also read at i = 0
+    if (i >= 2 - Cfg::kDqLag)  // with the lag, buffer 1 is also read at i = 0 (see 6)
+      mbarrier_wait(&bar_ds_empty[i % 2], (i / 2 - 1 + Cfg::kDqLag * (i % 2)) & 1);
     if (col_part == 0) {
       if constexpr (Cfg::kDqSwapped)  // as dS: (kBlockM queries × kBlockN keys), keys contiguous
         store_frag_transposed<kBlockM, kBlockM>(dsa, sdS_i, key_group * kRowsPerWarpgroup);
