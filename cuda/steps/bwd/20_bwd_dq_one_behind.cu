@@ -405,18 +405,13 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       for (int j = 0; j < 4; ++j) dp[4 * c + j] = s[4 * c + j] * (dp[4 * c + j] - ((j & 1) ? d2.y : d2.x));
     }
 
-    // 5. dV_j += Pᵀ·dO_i (this warpgroup's kDKVCols columns); dSᵀ → smem buffer i % 2 under it, once both
-    //    consumers' dQ GEMMs of m_block i − 2 have read that buffer (one copy: at headdim 256 both warpgroups hold
-    //    the same keys)
+    // 5. dSᵀ → smem buffer i % 2, once both consumers' dQ GEMMs of m_block i − 2 have read it (one copy: at headdim
+    //    256 both warpgroups hold the same keys), then dV_j += Pᵀ·dO_i (this warpgroup's kDKVCols columns); the
+    //    store first: under dV (19's order) one register spills at headdim 128, causal
     uint32_t pa[kBlockM / 16][4];   // Pᵀ, 16-bit A fragments (64 keys × kBlockM queries)
     uint32_t dsa[kBlockM / 16][4];  // dSᵀ, same
     pack_p<Traits, kBlockM>(s, pa);
     pack_p<Traits, kBlockM>(dp, dsa);
-    wgmma_fence();
-    gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dv, pa, sdO_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
-    if constexpr (!Cfg::kDqUnderDk)
-      gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
-    wgmma_commit();
     if (i >= 2 - Cfg::kDqLag)  // with the lag, buffer 1 is also read at i = 0 (see 6)
       mbarrier_wait(&bar_ds_empty[i % 2], (i / 2 - 1 + Cfg::kDqLag * (i % 2)) & 1);
     if (col_part == 0) {
@@ -427,6 +422,11 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     }
     fence_proxy_async();  // the generic-proxy stores before the WGMMA (async proxy) reads of the dQ GEMM
     mbarrier_arrive(&bar_ds_full[i % 2]);
+    wgmma_fence();
+    gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dv, pa, sdO_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
+    if constexpr (!Cfg::kDqUnderDk)
+      gemm_rs<T, Cfg::kDKVCols, kBlockM, kBlockM>(dk, dsa, sQ_addr + col_part * (Cfg::kDKVCols / kAtomCols16) * kAtomBytesQ);
+    wgmma_commit();
 
     // 6. dQ_i(partial) = dS·K_j: rows 64·dq_row_part.., columns kDqCols·dq_col_part.., K = kBlockN keys; then
     //    dK_j += dSᵀ·Q_i behind it. Each wait_group 1 waits for the GEMM before the one just issued.
