@@ -29,8 +29,8 @@
 // Tried (docs/performance.md): at headdim 64, each consumer's dQ over its own keys and GEMMs issued in turns
 //   (pingpong): 1.00–1.05× step 19, racecheck not clean (12709c1, reverted). dV issued before dPᵀ's wait, so that
 //   the exponentials run under dPᵀ's GEMM (ptxas hoists that wait above them in 15–19): 0.95–1.02× step 19 (48ccd3e).
-// Measured (H200, 92dccac, bf16/fp16, 2k–16k, tools/experiments/results/nvidia-h200/92dccac/): 1.01–1.06× step 19
-//   at headdim 64, 0.99–1.09× at 128; ÷ cuDNN 1.03–1.18, ÷ FA2 1.60–1.89. Not in fa3_lab/results/ yet.
+// Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
+//   records one.
 // Known limits: at i = 0 a dQ GEMM runs on buffer 1 and its result is dropped (under a branch, ptxas serializes
 //   every WGMMA); the skew is inferred from the speed, not traced; headdim 256 computes Sᵀ and dPᵀ twice and adds
 //   dQ by atomics (0.50–0.59× cuDNN).
