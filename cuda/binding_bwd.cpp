@@ -42,6 +42,10 @@ FA3_DECLARE_BWD_STEP(19)
 #ifdef FA3_HAS_STEP20
 FA3_DECLARE_BWD_STEP(20)
 #endif
+#ifdef FA3_HAS_STEP21
+FA3_DECLARE_BWD_STEP(21)
+bool bwd_step21_needs_dkv_accum(const BwdParams&);  // GQA: fp32 dK/dV slices only where a CTA has one query head
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -80,6 +84,7 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   int (*block_m)(int) = nullptr;
   void (*run)(const fa3::BwdParams&, cudaStream_t) = nullptr;
   bool zeroes_dq_accum = false;  // the step's preprocess zeroes dq_accum itself (step 17 on); else a memset here
+  bool (*needs_dkv_accum)(const fa3::BwdParams&) = nullptr;  // GQA fp32 dK/dV slices: always, unless the step says
   switch (step) {
 #ifdef FA3_HAS_STEP11
     case 11: block_m = fa3::bwd_step11_block_m, run = fa3::run_bwd_step11; break;
@@ -111,6 +116,10 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP20
     case 20: block_m = fa3::bwd_step20_block_m, run = fa3::run_bwd_step20, zeroes_dq_accum = true; break;
 #endif
+#ifdef FA3_HAS_STEP21
+    case 21: block_m = fa3::bwd_step21_block_m, run = fa3::run_bwd_step21, zeroes_dq_accum = true,
+             needs_dkv_accum = fa3::bwd_step21_needs_dkv_accum; break;
+#endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }
   const int64_t bm = block_m(static_cast<int>(headdim));
@@ -135,13 +144,14 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
   p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
   p.lse_log2 = lse_log2.data_ptr<float>(), p.dpsum = dpsum.data_ptr<float>(), p.dq_accum = dq_accum.data_ptr<float>();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  if (nheads != nheads_kv) {  // GQA/MQA: one fp32 slice per query head, summed over the group afterwards
+  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k, p.nheads = nheads, p.nheads_kv = nheads_kv;
+  p.headdim = headdim, p.seqlen_q_rounded = rounded;
+  if (nheads != nheads_kv && (needs_dkv_accum == nullptr || needs_dkv_accum(p))) {
+    // GQA/MQA: one fp32 slice per query head, summed over the group afterwards
     dk_accum = at::empty({batch, seqlen_k, nheads, headdim}, f32);
     dv_accum = at::empty({batch, seqlen_k, nheads, headdim}, f32);
     p.dk_accum = dk_accum.data_ptr<float>(), p.dv_accum = dv_accum.data_ptr<float>();
   }
-  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k, p.nheads = nheads, p.nheads_kv = nheads_kv;
-  p.headdim = headdim, p.seqlen_q_rounded = rounded;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal, p.deterministic = deterministic;

@@ -6,6 +6,9 @@ bottom-right aligned when seqlen_q != seqlen_k (row i sees keys j <= i + seqlen_
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from . import _build, registry
@@ -21,8 +24,14 @@ Step = registry.StepInfo
 def steps() -> list[Step]:
     """The kernel steps whose source is present in ``cuda/steps/`` and ``cuda/steps/bwd/``, in id order
     (``fa3_lab.registry``)."""
+    return list(_present_steps(os.environ.get("FA3_LAB_STEPS", "")))
+
+
+@functools.lru_cache(None)
+def _present_steps(only: str) -> tuple:
+    # keyed by $FA3_LAB_STEPS (which _build reads): every flash_attn_func call asks, three times
     present = {**_build.step_sources(), **_build.bwd_step_sources()}
-    return [s for s in registry.STEPS if s.id in present]
+    return tuple(s for s in registry.STEPS if s.id in present)
 
 
 def backward_steps() -> list[int]:

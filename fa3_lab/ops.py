@@ -21,6 +21,10 @@ twin is ``reference.backward.flash_attention_backward``). Its fake implementatio
 so ``torch.compile(fullgraph=True)`` traces a whole training step. A dout of the wrong shape, dtype or
 device raises at once, naming dout. A forward under ``torch.no_grad()`` records nothing.
 
+Eager calls on real tensors skip the dispatcher: :func:`forward` runs the same checks and kernels from a
+``torch.autograd.Function`` (``_EagerFlashAttn``; a launch-bound training step pays for every µs of host
+time). Compiled graphs, fake and meta tensors use the ops above.
+
 Importing this module registers the ops (once per process). Needs torch >= 2.4 (``custom_op``).
 """
 # No `from __future__ import annotations` here: torch.library reads the op signatures at definition
@@ -28,6 +32,7 @@ Importing this module registers the ops (once per process). Needs torch >= 2.4 (
 import torch
 
 from . import registry
+from ._validate import has_storage
 
 __all__ = ["flash_attn_fwd", "flash_attn_fwd_out", "flash_attn_bwd", "forward", "check_dout", "OP", "OP_OUT",
            "OP_BWD", "BWD_STEP"]
@@ -214,6 +219,31 @@ def _flash_attn_fwd_out_fake(q, k, v, out, causal, softmax_scale, step):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
+class _EagerFlashAttn(torch.autograd.Function):
+    """The eager path of :func:`forward`: the custom ops' kernels and checks, called straight from an autograd
+    Function. The custom ops' dispatcher round trips cost more host time per forward + backward than the two
+    kernels' launches themselves, and a training step of a small model is bound by its host (measured in
+    docs/performance.md, "Host overhead", with tools/experiments/host_overhead.py). torch.compile, fake and
+    meta tensors still go through the custom ops (their fake impls and schemas are what a graph records)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, step, deterministic, bwd_step):
+        _check_real(q, k, v)
+        out, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, None, None, 0)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.bwd_step = causal, softmax_scale, deterministic, bwd_step
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        check_dout(grad_out, out)
+        dq, dk, dv = _ext().bwd(ctx.bwd_step, grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
+                                ctx.deterministic, None, 0)
+        return dq, dk, dv, None, None, None, None, None
+
+
 def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False, bwd_step=BWD_STEP):
     """Run the forward through the custom ops; what :func:`fa3_lab.flash_attn_func` calls last.
 
@@ -233,6 +263,9 @@ def forward(q, k, v, causal, softmax_scale, step, out=None, deterministic=False,
             write cannot be differentiated, as for torch's own ``out=`` functions).
     """
     if out is None:
+        if has_storage(q):  # eager, real tensors: no dispatcher round trips (_EagerFlashAttn)
+            return _EagerFlashAttn.apply(q, k, v, bool(causal), float(softmax_scale), int(step), bool(deterministic),
+                                         int(bwd_step))
         return torch.ops.fa3_lab.flash_attn_fwd(q, k, v, bool(causal), float(softmax_scale), int(step),
                                                 bool(deterministic), int(bwd_step))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, out)):

@@ -130,6 +130,10 @@ STEPS: tuple[StepInfo, ...] = (
              "backward: m_block i's dQ GEMM in iteration i + 1, so the two consumer warpgroups need not meet every "
              "m_block; they run half an m_block apart and one's exponentials overlap the other's GEMMs",
              "§3.1's pingpong, backward", None),
+    StepInfo(21, "21_bwd_gqa_group_in_cta", "bwd", 20,
+             "backward, GQA: a CTA walks every query head of its KV head, so dK and dV sum in registers and are "
+             "stored once in 16 bits (no fp32 slices per query head, no reduction pass) where that still fills the SMs",
+             "beyond the paper", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -144,7 +148,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

@@ -113,6 +113,34 @@ def test_backward_matches_reference(bwd_step, dtype_name, headdim, causal, shape
                     deterministic=True, bwd_step=bwd_step)
 
 
+GQA_GROUP_STEPS = [pytest.param(s.id, marks=getattr(pytest.mark, s.marker), id=s.marker)
+                   for s in registry.series("bwd") if s.id >= 21]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("group", [2, 8])
+@pytest.mark.parametrize("bwd_step", GQA_GROUP_STEPS)
+def test_gqa_group_walked_by_one_cta(bwd_step, dtype_name, headdim, causal, group):
+    """Step 21 on: a CTA walks its KV head's whole group once batch·nheads_kv·n_blocks gives every SM two CTAs
+    (heads_per_cta_of); the batch is chosen so that it does on this GPU. seqlen_q ≠ seqlen_k (causal bottom-right)."""
+    if bwd_step not in api.backward_steps():
+        pytest.skip(f"backward step {bwd_step} is not built ($FA3_LAB_STEPS)")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    seqlen_q, seqlen_k, nheads_kv = 500, 1024, 3
+    n_blocks = -(-seqlen_k // (64 if headdim == 256 else 128))
+    batch = -(-2 * sms // (n_blocks * nheads_kv))
+    assert batch * nheads_kv * n_blocks >= 2 * sms
+    seed = hash((dtype_name, headdim, causal, group)) % (2**31)
+    q, k, v, dout = make_inputs(dtype_name, headdim, batch, seqlen_q, seqlen_k, group * nheads_kv, nheads_kv, seed)
+    check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}, step {bwd_step}", bwd_step=bwd_step)
+    if group == 2:
+        check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}, step {bwd_step}, deterministic",
+                    deterministic=True, bwd_step=bwd_step)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("seqlen", [8448, 16384])

@@ -18,7 +18,7 @@ import fa3_lab  # noqa: E402
 from fa3_lab import api  # noqa: E402
 from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
-STEPS16 = [s.id for s in api.steps() if "bf16" in s.dtypes]
+STEPS16 = api.forward_steps16()  # the 16-bit forward steps (not the backward series)
 
 
 def step_params(ids):

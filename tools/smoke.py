@@ -15,7 +15,7 @@ from fa3_lab.torch_ref import attention_ref  # noqa: E402
 
 torch.manual_seed(0)
 worst = 0
-for step in [s.id for s in api.steps() if "bf16" in s.dtypes]:
+for step in api.forward_steps16():
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128, 256):
             for causal in (False, True):
@@ -53,7 +53,7 @@ for d, causal in ((128, False), (128, True), (64, False), (256, False)):
     k, v = torch.randn_like(q), torch.randn_like(q)
     fl = flops(b, h, s, s, d, causal)
     line = f"d={d} causal={causal} s={s}:"
-    for step in [s_.id for s_ in api.steps() if "bf16" in s_.dtypes]:
+    for step in api.forward_steps16():
         ms = time_ms(lambda: fa3_lab.flash_attn_func(q, k, v, causal=causal, step=step))
         line += f" step{step:02d} {fl / ms / 1e9:.0f}"
     for name, fn in peers().items():

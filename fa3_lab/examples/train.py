@@ -2,7 +2,8 @@
 
 The model: a Llama architecture built from a config (no download), seeded random init, about 110M
 parameters — hidden 1024, 8 layers, 8 query heads and 4 KV heads of headdim 128 (GQA), MLP 2816,
-vocab 8192, untied embeddings. The same initial weights are trained twice on the same batches:
+vocab 8192, untied embeddings. Two models from the same initial weights are trained on the same batches,
+step by step in turn (the order alternating, so both see the shared GPU's drift alike):
 
 * ``fa3_lab``: ``attn_implementation="fa3_lab"`` (:mod:`fa3_lab.hf`; the lab's forward kernel and, through
   autograd, its backward kernel, paper App. B.1);
@@ -13,8 +14,10 @@ a random sparse Markov chain (each token has a few likely successors) into which
 copied (so that attention, not only the MLPs, lowers the loss: induction). AdamW (lr 3e-4, linear warm-up
 then cosine), fp32 master weights, bf16 autocast, causal language-model loss.
 
-Recorded per implementation: the loss at every step, tokens/s (steady state: the steps after the
-first ``WARMUP_STEPS``), peak GPU memory; the two loss curves go into one plot. ``--out DIR`` writes
+Recorded per implementation: the loss and the time of every step, tokens/s (the median steady-state step:
+after the first ``WARMUP_STEPS``), peak GPU memory (parameters + optimizer state + the largest rise during
+one step: what the model alone would peak at), and the median of the per-step time ratios; the two loss
+curves go into one plot. ``--out DIR`` writes
 ``train.json`` (``meta`` as every results file: GPU, versions, commit, date, command) and ``train.png``.
 The two runs agree when the final losses (mean of the last 10 steps) are within 1 % of each other.
 """
@@ -105,49 +108,102 @@ def build_model(impl: str, device="cuda", seed: int = SEED, **overrides):
     return model.to(device)
 
 
-def train_one(impl: str, steps: int, batch: int, seqlen: int, seed: int = SEED, progress=None, **overrides) -> dict:
-    """Train one model; returns {"losses", "tokens_per_s", "peak_memory_gb", "step_ms"}.
+class Run:
+    """One implementation's model, optimizer and records; :meth:`step` trains it on one batch.
 
-    Raises:
-        RuntimeError: a non-finite loss (the step and impl named).
+    Args:
+        impl: "fa3_lab" or "sdpa".  seed: the initial weights' seed (the same for both runs).
+        **overrides: LlamaConfig keyword arguments over :data:`CONFIG`.
     """
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model = build_model(impl, seed=seed, **overrides)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    vocab = model.config.vocab_size
-    losses, times = [], []
-    torch.cuda.reset_peak_memory_stats()
-    ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if impl == "sdpa" else _nullcontext()
-    with ctx:
-        for step, toks in enumerate(synthetic_batches(steps, batch, seqlen, vocab, seed, device="cuda")):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+    def __init__(self, impl: str, seed: int = SEED, **overrides):
+        import torch
+
+        self.impl = impl
+        self.model = build_model(impl, seed=seed, **overrides)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        self.losses, self.times, self.rises = [], [], []
+
+    def step(self, toks, lr: float) -> float:
+        """One optimizer step on ``toks`` (batch, seqlen + 1) int64; records its loss, its seconds (GPU
+        synchronized on both sides) and the rise of allocated GPU memory above the step's start (bytes).
+
+        Raises:
+            RuntimeError: a non-finite loss (the step and impl named).
+        """
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        vocab = self.model.config.vocab_size
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if self.impl == "sdpa" else _nullcontext()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with ctx:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(toks[:, :-1]).logits
+                logits = self.model(toks[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), toks[:, 1:].reshape(-1))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise RuntimeError(f"{impl}: loss is {value} at step {step}")
-            losses.append(value)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - t0)
+        self.rises.append(torch.cuda.max_memory_allocated() - base)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RuntimeError(f"{self.impl}: loss is {value} at step {len(self.losses)}")
+        self.losses.append(value)
+        return value
+
+    def persistent_bytes(self) -> int:
+        """Bytes of the parameters and the optimizer state (what stays allocated between steps)."""
+        import torch
+
+        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        for state in self.opt.state.values():
+            n += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        return n
+
+    def summary(self, batch: int, seqlen: int) -> dict:
+        """{"losses", "step_times_ms", "tokens_per_s", "step_ms", "peak_memory_gb"}: tokens/s from the median
+        steady-state step (after :data:`WARMUP_STEPS`); peak memory = parameters + optimizer state + the largest
+        rise during one steady-state step (what this model alone would peak at: the other model's state is
+        below every step's start)."""
+        steady = slice(WARMUP_STEPS, None) if len(self.times) > WARMUP_STEPS else slice(None)
+        times = self.times[steady]
+        step_s = sorted(times)[len(times) // 2]
+        return {"losses": self.losses, "step_times_ms": [t * 1e3 for t in self.times],
+                "tokens_per_s": batch * seqlen / step_s, "step_ms": step_s * 1e3,
+                "peak_memory_gb": (self.persistent_bytes() + max(self.rises[steady])) / 2**30}
+
+
+def train_both(steps: int, batch: int, seqlen: int, seed: int = SEED, progress=None, **overrides) -> dict:
+    """Train both implementations from the same initial weights on the same batches, step by step in turn.
+
+    Interleaved, not one after the other: step s of both runs on batch s, the order alternating from step to
+    step (fa3_lab first on even steps), so a drift of the shared GPU's clocks or of its other tenants falls
+    on both alike. Returns {impl: :meth:`Run.summary`} plus "paired_speedup": the median over steady-state
+    steps of (sdpa's step time ÷ fa3_lab's), the steps paired by batch.
+
+    Raises:
+        RuntimeError: a non-finite loss.
+    """
+    runs = {impl: Run(impl, seed=seed, **overrides) for impl in IMPLS}
+    vocab = runs[IMPLS[0]].model.config.vocab_size
+    for step, toks in enumerate(synthetic_batches(steps, batch, seqlen, vocab, seed, device="cuda")):
+        for impl in (IMPLS if step % 2 == 0 else IMPLS[::-1]):
+            value = runs[impl].step(toks, lr_at(step, steps))
             if progress:
                 progress(impl, step, value)
-    steady = times[WARMUP_STEPS:] if len(times) > WARMUP_STEPS else times
-    step_s = sorted(steady)[len(steady) // 2]
-    out = {"losses": losses, "tokens_per_s": batch * seqlen / step_s, "step_ms": step_s * 1e3,
-           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
-    del model, opt
-    torch.cuda.empty_cache()
+    out = {impl: r.summary(batch, seqlen) for impl, r in runs.items()}
+    ours, theirs = runs["fa3_lab"].times[WARMUP_STEPS:], runs["sdpa"].times[WARMUP_STEPS:]
+    ratios = sorted(b / a for a, b in zip(ours, theirs)) or [float("nan")]
+    out["paired_speedup"] = ratios[len(ratios) // 2]
     return out
 
 
@@ -223,21 +279,22 @@ def main(argv=None) -> int:
         def progress(impl, step, loss):
             prog.update(tasks[impl], advance=1, description=f"{impl} loss {loss:.3f}")
 
-        for impl in IMPLS:
-            runs[impl] = train_one(impl, args.steps, args.batch, args.seqlen, progress=progress,
-                                   num_hidden_layers=args.layers)
+        both = train_both(args.steps, args.batch, args.seqlen, progress=progress, num_hidden_layers=args.layers)
+    paired = both.pop("paired_speedup")
+    runs.update(both)
     a, b = final_loss(runs["fa3_lab"]["losses"]), final_loss(runs["sdpa"]["losses"])
     doc = {"meta": results.collect_meta("python -m fa3_lab.examples.train " + " ".join(argv or [])),
            "config": {**CONFIG, "num_hidden_layers": args.layers, "batch": args.batch, "seqlen": args.seqlen,
                       "steps": args.steps, "lr": LR, "seed": SEED},
-           "runs": runs, "final_loss": {"fa3_lab": a, "sdpa": b}, "final_loss_rel_diff": abs(a - b) / b,
+           "runs": runs, "paired_speedup": paired, "final_loss": {"fa3_lab": a, "sdpa": b}, "final_loss_rel_diff": abs(a - b) / b,
            "ok": abs(a - b) <= LOSS_RTOL * b}
     for impl in IMPLS:
         r = runs[impl]
         console.print(f"{impl:8s} final loss {final_loss(r['losses']):.4f}  {r['tokens_per_s']:>10,.0f} tokens/s  "
                       f"{r['step_ms']:.1f} ms/step  peak {r['peak_memory_gb']:.2f} GB")
     console.print(f"final losses differ by {doc['final_loss_rel_diff']:.2%} (allowed {LOSS_RTOL:.0%}); "
-                  f"tokens/s fa3_lab ÷ sdpa = {runs['fa3_lab']['tokens_per_s'] / runs['sdpa']['tokens_per_s']:.2f}")
+                  f"tokens/s fa3_lab ÷ sdpa = {runs['fa3_lab']['tokens_per_s'] / runs['sdpa']['tokens_per_s']:.3f} "
+                  f"(median of per-step ratios {paired:.3f})")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

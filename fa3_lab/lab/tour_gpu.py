@@ -41,7 +41,7 @@ def run(console) -> int:
     k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = 1.0 / math.sqrt(d)
-    step_ids = [st.id for st in api.steps() if "bf16" in st.dtypes]
+    step_ids = api.forward_steps16()
 
     # float64 NumPy reference, one KV group at a time (S and P of 4 heads: 0.5 GB each)
     qn, kn, vn = (t.float().cpu().numpy() for t in (q, k, v))

@@ -229,7 +229,7 @@ def run(args):
         step = int(args.step)
     except ValueError:
         raise UsageError(f"--step: expected a step id like 03, got {args.step!r}") from None
-    ids = [s.id for s in api.steps() if "bf16" in s.dtypes]
+    ids = api.forward_steps16()
     if step not in ids:
         raise UsageError(f"--step: expected one of {ids}, got {args.step}")
     b, s, h, d = parse_shape(args.shape)

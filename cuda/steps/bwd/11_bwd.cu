@@ -10,6 +10,7 @@
 //   18_bwd_causal_scheduler + causal: longest n_blocks first in L2-sized head groups; deterministic: reverse
 //   19_bwd_tma_store_epilogue + dK, dV through shared memory, written by TMA stores
 //   20_bwd_dq_one_behind    + m_block i's dQ GEMM in iteration i + 1: the consumers run out of step
+//   21_bwd_gqa_group_in_cta + GQA: a CTA walks its KV head's query heads, dK and dV summed in registers
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
