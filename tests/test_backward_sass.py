@@ -83,7 +83,7 @@ def test_gemm_groups_and_where_the_exponentials_sit(compiled):
         # Sᵀ and dPᵀ: K = headdim in steps of 16, each at least once (step 14 issues Sᵀ in two places)
         assert order.count("sdp") >= 2 * headdim // 16, (s.name, name, order)
         assert order.count("rs") == 2 * block_m // 16, (s.name, name, order)  # dV, dK: K = kBlockM queries
-        # dQ: K = kBlockN keys; step 20 issues it in the loop and once after it (the last m_block's, one behind)
+        # dQ: K = kBlockN keys; step 20 on issue it in the loop and once after it (the last m_block's, one behind)
         tail = 2 if _extends(s, 20) and headdim <= 128 else 1
         assert order.count("dq") == tail * block_n // 16, (s.name, name, order)
         # the exponentials: kBlockM/2 per thread (64 keys × kBlockM queries over 128 threads), under the dPᵀ GEMM
