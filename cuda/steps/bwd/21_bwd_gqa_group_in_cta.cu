@@ -178,7 +178,8 @@ __device__ __forceinline__ int dq_turn(int n_block, int m_block, int num_n_block
 }
 
 // ---------------------------------------------------------------- main kernel
-template <typename T, int kHeadDim, bool kCausal>
+// kGroup: a CTA walks heads_per_cta > 1 query heads (run() picks the variant); without it, step 20's loop exactly.
+template <typename T, int kHeadDim, bool kCausal, bool kGroup>
 __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     bwd_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
                const __grid_constant__ CUtensorMap tmap_v, const __grid_constant__ CUtensorMap tmap_do,
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   uint64_t* bar_ds_empty = bar_ds_full + 2;       // (2) "both consumers' dQ GEMMs have read the buffer"
 
   const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-  const Tile tile = tile_of<kCausal>(blockIdx.x, p, num_n_blocks, heads_per_group, heads_per_cta);
+  const Tile tile = tile_of<kCausal>(blockIdx.x, p, num_n_blocks, heads_per_group, kGroup ? heads_per_cta : 1);
   const int n_block = tile.n_block, h0 = tile.h, b = tile.b;
   const int h_kv = h0 / (p.nheads / p.nheads_kv);  // GQA/MQA by index arithmetic
   const int wg = warpgroup_id();
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
     const int m_block_min = first_m_block(num_m_blocks), num_iters = num_m_blocks - m_block_min;
-    const int total = heads_per_cta * num_iters;
+    const int total = kGroup ? heads_per_cta * num_iters : num_iters;
     if constexpr (Cfg::kDqInSmem) {
       if (threadIdx.x / 32 == 1 && num_iters > 0) {  // the dQ writer
         const float* sdq = reinterpret_cast<const float*>(smem + Cfg::kOffDQ);
@@ -247,7 +248,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
         named_barrier_arrive(kBarDqEmpty, kThreadsPerWarpgroup + 32);  // the tile starts empty
         named_barrier_arrive(kBarDqEmpty + 1, kThreadsPerWarpgroup + 32);
         for (int i = 0; i < 2 * total; ++i) {  // consumer 0's half of pair i / 2, then 1's: neither waits
-          const int h = h0 + i / 2 / num_iters, m_block = m_block_min + i / 2 % num_iters, w = i % 2;
+          const int h = h0 + (kGroup ? i / 2 / num_iters : 0), w = i % 2;
+          const int m_block = m_block_min + (kGroup ? i / 2 % num_iters : i / 2);
           named_barrier_sync(kBarDqFull + w, kThreadsPerWarpgroup + 32);
           if (w == 0) { FA3_TRACE_STAMP(tr, kBwdDqFull, m_block); }
           if (threadIdx.x % 32 == 0) {
@@ -292,7 +294,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     FA3_TRACE_STAMP(tr, kBwdIssueKV, 0);
     // Q_i, dO_i, L_i, D_i of every m_block into the ring, up to kStages ahead of the consumers
     for (int i = 0; i < total; ++i) {
-      const int stage = i % kStages, h = h0 + i / num_iters, m_block = m_block_min + i % num_iters;
+      const int stage = i % kStages, h = h0 + (kGroup ? i / num_iters : 0);
+      const int m_block = m_block_min + (kGroup ? i % num_iters : i);
       if (i >= kStages) mbarrier_wait(&bar_q_empty[stage], ((i / kStages) - 1) & 1);
       mbarrier_arrive_expect_tx(&bar_q[stage], 2 * Cfg::kQBytes + 2 * Cfg::kRowBytes);
 #pragma unroll
@@ -315,7 +318,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   FA3_TRACE_INIT(tr, p, 2 + cwg, threadIdx.x % kThreadsPerWarpgroup == 0);
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int m_block_min = first_m_block(num_m_blocks), num_iters = num_m_blocks - m_block_min;
-  const int total = heads_per_cta * num_iters;  // dK, dV sum over the CTA's heads in these registers
+  const int total = kGroup ? heads_per_cta * num_iters : num_iters;  // dK, dV sum over the CTA's heads in registers
   float dv[Cfg::kDKVCols / 2];  // (64 keys, kDKVCols) fp32 accumulator fragment, registers
   float dk[Cfg::kDKVCols / 2];
 #pragma unroll
@@ -356,8 +359,8 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   };
 
   for (int i = 0; i < total; ++i) {
-    [[maybe_unused]] const int h = h0 + i / num_iters;  // its dq_accum rows (headdim 256: atomics, below)
-    const int m_block = m_block_min + i % num_iters;
+    [[maybe_unused]] const int h = h0 + (kGroup ? i / num_iters : 0);  // its dq_accum rows (headdim 256: atomics)
+    const int m_block = m_block_min + (kGroup ? i % num_iters : i);
     const int stage = i % kStages;
     const uint32_t phase = (i / kStages) & 1;
     const uint32_t sQ_addr = smem_u32(sQ) + stage * Cfg::kQBytes;
@@ -509,7 +512,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   }
 
   // 10. epilogue: dK·α and dV of this warpgroup's (64 keys, kDKVCols) → global (keys < seqlen_k)
-  const bool slices = heads_per_cta < p.nheads / p.nheads_kv;  // GQA, one query head per CTA: summed afterwards
+  const bool slices = !kGroup && p.nheads != p.nheads_kv;  // GQA, one query head per CTA: summed afterwards
   if (!slices) {  // 16 bits through shared memory, one TMA store per 64-column atom
     named_barrier_sync(kBarRingDone, Cfg::kConsumerThreads);
     T* s_dk = reinterpret_cast<T*>(smem + Cfg::kOffDKV + 2 * cwg * Cfg::kDKVTileBytes);
@@ -650,10 +653,10 @@ void run(const BwdParams& p, cudaStream_t stream) {
                                          p.headdim, dkv_row * p.seqlen_k, kAtomCols16, kRowsPerWarpgroup);
   const CUtensorMap tdv = make_tmap_bshd(p.dv, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, dkv_row,
                                          p.headdim, dkv_row * p.seqlen_k, kAtomCols16, kRowsPerWarpgroup);
-  auto kernel = bwd_kernel<T, kHeadDim, kCausal>;
+  const int heads_per_cta = heads_per_cta_of(p);
+  auto kernel = heads_per_cta > 1 ? bwd_kernel<T, kHeadDim, kCausal, true> : bwd_kernel<T, kHeadDim, kCausal, false>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              "cudaFuncSetAttribute(step21)");
-  const int heads_per_cta = heads_per_cta_of(p);
   if (heads_per_cta < p.nheads / p.nheads_kv && p.dk_accum == nullptr)
     throw std::runtime_error("step21: GQA with one query head per CTA needs dk_accum, dv_accum");
   // Causal: heads per group, a power of two whose Q, dO (16-bit) and dq_accum (fp32) fit in 40 MB of L2 (FA3's
