@@ -62,12 +62,13 @@ def compiled(request):
 def test_no_spills_and_no_local_memory(compiled):
     s, report, funcs, _ = compiled
     rows = [r for r in report if "bwd_kernel" in r["kernel"]]
-    assert len(rows) == 12, [r["kernel"] for r in rows]  # {fp16, bf16} × {64, 128, 256} × {causal, not}
+    count = 24 if _extends(s, 21) else 12  # {fp16, bf16} × {64, 128, 256} × {causal, not} (× GQA group walk or not)
+    assert len(rows) == count, [r["kernel"] for r in rows]
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (s.name, r)
         assert r["registers"] <= 255, (s.name, r)
     mains = {name: text for name, text in funcs.items() if "bwd_kernel" in name}
-    assert len(mains) == 12
+    assert len(mains) == count
     for name, text in mains.items():
         assert not re.search(r"\b(LDL|STL)\b", text), f"{s.name} {name}: local memory in the SASS"
 
@@ -157,3 +158,27 @@ def test_where_ptxas_waits_for_dp(compiled):
         loop = text[text.index("HGMMA."):text.index("MUFU.EX2")]
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\d+)", loop)
         assert waits and waits[0] == "0x1" and "0x0" in waits, (s.name, name, waits)
+
+
+def test_without_the_group_walk_step_21_divides_as_step_20(compiled):
+    """Step 21's GQA group walk is a template variant (kGroup). Its first build had one kernel that computed each
+    iteration's (head, m_block) as i / num_iters, i % num_iters: the producer's and the dQ writer's loops gained
+    runtime divisions (MUFU.RCP and ~20 integer instructions each: 8 MUFU.RCP in the headdim-64 kernel against step
+    20's 4), and multi-head attention measured 0.98× step 20 at headdim 64 (docs/performance.md). Without the walk
+    the kernel must divide no more often than step 20's."""
+    s, _, funcs, _ = compiled
+    if not _extends(s, 21):
+        pytest.skip("the GQA group walk starts at step 21")
+    cubin, _ = sass.compile_source(_env.REPO_ROOT / registry.step(20).path)
+
+    def key(name):  # dtype, headdim, causal
+        return ("bfloat16" in name,) + re.search(r"Li(\d+)ELb(\d)", name).groups()
+
+    parent = {key(n): t for n, t in sass.dump_sass(cubin).items() if "bwd_kernel" in n}
+    checked = 0
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name or "ELb1EEEv" in name:  # the group-walk variant (last template argument true)
+            continue
+        assert text.count("MUFU.RCP") <= parent[key(name)].count("MUFU.RCP"), (s.name, name)
+        checked += 1
+    assert checked == 12

@@ -19,17 +19,21 @@
 // 20 a CTA owns one (n_block, query head): it stores its dK, dV partial as an fp32 slice per query head
 // (batch, seqlen_k, nheads, headdim), and a postprocess kernel adds the group's slices and rounds to 16 bits — twice
 // the 16-bit dK, dV in fp32 writes, the same read back. In the training example (GQA 8/4, headdim 128, seqlen 2048,
-// batch 8) that pass alone was 0.36 ms of the 4.6 ms of attention per step, cuDNN's head reduction 0.23
-// (tools/experiments/train_kernel_times.py, docs/performance.md).
+// batch 8) that pass alone was 0.36 ms of the 4.6 ms of attention per step, cuDNN's head reduction 0.23 (H200,
+// tools/experiments/train_kernel_times.py, docs/performance.md).
 //   Now a CTA owns one (n_block, KV head) and walks the (query head, m_block) pairs of the whole group, head after
 // head: the producer loads each head's Q_i, dO_i, L_i, D_i into the same ring, the dQ writer adds to that head's
 // dq_accum rows, and dK, dV keep summing in the consumers' registers across the heads; the epilogue is 19's TMA
 // store of 16 bits at the KV head. No slices, no reduction pass, the dK/dV epilogue once per group. The price: a
 // group's CTAs become one CTA, group times longer, so there are fewer of them; where batch·nheads_kv·n_blocks would
 // not give every SM two CTAs, the host keeps one query head per CTA and the slices (heads_per_cta_of, the one place
-// that decides). nheads == nheads_kv runs exactly as step 20.
+// that decides). The walk is a template variant (kGroup), run() picks it: without it, and for nheads == nheads_kv,
+// the loop is step 20's.
 // Twin: none — reference/backward.py's postprocess adds the group's slices (step 11's scheme); here the same sums
 //   run in registers, head after head.
+// Tried (docs/performance.md): the walk for every call, (head, m_block) = (i / num_iters, i % num_iters) at run time:
+//   the producer and dQ writer loops gained divisions, and multi-head attention measured 0.98× step 20 at headdim
+//   64 (c237eb2); as a variant, 1.00× (0a26cf2).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
 // Known limits: MQA at small batch keeps the slices (too few CTAs); headdim 256 computes Sᵀ and dPᵀ twice and adds
