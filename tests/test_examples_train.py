@@ -73,3 +73,22 @@ def test_short_training_runs_agree(tmp_path):
     rc = train.main(["--steps", "40", "--layers", "2", "--batch", "4", "--seqlen", "1024", "--out", str(tmp_path)])
     assert (tmp_path / "train.json").is_file() and (tmp_path / "train.png").is_file()
     assert rc == 0
+
+
+def test_run_summary_takes_the_median_steady_step_and_the_model_alone_peak():
+    """Run.summary on CPU: tokens/s from the median step after WARMUP_STEPS, peak memory = parameters + optimizer
+    state + the largest rise of one steady step (the other model's state, below every step's start, not counted)."""
+    model = torch.nn.Linear(4, 3)  # 15 float32 parameters: 60 bytes
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()  # exp_avg, exp_avg_sq (60 bytes each) and a step counter per parameter tensor
+    run = object.__new__(train.Run)
+    run.model, run.opt, run.losses = model, opt, [1.0] * 25
+    run.times = [9.0] * train.WARMUP_STEPS + [0.5, 0.1, 0.2, 0.3, 0.4]   # seconds; the warm-up ones ignored
+    run.rises = [10**9] * train.WARMUP_STEPS + [100, 300, 200, 100, 100]  # bytes; the first step's is not steady
+    counters = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k == "step")
+    assert run.persistent_bytes() == 60 * 3 + counters
+    out = run.summary(batch=2, seqlen=10)
+    assert out["step_ms"] == pytest.approx(300.0) and out["tokens_per_s"] == pytest.approx(20 / 0.3)
+    assert out["peak_memory_gb"] == pytest.approx((60 * 3 + counters + 300) / 2**30)
+    assert out["losses"] == run.losses and len(out["step_times_ms"]) == 25
