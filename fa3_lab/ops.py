@@ -230,13 +230,12 @@ class _EagerFlashAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, softmax_scale, step, deterministic, bwd_step):
         _check_real(q, k, v)
         out, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, None, None, 0)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)  # lse stays differentiable, its gradient ignored: as the custom op
         ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.bwd_step = causal, softmax_scale, deterministic, bwd_step
         return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
+    def backward(ctx, grad_out, grad_lse):  # grad_lse ignored (FlashAttention's convention)
         q, k, v, out, lse = ctx.saved_tensors
         check_dout(grad_out, out)
         dq, dk, dv = _ext().bwd(ctx.bwd_step, grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,

@@ -113,6 +113,29 @@ def test_backward_matches_reference(bwd_step, dtype_name, headdim, causal, shape
                     deterministic=True, bwd_step=bwd_step)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@DEFAULT_STEP
+def test_eager_path_and_custom_op_give_the_same_gradients(causal):
+    """flash_attn_func's eager path (ops._EagerFlashAttn, no dispatcher) and the custom op with its registered
+    autograd (what a compiled graph runs): bitwise the same dq, dk, dv in deterministic mode, a gradient into lse
+    ignored by both (FlashAttention's convention), GQA 4/2."""
+    q, k, v, dout = make_inputs("bf16", 128, 2, 300, 500, 4, 2, seed=7 + causal)
+    grads = []
+    for eager in (True, False):
+        qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        if eager:
+            out, lse = fa3_lab.flash_attn_func(qs, ks, vs, causal=causal, return_lse=True, deterministic=True)
+        else:
+            out, lse = torch.ops.fa3_lab.flash_attn_fwd(qs, ks, vs, causal, 128 ** -0.5, api.default_step(128), True,
+                                                        registry.DEFAULT_BWD_STEP)
+        assert lse.requires_grad
+        loss = (out.float() * dout.float()).sum() + lse.sum()
+        grads.append(torch.autograd.grad(loss, (qs, ks, vs)))
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a, b), name
+
+
 GQA_GROUP_STEPS = [pytest.param(s.id, marks=getattr(pytest.mark, s.marker), id=s.marker)
                    for s in registry.series("bwd") if s.id >= 21]
 
