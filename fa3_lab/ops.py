@@ -105,6 +105,11 @@ def flash_attn_fwd(q, k, v, causal, softmax_scale, step, deterministic=False, bw
             full checks, with flash_attn_func's messages, run in :func:`fa3_lab.flash_attn_func`).
         RuntimeError: from the extension (not a CUDA tensor, no sm_90 GPU, unknown step).
     """
+    return _fwd(q, k, v, causal, softmax_scale, step)
+
+
+def _fwd(q, k, v, causal, softmax_scale, step):
+    # the forward op's body on real tensors, shared with _EagerFlashAttn
     _check_real(q, k, v)
     out, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, None, None, 0)
     return out, lse
@@ -165,6 +170,11 @@ def flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic
     """
     check_dout(dout, out)
     _check_real(q, k, v)
+    return _bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, step)
+
+
+def _bwd(dout, q, k, v, out, lse, causal, softmax_scale, deterministic, step):
+    # the backward op's body after its checks, shared with _EagerFlashAttn (whose forward checked q, k, v)
     dq, dk, dv = _ext().bwd(int(step), dout, q, k, v, out, lse, bool(causal), float(softmax_scale),
                             bool(deterministic), None, 0)
     return dq, dk, dv
@@ -228,18 +238,16 @@ class _EagerFlashAttn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, step, deterministic, bwd_step):
-        _check_real(q, k, v)
-        out, lse = _ext().fwd(step, q, k, v, causal, softmax_scale, None, None, 0)
-        ctx.save_for_backward(q, k, v, out, lse)  # lse stays differentiable, its gradient ignored: as the custom op
-        ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.bwd_step = causal, softmax_scale, deterministic, bwd_step
+        out, lse = _fwd(q, k, v, causal, softmax_scale, step)
+        # lse stays differentiable, its gradient ignored: as the custom op
+        _setup_context(ctx, (q, k, v, causal, softmax_scale, step, deterministic, bwd_step), (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # grad_lse ignored (FlashAttention's convention)
         q, k, v, out, lse = ctx.saved_tensors
         check_dout(grad_out, out)
-        dq, dk, dv = _ext().bwd(ctx.bwd_step, grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale,
-                                ctx.deterministic, None, 0)
+        dq, dk, dv = _bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.deterministic, ctx.bwd_step)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -24,6 +24,7 @@ The two runs agree when the final losses (mean of the last 10 steps) are within 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -138,7 +139,7 @@ class Run:
         vocab = self.model.config.vocab_size
         for g in self.opt.param_groups:
             g["lr"] = lr
-        ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if self.impl == "sdpa" else _nullcontext()
+        ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if self.impl == "sdpa" else contextlib.nullcontext()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -174,12 +175,17 @@ class Run:
         steady-state step (after :data:`WARMUP_STEPS`); peak memory = parameters + optimizer state + the largest
         rise during one steady-state step (what this model alone would peak at: the other model's state is
         below every step's start)."""
-        steady = slice(WARMUP_STEPS, None) if len(self.times) > WARMUP_STEPS else slice(None)
+        steady = _steady(self.times)
         times = self.times[steady]
         step_s = sorted(times)[len(times) // 2]
         return {"losses": self.losses, "step_times_ms": [t * 1e3 for t in self.times],
                 "tokens_per_s": batch * seqlen / step_s, "step_ms": step_s * 1e3,
                 "peak_memory_gb": (self.persistent_bytes() + max(self.rises[steady])) / 2**30}
+
+
+def _steady(times: list) -> slice:
+    """The steady-state steps: those after the first WARMUP_STEPS (all of them in a shorter run)."""
+    return slice(WARMUP_STEPS, None) if len(times) > WARMUP_STEPS else slice(None)
 
 
 def train_both(steps: int, batch: int, seqlen: int, seed: int = SEED, progress=None, **overrides) -> dict:
@@ -201,18 +207,10 @@ def train_both(steps: int, batch: int, seqlen: int, seed: int = SEED, progress=N
             if progress:
                 progress(impl, step, value)
     out = {impl: r.summary(batch, seqlen) for impl, r in runs.items()}
-    ours, theirs = runs["fa3_lab"].times[WARMUP_STEPS:], runs["sdpa"].times[WARMUP_STEPS:]
-    ratios = sorted(b / a for a, b in zip(ours, theirs)) or [float("nan")]
+    steady = _steady(runs["fa3_lab"].times)
+    ratios = sorted(b / a for a, b in zip(runs["fa3_lab"].times[steady], runs["sdpa"].times[steady]))
     out["paired_speedup"] = ratios[len(ratios) // 2]
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def final_loss(losses: list) -> float:

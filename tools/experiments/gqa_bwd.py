@@ -55,11 +55,7 @@ def main(argv=None) -> int:
             ot = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
         dot = dout.transpose(1, 2)
         fns["cudnn"] = lambda: torch.autograd.grad(ot, (qt, kt, vt), dot, retain_graph=True)
-        times = {key: [] for key in fns}
-        keys = list(fns)
-        for r in range(args.rounds):
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                times[key].append(bench.time_ms(fns[key]))
+        times, _ = bench.rotating_rounds({key: bench.round_timer(fn) for key, fn in fns.items()}, args.rounds)
         med = {key: sorted(t)[len(t) // 2] for key, t in times.items()}
         rows.append({"shape": name, "batch": b, "seqlen": s, "nheads": h, "nheads_kv": hkv, "headdim": d,
                      "causal": causal, "ms": med})

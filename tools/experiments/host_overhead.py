@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     import fa3_lab
     from fa3_lab import ops, registry
-    from fa3_lab.lab import results
+    from fa3_lab.lab import bench, results
 
     ext = ops._ext()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -100,12 +100,12 @@ def main(argv=None) -> int:
     for fwd, fb in cases.values():
         for _ in range(20):
             fwd(), fb()
-    samples = {(name, kind): [] for name in cases for kind in ("fwd", "fwd+bwd")}
+    jobs = {}
+    for name, (fwd, fb) in cases.items():
+        jobs[(name, "fwd")] = lambda first, fn=fwd: loop(fn, True)
+        jobs[(name, "fwd+bwd")] = lambda first, fn=fb: loop(fn, False)
+    samples, _ = bench.rotating_rounds(jobs, args.rounds)
     names = list(cases)
-    for r in range(args.rounds):  # rotating rounds: each case first once
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[(name, "fwd")].append(loop(cases[name][0], True))
-            samples[(name, "fwd+bwd")].append(loop(cases[name][1], False))
     med = {key: tuple(sorted(x[i] for x in v)[len(v) // 2] for i in (0, 1)) for key, v in samples.items()}
     print(f"per call, median of {args.rounds} rounds of {args.calls} calls; host = the launching loop alone")
     print(f"{'impl':8s} {'fwd host µs':>12s} {'fwd total µs':>13s} {'fwd+bwd host µs':>16s} {'fwd+bwd total µs':>17s}")
