@@ -46,6 +46,10 @@ FA3_DECLARE_BWD_STEP(20)
 FA3_DECLARE_BWD_STEP(21)
 bool bwd_step21_needs_dkv_accum(const BwdParams&);  // GQA: fp32 dK/dV slices only where a CTA has one query head
 #endif
+#ifdef FA3_HAS_STEP22
+FA3_DECLARE_BWD_STEP(22)
+bool bwd_step22_needs_dkv_accum(const BwdParams&);
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -119,6 +123,10 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP21
     case 21: block_m = fa3::bwd_step21_block_m, run = fa3::run_bwd_step21, zeroes_dq_accum = true,
              needs_dkv_accum = fa3::bwd_step21_needs_dkv_accum; break;
+#endif
+#ifdef FA3_HAS_STEP22
+    case 22: block_m = fa3::bwd_step22_block_m, run = fa3::run_bwd_step22, zeroes_dq_accum = true,
+             needs_dkv_accum = fa3::bwd_step22_needs_dkv_accum; break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

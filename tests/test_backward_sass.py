@@ -4,8 +4,9 @@ HGMMA groups the tiles ask for, keeps its exponentials under the dPᵀ GEMM (or 
 13+, headdim ≤ 128) adds dQ with one bulk reduction instead of fp32 atomics, and (step 15 and its children) issues
 the dQ GEMM between dV's and dK's.
 
-The HGMMA forms, as cuobjdump prints them: Sᵀ and dPᵀ are SS with both descriptors plain; dV and dK are RS (the A
-operand a register, ``.tnspB``); dQ = dS·K is SS with ``.tnspA.tnspB`` (cuda/steps/bwd/11_bwd.cu, "Why transposed").
+The HGMMA forms, as cuobjdump prints them: Sᵀ and dPᵀ are SS with both descriptors plain (step 22 at headdim 64:
+Sᵀ is RS with a plain descriptor, K_j's rows in registers); dV and dK are RS (the A operand a register, ``.tnspB``);
+dQ = dS·K is SS with ``.tnspA.tnspB`` (cuda/steps/bwd/11_bwd.cu, "Why transposed").
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _forms(text):
     for line in text.splitlines():
         m = re.search(r"\bHGMMA\.\S+\s+R\d+,\s*(\S+)", line)
         if m:
-            last = "dq" if "tnspA" in line else "rs" if m.group(1).startswith("R") else "sdp"
+            # an A register without .tnspB is Sᵀ from registers (step 22: K_j's fragments, Q_i K-major)
+            last = "dq" if "tnspA" in line else "rs" if m.group(1).startswith("R") and "tnspB" in line else "sdp"
             order.append(last)
         if "MUFU.EX2" in line:
             before_ex2.append(last)
@@ -182,3 +184,24 @@ def test_without_the_group_walk_step_21_divides_as_step_20(compiled):
         assert text.count("MUFU.RCP") <= parent[key(name)].count("MUFU.RCP"), (s.name, name)
         checked += 1
     assert checked == 12
+
+
+def test_k_in_registers_and_ds_by_stmatrix(compiled):
+    """Step 22's lesson, at headdim 64: Sᵀ = K_j·Q_iᵀ takes K_j's rows from registers (kHeadDim/16 HGMMAs with a
+    register A operand and a plain descriptor, loaded once by LDSM before the loop) and dSᵀ goes to shared memory by
+    STSM (kBlockM/16 per m_block) instead of 32-bit STS; dPᵀ stays SS. Other headdims and earlier steps: no
+    register-A Sᵀ, no LDSM."""
+    s, _, funcs, _ = compiled
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        block_m, _ = tiles(s, headdim)
+        s_from_regs = len(re.findall(r"\bHGMMA\.\S+\s+R\d+,\s*R\d+,\s*gdesc\[\w+\](?!\.tnsp)", text))
+        ldsm = len(re.findall(r"\bLDSM\.", text))
+        if _extends(s, 22) and headdim == 64:
+            assert s_from_regs == headdim // 16 and ldsm == headdim // 16, (s.name, name, s_from_regs, ldsm)
+            loop = sass.main_loop(sass.parse_sass(text))
+            assert sum(i["op"].startswith("STSM") for i in loop["instructions"]) == block_m // 16, (s.name, name)
+        else:
+            assert s_from_regs == 0 and ldsm == 0, (s.name, name, s_from_regs, ldsm)

@@ -145,6 +145,16 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t r0, uin
                : "memory");
 }
 
+// ldmatrix (PTX §9.7.14.5.15): the inverse of stmatrix_x4 — four 8×8 matrices of 16-bit elements from shared memory
+// to registers, register j of thread t = row t/4, columns 2·(t%4) and +1 of matrix j; lane 8·j + r gives the address
+// of row r of matrix j.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t smem_addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr)
+               : "memory");
+}
+
 // The same with .trans: matrix j is stored transposed — lane 8·j + r gives the address of row r of matrix jᵀ
 // (column r of the fragment's matrix j: its 8 elements of rows t/4 become 16 contiguous bytes).
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t smem_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {

@@ -131,4 +131,13 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kN / 2], const uint32_t (&a
   }
 }
 
+// S(64 × kN) = A(64 × kK, registers) · B(kN × kK, smem K-major)ᵀ — the backward's Sᵀ = K_j·Q_iᵀ with K_j's rows
+// in registers (load_a_frag), Q_i as stored (kRowsB rows per 64-column atom).
+template <typename T, int kN, int kK, int kRowsB>
+__device__ __forceinline__ void gemm_rs_kmajor(float (&acc)[kN / 2], const uint32_t (&a)[kK / 16][4], uint32_t b_base) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    WgmmaRS<kN, typename ElemTraits<T>::Tag, 0>::run(acc, a[kk], desc_kmajor<kRowsB>(b_base, 0, kk), kk > 0 ? 1 : 0);
+}
+
 }  // namespace fa3
