@@ -50,6 +50,10 @@ bool bwd_step21_needs_dkv_accum(const BwdParams&);  // GQA: fp32 dK/dV slices on
 FA3_DECLARE_BWD_STEP(22)
 bool bwd_step22_needs_dkv_accum(const BwdParams&);
 #endif
+#ifdef FA3_HAS_STEP23
+FA3_DECLARE_BWD_STEP(23)
+bool bwd_step23_needs_dkv_accum(const BwdParams&);
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -127,6 +131,10 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP22
     case 22: block_m = fa3::bwd_step22_block_m, run = fa3::run_bwd_step22, zeroes_dq_accum = true,
              needs_dkv_accum = fa3::bwd_step22_needs_dkv_accum; break;
+#endif
+#ifdef FA3_HAS_STEP23
+    case 23: block_m = fa3::bwd_step23_block_m, run = fa3::run_bwd_step23, zeroes_dq_accum = true,
+             needs_dkv_accum = fa3::bwd_step23_needs_dkv_accum; break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

@@ -136,7 +136,10 @@ STEPS: tuple[StepInfo, ...] = (
              "beyond the paper", None),    StepInfo(22, "22_bwd_k_in_registers", "bwd", 21,
              "backward, headdim 64: less shared-memory traffic per m_block — each consumer holds its 64 rows of K_j as "
              "WGMMA A fragments (Sᵀ from registers) and stores dSᵀ with stmatrix",
-             "beyond the paper (FA3's code keeps K in shared memory)", None),
+             "beyond the paper (FA3's code keeps K in shared memory)", None),    StepInfo(23, "23_bwd_dq_postprocess_tiles", "bwd", 22,
+             "backward: the dQ postprocess at memory speed — one CTA per m_block tile, the fp32 fragments put in "
+             "(query, headdim) order in shared memory, 16-byte stores of dQ",
+             "beyond the paper", "reference/backward.py::postprocess"),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -151,14 +154,14 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
 DEFAULT_STEP = 10
 FP8_STEP = 5
 #: The backward step autograd runs by default (``flash_attn_func(..., bwd_step=None)``).
-DEFAULT_BWD_STEP = 22
+DEFAULT_BWD_STEP = 23
 
 
 def step(step_id: int) -> StepInfo:

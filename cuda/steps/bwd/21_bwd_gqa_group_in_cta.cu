@@ -12,6 +12,7 @@
 //   20_bwd_dq_one_behind    + m_block i's dQ GEMM in iteration i + 1: the consumers run out of step
 //   21_bwd_gqa_group_in_cta + GQA: a CTA walks its KV head's query heads, dK and dV summed in registers   <- this file
 //   22_bwd_k_in_registers   + headdim 64: K_j's rows in registers (Sᵀ from registers), dSᵀ stored by stmatrix
+//   23_bwd_dq_postprocess_tiles + the dQ postprocess: one CTA per m_block tile through shared memory, 16-byte stores
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
