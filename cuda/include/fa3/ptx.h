@@ -145,6 +145,12 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t r0, uin
                : "memory");
 }
 
+// One 16-byte global store (PTX st.global.v4.b32): `ptr` 16-byte aligned. (A uint4 store of packed 16-bit pairs
+// can come out of nvcc as four 4-byte stores.)
+__device__ __forceinline__ void st_global_16(void* ptr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
 // ldmatrix (PTX §9.7.14.5.15): the inverse of stmatrix_x4 — four 8×8 matrices of 16-bit elements from shared memory
 // to registers, register j of thread t = row t/4, columns 2·(t%4) and +1 of matrix j; lane 8·j + r gives the address
 // of row r of matrix j.

@@ -573,6 +573,8 @@ __global__ void __launch_bounds__(256) postprocess_dq_kernel(const BwdParams p) 
   using PC = PostCfg<T, kHeadDim>;
   constexpr int kBlockM = Cfg::kBlockM, kTile4 = kBlockM * kHeadDim / 4;  // float4 per tile
   constexpr int kChunks = kBlockM * kHeadDim / 8;                         // 16-byte output chunks per tile
+  constexpr int kThreads = 256;                                            // the launch's block size
+  static_assert(kTile4 % kThreads == 0, "whole float4 loads per thread");
   const int tiles_per_head = p.seqlen_q_rounded / kBlockM;
   const int m_block = blockIdx.x % tiles_per_head, bh = blockIdx.x / tiles_per_head;
   const int h = bh % p.nheads, b = bh / p.nheads;
@@ -583,20 +585,25 @@ __global__ void __launch_bounds__(256) postprocess_dq_kernel(const BwdParams p) 
   const int rows = min(kBlockM, p.seqlen_q - m_block * kBlockM);  // queries of this tile that exist
   auto store8 = [&](int r, int c, float4 x, float4 y) {  // 8 consecutive headdim values of query row r
     const float a = p.softmax_scale;
-    const uint4 v = make_uint4(ElemTraits<T>::pack(x.x * a, x.y * a), ElemTraits<T>::pack(x.z * a, x.w * a),
-                               ElemTraits<T>::pack(y.x * a, y.y * a), ElemTraits<T>::pack(y.z * a, y.w * a));
-    *reinterpret_cast<uint4*>(dq0 + r * row_stride + c) = v;
+    st_global_16(dq0 + r * row_stride + c, ElemTraits<T>::pack(x.x * a, x.y * a), ElemTraits<T>::pack(x.z * a, x.w * a),
+                 ElemTraits<T>::pack(y.x * a, y.y * a), ElemTraits<T>::pack(y.z * a, y.w * a));
   };
   if constexpr (!Cfg::kDqInSmem) {  // row-major already: two float4 → one 16-byte store
-    for (int i = threadIdx.x; i < kChunks; i += blockDim.x) {
+#pragma unroll
+    for (int i = threadIdx.x; i < kChunks; i += kThreads) {
       const int r = i / (kHeadDim / 8), c = 8 * (i % (kHeadDim / 8));
       if (r < rows) store8(r, c, src[2 * i], src[2 * i + 1]);
     }
   } else {
     __shared__ __align__(16) float tile[PC::kSmemBytes / 4];
     constexpr int kPerWarpgroup = Cfg::kDqFrag * kThreadsPerWarpgroup / 4;  // float4 of one consumer's part
-    for (int i = threadIdx.x; i < kTile4; i += blockDim.x) {
-      const float4 a = src[i];
+    float4 a_all[kTile4 / kThreads];  // every load in flight before the first shared store
+#pragma unroll
+    for (int k = 0; k < kTile4 / kThreads; ++k) a_all[k] = src[threadIdx.x + k * kThreads];
+#pragma unroll
+    for (int k = 0; k < kTile4 / kThreads; ++k) {
+      const int i = threadIdx.x + k * kThreads;
+      const float4 a = a_all[k];
       const int cwg = i / kPerWarpgroup, rem = i % kPerWarpgroup;
       const int j = rem / kThreadsPerWarpgroup, t = rem % kThreadsPerWarpgroup;
       const int fr = 16 * (t / 32) + (t % 32) / 4, fc = 8 * j + 2 * (t % 4);  // the fragment's row, column
@@ -611,7 +618,8 @@ __global__ void __launch_bounds__(256) postprocess_dq_kernel(const BwdParams p) 
       }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < kChunks; i += blockDim.x) {
+#pragma unroll
+    for (int i = threadIdx.x; i < kChunks; i += kThreads) {
       const int r = i / (kHeadDim / 8), c = 8 * (i % (kHeadDim / 8));
       if (r < rows) {
         const float4* row = reinterpret_cast<const float4*>(&tile[r * PC::kLd + c]);
