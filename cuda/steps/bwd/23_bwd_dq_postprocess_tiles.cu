@@ -29,7 +29,9 @@
 // values of one query row into one 16-byte store. Headdim 256 (dq_accum row-major: the atomics' layout) skips the
 // shared tile. The index arithmetic is per CTA, 32-bit.
 // Twin: reference/backward.py's postprocess (dQ = dq_accum · softmax_scale, cast).
-// Tried: —
+// Tried: the tile's loads in a loop strided by blockDim.x (one 16-byte load in flight per thread) and a uint4 store
+//   of dQ (nvcc split it into four 4-byte stores): 63.5 µs at headdim 64, 67.2 at 128 — slower than step 22's 64.3
+//   there (cb34013, docs/performance.md); with every load issued first and st.global.v4, 52 µs at both.
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
 // Known limits: the preprocess (D and L, dq_accum zeroed) is a separate pass too; cuDNN's is the same shape.
