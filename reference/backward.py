@@ -1,6 +1,7 @@
-"""Twin of kernel steps 11 and 18 (cuda/steps/bwd/11_bwd.cu, 18_bwd_causal_scheduler.cu): the tiled backward with
-recomputation (paper Appendix B.1, Algorithm 3), in the kernel's loop order and with its names; and step 18's order
-of the CTAs (tile_order, dq_turn, launch_makespan).
+"""Twin of kernel steps 11, 18 and 23 (cuda/steps/bwd/11_bwd.cu, 18_bwd_causal_scheduler.cu,
+23_bwd_dq_postprocess_tiles.cu): the tiled backward with recomputation (paper Appendix B.1, Algorithm 3), in the
+kernel's loop order and with its names; step 18's order of the CTAs (tile_order, dq_turn, launch_makespan); and the
+dQ postprocess that step 23 runs one m_block tile per CTA (postprocess).
 
 The forward keeps only O and softmax_lse L; the backward recomputes P tile by tile from Q, K and L
 instead of storing the seqlen_q × seqlen_k matrix. Three passes, as the three kernels:

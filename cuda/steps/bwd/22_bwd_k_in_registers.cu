@@ -16,17 +16,17 @@
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
-// Step 22 cuts the shared-memory work of the headdim-64 loop. Per m_block (128 queries) the two consumers move about
-// 352 KB through shared memory — the SS GEMMs' operand reads (Sᵀ and dPᵀ 96 KB, dQ 64 KB), the RS GEMMs' B (dV, dK
-// 64 KB), the dSᵀ tile (32 KB), the fp32 dQ tile and its bulk-reduce read (64 KB), Q_i and dO_i landing (32 KB) —
-// ~2,750 cycles at 128 bytes per cycle against ~2,560 cycles of tensor work: the loop is bound by shared memory as
-// much as by the tensor cores, and an m64n64k16 SS GEMM alone needs all 128 bytes per cycle.
+// Step 22 extends 21 at headdim 64: it cuts the shared-memory work of the loop. Per m_block (128 queries) the two
+// consumers move about 352 KB through shared memory — the SS GEMMs' operand reads (Sᵀ and dPᵀ 96 KB, dQ 64 KB), the
+// RS GEMMs' B (dV, dK 64 KB), the dSᵀ tile (32 KB), the fp32 dQ tile and its bulk-reduce read (64 KB), Q_i and dO_i
+// landing (32 KB) — ~2,750 cycles at 128 bytes per cycle against ~2,560 cycles of tensor work: the loop is bound by
+// shared memory as much as by the tensor cores, and an m64n64k16 SS GEMM alone needs all 128 bytes per cycle.
 //   K_j is stationary: each consumer loads the A fragments of its 64 keys once per CTA (ldmatrix, 16 registers at
 // headdim 64) and issues Sᵀ = K_j·Q_iᵀ in the RS form, B = Q_i as stored (K-major, tnspB = 0): 16 KB less per
 // m_block. The dSᵀ store takes one stmatrix per k-slice instead of four 32-bit stores (32 → 8 store instructions per
 // thread per m_block). Headdim 128 keeps the SS form (its K fragments are 32 registers; with them ptxas serializes
 // every WGMMA, C7512) and stores dSᵀ transposed as before, so its loop is step 21's.
-// Twin: reference/backward.py — the same GEMMs; where an operand sits is not in the NumPy.
+// Twin: none — reference/backward.py has the same GEMMs; where an operand sits is not in the NumPy.
 // Tried: V_j in registers too (dPᵀ from registers, 32 KB less): ptxas serializes every WGMMA (C7512, insufficient
 //   registers); dK_i's wait moved into iteration i + 1 (dSᵀ's A fragments live across the loop): the same (C7512).
 //   K in registers without the stmatrix store: about half the gain (H200, 2026-12-03, docs/performance.md).

@@ -16,18 +16,18 @@
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
-// Step 23 makes the dQ postprocess (dQ = dq_accum·α in 16 bits) run at memory speed. It reads 4 bytes and writes
-// 2 per element — at headdim 64, seqlen 2k, batch 8, 32 heads: 134 MB and 67 MB, ~45 µs at ~4.5 TB/s — but up to
-// step 22 it took 82–93 µs (H200, torch.profiler, tools/experiments/bwd_kernel_times.py): 8 % of a causal 2k
-// backward. Its threads walked dq_accum as one flat array of float4 (a grid-stride loop), each deriving (batch,
-// head, m_block, row, column) with 64-bit divisions, and wrote 4 bytes to each of two rows (2 bytes to each of four
-// at headdim 128, where dQ is swapped): every 32-byte sector of dQ written in pieces by several warps.
+// Step 23 extends 22: it makes the dQ postprocess (dQ = dq_accum·α in 16 bits) run at memory speed. It reads 4 bytes
+// and writes 2 per element — at headdim 64, seqlen 2k, batch 8, 32 heads: 134 MB and 67 MB, ~45 µs at ~4.5 TB/s — but
+// up to step 22 it took 82–93 µs (H200, torch.profiler, tools/experiments/bwd_kernel_times.py): 8 % of a causal 2k
+// backward. Its threads walked dq_accum as one flat array of float4 (a grid-stride loop), each deriving (batch, head,
+// m_block, row, column) with 64-bit divisions, and wrote 4 bytes to each of two rows (2 bytes to each of four at
+// headdim 128, where dQ is swapped): every 32-byte sector of dQ written in pieces by several warps.
 //   Now one CTA owns one (batch, head, m_block) tile: it reads the tile's fp32 fragments in order (16-byte loads,
 // coalesced), puts each element at its (query, headdim) place in a shared-memory tile (the fragment layout of the
 // consumers' dQ store: rows and columns from the thread and register index, compile-time shifts; padded rows so a
-// warp's stores hit distinct banks), and after one barrier each thread scales and packs 8 consecutive headdim
-// values of one query row into one 16-byte store. Headdim 256 (dq_accum row-major: the atomics' layout) skips the
-// shared tile. The index arithmetic is per CTA, 32-bit.
+// warp's stores hit distinct banks), and after one barrier each thread scales and packs 8 consecutive headdim values
+// of one query row into one 16-byte store. Headdim 256 (dq_accum row-major: the atomics' layout) skips the shared
+// tile. The index arithmetic is per CTA, 32-bit.
 // Twin: reference/backward.py's postprocess (dQ = dq_accum · softmax_scale, cast).
 // Tried: the tile's loads in a loop strided by blockDim.x (one 16-byte load in flight per thread) and a uint4 store
 //   of dQ (nvcc split it into four 4-byte stores): 63.5 µs at headdim 64, 67.2 at 128 — slower than step 22's 64.3
