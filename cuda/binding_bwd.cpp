@@ -54,6 +54,10 @@ bool bwd_step22_needs_dkv_accum(const BwdParams&);
 FA3_DECLARE_BWD_STEP(23)
 bool bwd_step23_needs_dkv_accum(const BwdParams&);
 #endif
+#ifdef FA3_HAS_STEP24
+FA3_DECLARE_BWD_STEP(24)
+bool bwd_step24_needs_dkv_accum(const BwdParams&);
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -135,6 +139,10 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP23
     case 23: block_m = fa3::bwd_step23_block_m, run = fa3::run_bwd_step23, zeroes_dq_accum = true,
              needs_dkv_accum = fa3::bwd_step23_needs_dkv_accum; break;
+#endif
+#ifdef FA3_HAS_STEP24
+    case 24: block_m = fa3::bwd_step24_block_m, run = fa3::run_bwd_step24, zeroes_dq_accum = true,
+             needs_dkv_accum = fa3::bwd_step24_needs_dkv_accum; break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

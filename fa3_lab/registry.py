@@ -133,13 +133,19 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(21, "21_bwd_gqa_group_in_cta", "bwd", 20,
              "backward, GQA: a CTA walks every query head of its KV head, so dK and dV sum in registers and are "
              "stored once in 16 bits (no fp32 slices per query head, no reduction pass) where that still fills the SMs",
-             "beyond the paper", None),    StepInfo(22, "22_bwd_k_in_registers", "bwd", 21,
+             "beyond the paper", None),
+    StepInfo(22, "22_bwd_k_in_registers", "bwd", 21,
              "backward, headdim 64: less shared-memory traffic per m_block — each consumer holds its 64 rows of K_j as "
              "WGMMA A fragments (Sᵀ from registers) and stores dSᵀ with stmatrix",
-             "beyond the paper (FA3's code keeps K in shared memory)", None),    StepInfo(23, "23_bwd_dq_postprocess_tiles", "bwd", 22,
+             "beyond the paper (FA3's code keeps K in shared memory)", None),
+    StepInfo(23, "23_bwd_dq_postprocess_tiles", "bwd", 22,
              "backward: the dQ postprocess at memory speed — one CTA per m_block tile, the fp32 fragments put in "
              "(query, headdim) order in shared memory, 16-byte stores of dQ",
              "beyond the paper", "reference/backward.py::postprocess"),
+    StepInfo(24, "24_bwd_hd256_dq_writer", "bwd", 23,
+             "backward, headdim 256: dQ through the dQ writer's shared-memory tile and one bulk reduction (step 13's "
+             "idea) instead of fp32 atomics; the Q/dO ring drops to one stage to make room for the 64 KB tile",
+             "beyond the paper (FlashAttention-4's Hopper backward keeps one Q/dO stage at headdim 256)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -154,7 +160,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.
