@@ -146,6 +146,10 @@ STEPS: tuple[StepInfo, ...] = (
              "backward, headdim 256: dQ through the dQ writer's shared-memory tile and one bulk reduction (step 13's "
              "idea) instead of fp32 atomics; the Q/dO ring drops to one stage to make room for the 64 KB tile",
              "beyond the paper (FlashAttention-4's Hopper backward keeps one Q/dO stage at headdim 256)", None),
+    StepInfo(25, "25_bwd_hd256_split_s", "bwd", 24,
+             "backward, headdim 256: each consumer computes half of Sᵀ and dPᵀ (32 of the 64 queries) instead of both "
+             "computing all of it; Pᵀ and dSᵀ meet whole in shared memory and come back as A fragments (ldmatrix)",
+             "beyond the paper (FlashAttention-4's Hopper backward splits S and dP between its warpgroups)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -160,7 +164,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

@@ -87,14 +87,16 @@ __device__ __forceinline__ void store_frag_swizzled(const uint32_t (&a)[kN / 16]
 }
 
 // The same store by stmatrix: one instruction per k-slice instead of four 32-bit stores (lane 8·m + i addresses row
-// row0 + 16·warp + 8·(m % 2) + i, columns 16kk + 8·(m / 2) .. + 7: register m of a[kk] is matrix m).
+// row0 + 16·warp + 8·(m % 2) + i, columns col0 + 16kk + 8·(m / 2) .. + 7: register m of a[kk] is matrix m).
 template <int kRows, int kN>
-__device__ __forceinline__ void store_frag_stmatrix(const uint32_t (&a)[kN / 16][4], uint32_t tile_base, int row0) {
+__device__ __forceinline__ void store_frag_stmatrix(const uint32_t (&a)[kN / 16][4], uint32_t tile_base, int row0,
+                                                    int col0 = 0) {
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32, mat = lane / 8;
   const int row = row0 + 16 * warp + lane % 8 + 8 * (mat % 2);
 #pragma unroll
   for (int kk = 0; kk < kN / 16; ++kk)
-    stmatrix_x4(tile_base + swizzled_offset<kRows>(row, 16 * kk + 8 * (mat / 2)), a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
+    stmatrix_x4(tile_base + swizzled_offset<kRows>(row, col0 + 16 * kk + 8 * (mat / 2)), a[kk][0], a[kk][1], a[kk][2],
+                a[kk][3]);
 }
 
 // The inverse: the A fragments (rows row0 + (0..63) × kK columns, pack_p's layout) of a K-major (kRows × kK) swizzled

@@ -14,6 +14,7 @@
 //   22_bwd_k_in_registers   + headdim 64: K_j's rows in registers (Sᵀ from registers), dSᵀ stored by stmatrix
 //   23_bwd_dq_postprocess_tiles + the dQ postprocess: one CTA per m_block tile through shared memory, 16-byte stores
 //   24_bwd_hd256_dq_writer  + headdim 256: dQ added by the dQ writer's bulk reduction (not atomics), one Q/dO stage
+//   25_bwd_hd256_split_s    + headdim 256: Sᵀ, dPᵀ split by queries between the consumers, Pᵀ and dSᵀ through smem
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
