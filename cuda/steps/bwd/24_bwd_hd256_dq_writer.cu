@@ -29,7 +29,8 @@
 // dO_i+1 land under the dQ GEMM. FlashAttention-4's Hopper backward makes the same trade at this headdim.
 // Headdim 64 and 128 compile to step 23's kernels.
 // Twin: none — reference/backward.py sums dQ in fp32 too; which warp adds it, and how, is not in the NumPy.
-// Tried: —
+// Tried: the producer's Q/dO loop left to nvcc at one stage: unrolled by 4, it spilled (14–32 STL) in the producer's
+//   24 registers — hence `#pragma unroll` 1 at one stage (compiled here, 2026-12-03).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
 // Known limits: headdim 256 still computes Sᵀ and dPᵀ in both consumers (7 GEMMs' work for 5).

@@ -28,7 +28,7 @@
 // per cycle there are — so the two halves cost ~1.5× their tensor time, and a m_block ~3.1 k cycles of GEMMs
 // instead of ~3.6 k: +5–15 % predicted. Headdim 64 and 128 compile to step 24's kernels.
 // Twin: none — reference/backward.py computes S and dP once; who computes which columns is not in the NumPy.
-// Tried: —
+// Tried: nothing else — the first build is the measured one (no spills, no serialized WGMMA: C75xx none).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
 // Known limits: the Q/dO ring has one stage at headdim 256 (step 24): Q_i+1 lands under the dQ GEMM only.
