@@ -36,6 +36,12 @@ def _extends(s, step_id):
 def tiles(s, headdim):
     """(kBlockM, kBlockN) of step ``s`` at ``headdim``."""
     return (80, 128) if headdim == 128 and _extends(s, 16) else TILES[headdim]
+
+
+def s_cols(s, headdim):
+    """Queries per consumer in Sᵀ and dPᵀ: all kBlockM, but half of them at headdim 256 from step 25 (split S)."""
+    block_m = tiles(s, headdim)[0]
+    return block_m // 2 if headdim == 256 and _extends(s, 25) else block_m
 BWD_STEPS = [pytest.param(s, marks=getattr(pytest.mark, s.marker), id=s.marker) for s in registry.series("bwd")]
 
 
@@ -89,16 +95,17 @@ def test_gemm_groups_and_where_the_exponentials_sit(compiled):
         # dQ: K = kBlockN keys; step 20 on issue it in the loop and once after it (the last m_block's, one behind)
         tail = 2 if _extends(s, 20) and headdim <= 128 else 1
         assert order.count("dq") == tail * block_n // 16, (s.name, name, order)
-        # the exponentials: kBlockM/2 per thread (64 keys × kBlockM queries over 128 threads), under the dPᵀ GEMM
-        # (the last HGMMA before them an Sᵀ/dPᵀ one) or, where Pᵀ is packed as it is computed (step 14), among the
-        # dV GEMM's k-steps that consume it — never behind the dQ GEMM
-        assert len(before_ex2) == block_m // 2, (s.name, name, len(before_ex2))
+        # the exponentials: kBlockM/2 per thread (64 keys × kBlockM queries over 128 threads; step 25 at headdim 256:
+        # half the queries), under the dPᵀ GEMM (the last HGMMA before them an Sᵀ/dPᵀ one) or, where Pᵀ is packed as
+        # it is computed (step 14), among the dV GEMM's k-steps that consume it — never behind the dQ GEMM
+        assert len(before_ex2) == s_cols(s, headdim) // 2, (s.name, name, len(before_ex2))
         assert before_ex2[0] == "sdp" and set(before_ex2) <= {"sdp", "rs"}, (s.name, name, before_ex2)
 
 
 def test_dq_accumulation_form(compiled):
     """Steps 11–12 add dQ with fp32 atomics from registers; from step 13 on, headdim ≤ 128 adds it with one bulk
-    reduction (UBLKRED) of the writer warp, and no fp32 global atomic is left in the kernel."""
+    reduction (UBLKRED) of the writer warp, and no fp32 global atomic is left in the kernel; headdim 256 from step
+    24 on."""
     s, _, funcs, _ = compiled
     for name, text in funcs.items():
         if "bwd_kernel" not in name:
@@ -106,7 +113,7 @@ def test_dq_accumulation_form(compiled):
         headdim = int(re.search(r"Li(\d+)E", name).group(1))
         bulk = len(re.findall(r"\bUBLKRED\b", text))
         atomics = len(re.findall(r"\b(?:RED|ATOM|REDG|ATOMG)\.E\.ADD\.F32", text))
-        if s.id >= 13 and headdim <= 128:
+        if s.id >= 13 and (headdim <= 128 or _extends(s, 24)):
             assert bulk == 1 and atomics == 0, (s.name, name, bulk, atomics)
         else:
             assert bulk == 0 and atomics > 0, (s.name, name, bulk, atomics)
@@ -190,7 +197,7 @@ def test_k_in_registers_and_ds_by_stmatrix(compiled):
     """Step 22's lesson, at headdim 64: Sᵀ = K_j·Q_iᵀ takes K_j's rows from registers (kHeadDim/16 HGMMAs with a
     register A operand and a plain descriptor, loaded once by LDSM before the loop) and dSᵀ goes to shared memory by
     STSM (kBlockM/16 per m_block) instead of 32-bit STS; dPᵀ stays SS. Other headdims and earlier steps: no
-    register-A Sᵀ, no LDSM."""
+    register-A Sᵀ, and no LDSM but step 25's at headdim 256 (test_split_s_at_headdim_256)."""
     s, _, funcs, _ = compiled
     for name, text in funcs.items():
         if "bwd_kernel" not in name:
@@ -204,4 +211,24 @@ def test_k_in_registers_and_ds_by_stmatrix(compiled):
             loop = sass.main_loop(sass.parse_sass(text))
             assert sum(i["op"].startswith("STSM") for i in loop["instructions"]) == block_m // 16, (s.name, name)
         else:
-            assert s_from_regs == 0 and ldsm == 0, (s.name, name, s_from_regs, ldsm)
+            assert s_from_regs == 0, (s.name, name, s_from_regs)
+            assert ldsm == 0 or (headdim == 256 and _extends(s, 25)), (s.name, name, ldsm)
+
+
+def test_split_s_at_headdim_256(compiled):
+    """Step 25's lesson, at headdim 256: each consumer issues Sᵀ and dPᵀ for its 32 queries only (m64n32k16 SS
+    HGMMAs, K = 256: 16 each per m_block), stores its halves of Pᵀ and dSᵀ by STSM (2 each) and loads both tiles
+    whole back by LDSM (4 each) for the dV and dK GEMMs. Before step 25, and at headdim 64 and 128, no n32 HGMMA."""
+    s, _, funcs, _ = compiled
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        loop = sass.main_loop(sass.parse_sass(text))["instructions"]
+        n32 = sum(i["op"].startswith("HGMMA.64x32x16") for i in loop)
+        if headdim == 256 and _extends(s, 25):
+            assert n32 == 2 * headdim // 16, (s.name, name, n32)
+            assert sum(i["op"].startswith("STSM") for i in loop) == 4, (s.name, name)
+            assert sum(i["op"].startswith("LDSM") for i in loop) == 8, (s.name, name)
+        else:
+            assert n32 == 0, (s.name, name, n32)
