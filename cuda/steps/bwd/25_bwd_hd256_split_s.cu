@@ -31,7 +31,8 @@
 // Tried: nothing else — the first build is the measured one (no spills, no serialized WGMMA: C75xx none).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
-// Known limits: the Q/dO ring has one stage at headdim 256 (step 24): Q_i+1 lands under the dQ GEMM only.
+// Known limits: the Q/dO ring has one stage at headdim 256 (step 24): Q_i+1 lands under the dQ GEMM only, and
+//   the consumers wait for it 10–11 % of the loop (traced, H200; docs/performance.md).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
