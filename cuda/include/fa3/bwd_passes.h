@@ -1,10 +1,13 @@
 // fa3/bwd_passes.h — the passes and helpers backward steps 19–25 (cuda/steps/bwd/) share unchanged: the preprocess,
-// the CTA order of the main kernel's 1-D grid and the dQ turn, the GQA dK/dV reduction, the host's grid size.
+// the CTA order of the main kernel's 1-D grid and the dQ turn, the GQA dK/dV reduction, the host's grid size and
+// its GQA choice (heads per CTA, steps 22 on).
 // Steps 17 and 18, which introduce them, keep their own copies (the lesson of their diffs).
 #pragma once
 #include <cstdint>
 
 #include "bwd_params.h"
+#include "host.h"     // ceil_div_host
+#include "launch.h"   // sm_count
 #include "softmax.h"  // kLog2e
 #include "wgmma.h"    // ElemTraits
 
@@ -110,6 +113,16 @@ __global__ void __launch_bounds__(256) postprocess_dkv_kernel(const BwdParams p)
 inline int grid_stride_blocks(int64_t items) {
   const int64_t blocks = (items + 255) / 256;
   return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+// Step 21's GQA choice (steps 22 on): how many query heads a CTA walks — the whole group of its KV head (dK, dV
+// summed in registers, stored in 16 bits: no fp32 slices, no reduction pass) when that still gives every SM two CTAs
+// of block_n keys; else one (n_blocks × batch × nheads_kv CTAs would leave SMs idle), and the fp32 slices are summed
+// by postprocess_dkv_kernel.
+inline int heads_per_cta_of(const BwdParams& p, int block_n) {
+  const int group = p.nheads / p.nheads_kv;
+  const int64_t kv_tiles = int64_t(ceil_div_host(p.seqlen_k, block_n)) * p.nheads_kv * p.batch;
+  return group > 1 && kv_tiles >= 2 * sm_count() ? group : 1;
 }
 
 }  // namespace fa3

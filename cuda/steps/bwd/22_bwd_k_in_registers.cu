@@ -536,15 +536,6 @@ __global__ void __launch_bounds__(256) postprocess_dq_kernel(const BwdParams p) 
 }
 
 // ---------------------------------------------------------------- host
-// GQA: how many query heads a CTA walks. The whole group of its KV head (dK, dV summed in registers, stored in 16
-// bits: no fp32 slices, no reduction pass) when that still gives every SM two CTAs; else one (n_blocks × batch ×
-// nheads_kv CTAs would leave SMs idle), and the fp32 slices are summed by postprocess_dkv_kernel.
-inline int heads_per_cta_of(const BwdParams& p) {
-  const int group = p.nheads / p.nheads_kv;
-  const int64_t kv_tiles = int64_t(ceil_div_host(p.seqlen_k, block_n_of(p.headdim))) * p.nheads_kv * p.batch;
-  return group > 1 && kv_tiles >= 2 * sm_count() ? group : 1;
-}
-
 template <typename T, int kHeadDim, bool kCausal>
 void run(const BwdParams& p, cudaStream_t stream) {
   using Cfg = Config<T, kHeadDim>;
@@ -565,7 +556,7 @@ void run(const BwdParams& p, cudaStream_t stream) {
                                          p.headdim, dkv_row * p.seqlen_k, kAtomCols16, kRowsPerWarpgroup);
   const CUtensorMap tdv = make_tmap_bshd(p.dv, p.dtype, p.headdim, p.seqlen_k, p.nheads_kv, p.batch, dkv_row,
                                          p.headdim, dkv_row * p.seqlen_k, kAtomCols16, kRowsPerWarpgroup);
-  const int heads_per_cta = heads_per_cta_of(p);
+  const int heads_per_cta = heads_per_cta_of(p, block_n_of(p.headdim));
   auto kernel = heads_per_cta > 1 ? bwd_kernel<T, kHeadDim, kCausal, true> : bwd_kernel<T, kHeadDim, kCausal, false>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
              "cudaFuncSetAttribute(step22)");
@@ -599,7 +590,8 @@ int bwd_step22_block_m(int headdim) { return headdim == 64 ? 128 : headdim == 12
 
 // Whether the binding must give this call fp32 dK/dV slices per query head (GQA with one query head per CTA).
 bool bwd_step22_needs_dkv_accum(const BwdParams& p) {
-  return p.nheads != p.nheads_kv && step22::heads_per_cta_of(p) < p.nheads / p.nheads_kv;
+  return p.nheads != p.nheads_kv &&
+         heads_per_cta_of(p, step22::block_n_of(p.headdim)) < p.nheads / p.nheads_kv;
 }
 
 // Entry point used by binding.cpp: dispatch on dtype × headdim × causal.
