@@ -652,3 +652,16 @@ def test_bench_backward_on_cpu_says_it_needs_a_gpu(capsys):
 
     assert cli.main(["bench", "--backward", "--no-save"]) == 1  # no sm_90 GPU here: says so, exit 1
     assert "needs an sm_90 GPU" in capsys.readouterr().out
+
+
+def test_bench_backward_passes_are_named_or_refused():
+    from fa3_lab.lab import bench
+    from fa3_lab.lab.cli import UsageError
+
+    assert bench.backward_passes("fwd_bwd,bwd") == ("bwd", "fwd_bwd")  # the schema's order, whatever was typed
+    assert bench.backward_passes("bwd") == ("bwd",)
+    for bad in ("", "fwd", "bwd,backward"):
+        with pytest.raises(UsageError, match="--passes: expected a comma list from bwd,fwd_bwd"):
+            bench.backward_passes(bad)
+    with pytest.raises(UsageError, match="passes: expected a non-empty subset"):  # refused before any GPU work
+        bench.run_backward_grid([], [25], passes=("fwd",))

@@ -35,14 +35,17 @@ PAPER_ABLATION_TFLOPS = {"step01": 570, "step02": 582, "step03": 620, "step04": 
 
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help=f"seqlens {QUICK_SEQLENS}, bf16 only")
-    p.add_argument("--ablation", action="store_true", help="the paper's Table 2 configuration, steps 01-04")
+    p.add_argument("--ablation", action="store_true", help="the paper's Table 2 configuration, every forward step")
     p.add_argument("--backward", action="store_true",
                    help="the backward (bwd alone and fwd+bwd) of our default backward step vs cuDNN's and FA2's "
                         "(SDPA backends), the paper grid; writes bench_backward.json")
     p.add_argument("--deterministic", action="store_true",
                    help="--backward: also time the last backward step with deterministic=True (impl stepNN_det)")
+    p.add_argument("--passes", default=None,
+                   help="--backward: comma list from bwd,fwd_bwd (default both; an ablation of many steps: bwd)")
     p.add_argument("--fp8", action="store_true",
-                   help="FP8: step 05 (kernel alone, plus quantize time) vs FA3's e4m3 forward and our bf16 step 04")
+                   help="FP8: step 05 (kernel alone, plus quantize time) vs FA3's e4m3 forward and our default bf16 "
+                        "step")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16 (default both; --quick: bf16)")
     p.add_argument("--headdims", default="64,128,256", help="comma list from 64,128,256")
     p.add_argument("--seqlens", default=None, help="comma list of seqlens (default the paper grid)")
@@ -198,17 +201,37 @@ def run_grid(configs, step_ids, with_peers=True, progress=None, rounds=ROUNDS):
     return rows
 
 
-def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rounds=ROUNDS, deterministic=False):
+BWD_PASSES = ("bwd", "fwd_bwd")
+
+
+def backward_passes(text):
+    """``--passes``: a comma list from :data:`BWD_PASSES` -> a tuple in that order.
+
+    Raises:
+        UsageError: empty, or a name not in :data:`BWD_PASSES` (the message names it and the choices).
+    """
+    got = [t.strip() for t in (text or "").split(",") if t.strip()]
+    bad = [t for t in got if t not in BWD_PASSES]
+    if not got or bad:
+        raise UsageError(f"--passes: expected a comma list from {','.join(BWD_PASSES)}, got {text!r}")
+    return tuple(p for p in BWD_PASSES if p in got)
+
+
+def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rounds=ROUNDS, deterministic=False,
+                      passes=BWD_PASSES):
     """Time the backward: rows with ``"pass": "bwd"`` (``torch.autograd.grad`` of a saved forward with a
     fixed dout, docs/design.md) and ``"fwd_bwd"`` (forward and backward together), for our backward steps
     (``flash_attn_func(..., bwd_step=N)``'s autograd) and the peers' backward through SDPA's CUDNN_ATTENTION
     (``cudnn``) and FLASH_ATTENTION (``sdpa_flash``, FlashAttention-2) backends; rounds rotate as in
     :func:`run_grid`. TFLOPs/s use 2.5 × (bwd) and 3.5 × (fwd_bwd) the forward FLOPs. ``deterministic``: the last
     of ``bwd_step_ids`` also runs with ``deterministic=True`` (dQ added in n_block order), as impl ``stepNN_det``.
+    ``passes``: which of :data:`BWD_PASSES` to time (an ablation of many steps may time ``("bwd",)`` alone).
 
     Raises:
-        UsageError: rounds < 1.
+        UsageError: rounds < 1; ``passes`` empty or not from :data:`BWD_PASSES`.
     """
+    if not passes or any(p not in BWD_PASSES for p in passes):
+        raise UsageError(f"passes: expected a non-empty subset of {BWD_PASSES}, got {passes!r}")
     _check_rounds(rounds)
     import torch
 
@@ -238,8 +261,10 @@ def run_backward_grid(configs, bwd_step_ids, with_peers=True, progress=None, rou
                 if name not in saved:
                     saved[name] = f(q, k, v)
                 return torch.autograd.grad(saved[name], (q, k, v), dout, retain_graph=True)
-            jobs[(name, "bwd")] = round_timer(bwd)
-            jobs[(name, "fwd_bwd")] = round_timer(lambda f=f: torch.autograd.grad(f(q, k, v), (q, k, v), dout))
+            if "bwd" in passes:
+                jobs[(name, "bwd")] = round_timer(bwd)
+            if "fwd_bwd" in passes:
+                jobs[(name, "fwd_bwd")] = round_timer(lambda f=f: torch.autograd.grad(f(q, k, v), (q, k, v), dout))
 
         def skipped(key, e):
             if key[0].startswith("step"):
@@ -316,6 +341,9 @@ def run(args):
         return run_fp8(console, args)
     if args.deterministic and not args.backward:
         raise UsageError("--deterministic: only with --backward (the forward has no accumulation order)")
+    if args.passes is not None and not args.backward:
+        raise UsageError("--passes: only with --backward (the forward grid has one pass)")
+    passes = backward_passes(args.passes) if args.passes is not None else BWD_PASSES
     if args.backward and args.ablation:
         raise UsageError("--backward: not with --ablation (the backward ablation times the backward steps: "
                          "--backward --steps 11,12,…)")
@@ -351,7 +379,7 @@ def run(args):
             if args.steps:
                 bwd_ids = _int_list(args.steps, "steps", allowed=tuple(bwd_ids))
             rows = run_backward_grid(configs, bwd_ids, with_peers=not args.no_peers, progress=progress,
-                                     rounds=args.rounds, deterministic=args.deterministic)
+                                     rounds=args.rounds, deterministic=args.deterministic, passes=passes)
         else:
             rows = run_grid(configs, step_ids, with_peers=not args.no_peers, progress=progress, rounds=args.rounds)
     from . import results
