@@ -31,6 +31,9 @@ class StepInfo:
         paper: where the idea is in the paper ("beyond the paper" for the fast kernel's own ideas).
         twin: ``"reference/module.py"`` (optionally ``::function``) or None.
         dtypes: the input dtypes the step runs.
+        headdims: the headdims whose kernels the step changes (a backward step may change one; the others
+            compile to its parent's kernels). The step header's "Measured" paragraph is taken at headdim 128
+            when it is among them, else at the first.
     """
 
     id: int
@@ -41,6 +44,7 @@ class StepInfo:
     paper: str
     twin: str | None
     dtypes: tuple = ("fp16", "bf16")
+    headdims: tuple = (64, 128, 256)
 
     @property
     def marker(self) -> str:
@@ -106,7 +110,7 @@ STEPS: tuple[StepInfo, ...] = (
              "beyond the paper (FA3's code)", None),
     StepInfo(14, "14_bwd_pipelined", "bwd", 13,
              "backward: m_block i + 1's Sᵀ GEMM queued behind m_block i's dQ GEMM (headdim 128)",
-             "beyond the paper (Alg. 2's idea, backward)", None),
+             "beyond the paper (Alg. 2's idea, backward)", None, headdims=(64, 128)),
     StepInfo(15, "15_bwd_gemm_order", "bwd", 13,
              "backward: dQ's GEMM issued before dK's, so dQ_i's store to the writer's tile runs under the dK GEMM "
              "(and dV's under the dSᵀ barrier)",
@@ -114,7 +118,7 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(16, "16_bwd_tile_shape", "bwd", 15,
              "backward, headdim 128: m_blocks of 80 queries (less shared-memory traffic per FLOP), dQ swapped "
              "(dQᵀ = Kᵀ·dSᵀ, dS stored by stmatrix .trans)",
-             "beyond the paper (FA3's code)", None),
+             "beyond the paper (FA3's code)", None, headdims=(128,)),
     StepInfo(17, "17_bwd_fused_preprocess", "bwd", 16,
              "backward: the preprocess at bandwidth (16-byte loads of O and dO, kHeadDim/8 threads per row) and "
              "dq_accum zeroed in the same pass instead of a memset",
@@ -137,7 +141,7 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(22, "22_bwd_k_in_registers", "bwd", 21,
              "backward, headdim 64: less shared-memory traffic per m_block — each consumer holds its 64 rows of K_j as "
              "WGMMA A fragments (Sᵀ from registers) and stores dSᵀ with stmatrix",
-             "beyond the paper (FA3's code keeps K in shared memory)", None),
+             "beyond the paper (FA3's code keeps K in shared memory)", None, headdims=(64,)),
     StepInfo(23, "23_bwd_dq_postprocess_tiles", "bwd", 22,
              "backward: the dQ postprocess at memory speed — one CTA per m_block tile, the fp32 fragments put in "
              "(query, headdim) order in shared memory, 16-byte stores of dQ",
@@ -145,11 +149,13 @@ STEPS: tuple[StepInfo, ...] = (
     StepInfo(24, "24_bwd_hd256_dq_writer", "bwd", 23,
              "backward, headdim 256: dQ through the dQ writer's shared-memory tile and one bulk reduction (step 13's "
              "idea) instead of fp32 atomics; the Q/dO ring drops to one stage to make room for the 64 KB tile",
-             "beyond the paper (FlashAttention-4's Hopper backward keeps one Q/dO stage at headdim 256)", None),
+             "beyond the paper (FlashAttention-4's Hopper backward keeps one Q/dO stage at headdim 256)", None,
+             headdims=(256,)),
     StepInfo(25, "25_bwd_hd256_split_s", "bwd", 24,
              "backward, headdim 256: each consumer computes half of Sᵀ and dPᵀ (32 of the 64 queries) instead of both "
              "computing all of it; Pᵀ and dSᵀ meet whole in shared memory and come back as A fragments (ldmatrix)",
-             "beyond the paper (FlashAttention-4's Hopper backward splits S and dP between its warpgroups)", None),
+             "beyond the paper (FlashAttention-4's Hopper backward splits S and dP between its warpgroups)", None,
+             headdims=(256,)),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (

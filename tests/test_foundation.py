@@ -380,6 +380,29 @@ def test_readme_results_table_is_current():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_the_current_runs_kernels_are_the_checkouts():
+    """The README says the current run's kernels have not changed since it was recorded: no file under cuda/
+    differs between each current run's commit and this checkout (a kernel change needs a new recorded run)."""
+    import shutil
+    import subprocess
+
+    root = readme._env.REPO_ROOT
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    commits = {r.meta["commit"] for runs in results.current_runs().values() for r in runs}
+    for commit in sorted(commits):
+        known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True)
+        if known.returncode != 0:
+            pytest.skip(f"commit {commit} is not in this clone's history (shallow clone)")
+        diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", "cuda/"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+        changed = [ln for ln in diff if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+                   and ln[1:].strip() and not ln[1:].lstrip().startswith("//")]  # comments (the headers) may change
+        assert not changed, (f"cuda/ code changed since the current run's commit {commit}: {changed[:5]}; record a "
+                             f"new run (README 'Results') or move the run to tools/experiments/results/")
+    assert "the kernels have\nnot changed since" in (root / "README.md").read_text()
+
+
 def _readme(tmp_path, body="intro\n"):
     p = tmp_path / "README.md"
     p.write_text(f"# x\n{body}{readme.BEGIN}\nold table\n{readme.END}\nafter\n")
@@ -507,8 +530,21 @@ def test_readme_shows_the_backward_figure_table_and_ablation(tmp_path):
                 f"step11 {a['step11']:.0f} → step12 {a['step12']:.0f} → step13 {a['step13']:.0f} → step14 "
                 f"{a['step14']:.0f} TFLOPs/s; deterministic step13: {a['step13_det']:.0f} (−{pct:.1f} %); "
                 f"cuDNN {a['cudnn']:.0f}, FA2 {a['sdpa_flash']:.0f}.")
-    assert readme.backward_ablation_sentences(abl)[0] == sentence and f"- {sentence}" in block
+    assert readme.backward_ablation_sentences(abl)[0] == sentence and sentence not in block  # the README: a table
     assert len(readme.backward_ablation_sentences(abl)) == 2  # one per shape: no mask, causal
+    header, rows = readme.backward_ablation_table(abl)
+    assert header == ["step", "128 8k", "128 8k causal"]
+    assert [r[0] for r in rows] == ["step11", "step12", "step13", "step14", "step13 deterministic", "cuDNN", "FA2"]
+    a_causal = _row("step13", dict(_BWD_ABL)["step13"], headdim=128, causal=True, seqlen_q=8192, seqlen_k=8192,
+                    batch=2, nheads=16, **{"pass": "bwd"})["tflops"]
+    assert rows[2] == ["step13", f"{a['step13']:.0f}", f"{a_causal:.0f}"]
+    assert readme._markdown(header, rows) in block and "Backward ablation, the paper's Table 2 for the backward" in block
+    assert readme.backward_ablation_table(abl, "fp16") == ([], [])
+    with pytest.raises(ValueError, match="pass_"):
+        readme.backward_ablation_table(abl, "bf16", "backward")
+    by_hd = (f"Backward alone, seqlen ≥ 2k, bf16, causal and not, our fastest step ÷ cuDNN: headdim 64 "
+             f"{t['step13'] / t['cudnn']:.2f}–{t['step13'] / t['cudnn']:.2f}× (4 of 4 points ≥ 1.00×), headdim 128 ")
+    assert by_hd in block and readme.backward_by_headdim_sentences(grid, min_seqlen=16384) == []
     assert "step13_det at" not in block and "step13_det" not in block.split("| dtype | hdim")[1].split("\n\n")[0]
     full = readme.render_results_md(runs)
     assert "![Figure 6 (backward), NVIDIA H100 80GB HBM3](img/fig6_nvidia-h100-80gb-hbm3_abc1234.png)" in full

@@ -111,6 +111,16 @@ def test_backward_ablation_takes_the_largest_shape_without_8k_and_falls_back_to_
     assert "bench_backward.json" in text and "0.50× cudnn" in text
 
 
+def test_a_backward_step_that_changes_one_headdim_is_measured_there():
+    # steps 24 and 25 change only headdim 256, step 22 only 64: their paragraph is at that headdim, seqlen 8k
+    run = _run("ablation_backward", _bwd_abl(_ABL_MS) + _bwd_abl(_ABL_MS, headdim=256, nheads=8, nheads_kv=8)
+               + _bwd_abl(_ABL_MS, headdim=64, nheads=32, nheads_kv=32))
+    assert registry.step(25).headdims == (256,) and registry.step(22).headdims == (64,)
+    assert "bf16, headdim 256, seqlen 8k (batch 2, 8 heads): non-causal" in headers.measured(registry.step(25), [run])
+    assert "bf16, headdim 64, seqlen 8k (batch 2, 32 heads): non-causal" in headers.measured(registry.step(22), [run])
+    assert "bf16, headdim 128, seqlen 8k (batch 2, 16 heads)" in headers.measured(registry.step(21), [run])
+
+
 def test_backward_headers_are_generated_within_the_width_and_drift_is_detected(monkeypatch):
     run = _abl_run()
     for s in registry.series("bwd"):

@@ -474,7 +474,7 @@ def run_fp8(console, args):
                              "seqlen_k": s, "nheads": h, "nheads_kv": h, "ms": round(ms, 5),
                              "tflops": round(fl / ms / 1e9, 2), "ms_rounds": [round(t, 5) for t in times[key]]})
     prog.stop()
-    meta = results.collect_meta(command="python -m fa3_lab bench --fp8")
+    meta = results.collect_meta(command="python -m fa3_lab bench " + (" ".join(_argv_tail(args)) or "--fp8"))
     from rich.table import Table
 
     t = Table(title=f"{meta['gpu']} — FP8 forward, TFLOPs/s (median of {args.rounds} rounds of do_bench), {meta['date']}")

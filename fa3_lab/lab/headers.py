@@ -9,7 +9,8 @@ and ``python -m fa3_lab.lab.readme`` rewrites it with the README (``--check`` fa
   with the ratio to the parent step and, for the first step, to FA3 and cuDNN (same run);
 * the FP8 step: the kernel alone at headdim 128 and 256, seqlen 16k, from ``bench_fp8.json``, against FA3's e4m3;
 * backward steps: the backward alone (FLOPs 2.5 × forward), bf16, from ``ablation_backward.json`` when the run has
-  it (:func:`_backward_ablation`: headdim 128 seqlen 8k, else the file's largest shape; non-causal and causal; the
+  it (:func:`_backward_ablation`: seqlen 8k at headdim 128, or at the step's own headdim when it changes only
+  another (``StepInfo.headdims``), else the file's largest shape; non-causal and causal; the
   ratio to the parent step, to cuDNN and to FA2 of the same run; the step's deterministic mode when timed), else
   from ``bench_backward.json`` (the default step, headdim 128, seqlen 8k, against cuDNN's and FA2's backward).
 
@@ -108,15 +109,16 @@ def measured(step: registry.StepInfo, runs: list) -> str:
 
 
 def _backward_ablation(step: registry.StepInfo, run) -> str | None:
-    """A backward step from ``ablation_backward.json``: its bf16 "bwd" TFLOPs/s at headdim 128, seqlen 8k (else the
-    largest (seqlen, headdim) of its rows), non-causal then causal where recorded, each with its ratio to the parent
+    """A backward step from ``ablation_backward.json``: its bf16 "bwd" TFLOPs/s at seqlen 8k and headdim 128, or the
+    step's own headdim when 128 is not among ``step.headdims`` (else the largest (seqlen, headdim) of its rows), non-causal then causal where recorded, each with its ratio to the parent
     step, cuDNN and FA2 at the same shape, and its deterministic mode (``stepNN_det``) when timed; None when the run
     has no bf16 "bwd" row of the step."""
     impl = step.marker
     mine = [r for r in run.rows if r["impl"] == impl and r["dtype"] == "bf16" and r.get("pass", "fwd") == "bwd"]
     if not mine:
         return None
-    at = [r for r in mine if r["headdim"] == 128 and r["seqlen_q"] == 8192]
+    own = 128 if 128 in step.headdims else step.headdims[0]
+    at = [r for r in mine if r["headdim"] == own and r["seqlen_q"] == 8192]
     if not at:  # the largest shape: longest seqlen, then widest headdim
         n, d = max((r["seqlen_q"], r["headdim"]) for r in mine)
         at = [r for r in mine if r["headdim"] == d and r["seqlen_q"] == n]

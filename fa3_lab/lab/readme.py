@@ -168,8 +168,9 @@ def _rel(path: Path) -> str:
 
 def _protocol(runs: list[results.Run]) -> str:
     rounds = {len(r["ms_rounds"]) for run in runs for r in run.rows if "ms_rounds" in r}
-    timing = (f"median of {max(rounds)} rounds of `triton.testing.do_bench` in rotating order (`ms_rounds` in the JSON)"
-              if rounds else "median of `triton.testing.do_bench` timings")
+    counts = (str(min(rounds)) if len(rounds) == 1 else f"{min(rounds)}–{max(rounds)}") if rounds else ""
+    timing = (f"median of {counts} rounds (each file's `--rounds`) of `triton.testing.do_bench` in rotating order "
+              f"(`ms_rounds` in the JSON)" if rounds else "median of `triton.testing.do_bench` timings")
     peers = any(not r["impl"].startswith("step") for run in runs for r in run.rows)
     return (f"TFLOPs/s = `fa3_lab.lab.results.flops` (exact visible pairs when causal) ÷ time, {timing}"
             + ("; ratios = our fastest step ÷ that peer, same run, same inputs" if peers else
@@ -331,6 +332,68 @@ def backward_ablation_sentences(run: results.Run, dtype: str = "bf16", pass_: st
     return out
 
 
+def backward_ablation_table(run: results.Run, dtype: str = "bf16", pass_: str = "bwd"):
+    """The backward ablation as the paper's Table 2 is laid out, one row per step: (header, rows of strings).
+
+    Columns: ``step``, then one per shape of the run (headdim, seqlen, mask; e.g. ``128 8k causal``), sorted by
+    headdim, mask and seqlen; rows: the steps in registry order, each deterministic mode (``stepNN_det``) after the
+    steps, then cuDNN and FA2 where timed. Cells: median TFLOPs/s of ``dtype`` and ``pass_``, "—" where not timed.
+    ([], []) when the run has no step row of that dtype and pass.
+
+    Raises:
+        ValueError: ``pass_`` not in :data:`results.PASSES`.
+    """
+    if pass_ not in _PASS_ORDER:
+        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
+    cells = {k: v for k, v in _cells(run).items()
+             if results.DTYPES[k[0]] == dtype and k[-1] == _PASS_ORDER.index(pass_)}
+    keys = sorted(cells, key=lambda k: (k[1], k[2], k[3], k[4]))
+    present = {impl for k in keys for impl in cells[k]}
+    impls = ([i for i in results.STEP_IMPLS if i in present] + [i for i in results.DET_IMPLS if i in present]
+             + [p for p in MAIN_PEERS if p in present])
+    if not any(i in results.STEP_IMPLS for i in impls):
+        return [], []
+    header = ["step"] + [f"{k[1]} {results.seqlen_label(k[3])}{' causal' if k[2] else ''}" for k in keys]
+    rows = []
+    for impl in impls:
+        label = (f"{results.base_step(impl)} deterministic" if impl in results.DET_IMPLS else
+                 _PEER_NAMES.get(impl, impl))
+        rows.append([label] + [f"{cells[k][impl]:.0f}" if impl in cells[k] else "—" for k in keys])
+    return header, rows
+
+
+def backward_by_headdim_sentences(run: results.Run, pass_: str = "bwd", min_seqlen: int = 2048) -> list[str]:
+    """Per headdim, our fastest step ÷ cuDNN and ÷ FA2 over every dtype and mask at seqlen ≥ ``min_seqlen`` (the
+    backward's acceptance lines, issue 22): "Backward alone, seqlen ≥ 2k, bf16 and fp16, causal and not, ÷ cuDNN:
+    headdim 64 a–b× (n points), …; ÷ FA2: …". [] when the run has no such cell with a peer."""
+    if pass_ not in _PASS_ORDER:
+        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
+    ratios: dict[str, dict[int, list[float]]] = {}
+    dtypes = set()
+    for key, tf in _cells(run).items():
+        if key[-1] != _PASS_ORDER.index(pass_) or key[3] < min_seqlen:
+            continue
+        best, _ = _best_step(tf)
+        if best is None:
+            continue
+        for p in ("cudnn", "sdpa_flash"):
+            if p in tf:
+                ratios.setdefault(p, {}).setdefault(key[1], []).append(best / tf[p])
+                dtypes.add(results.DTYPES[key[0]])
+    if not ratios:
+        return []
+    what = {"fwd": "Forward", "bwd": "Backward alone", "fwd_bwd": "Forward + backward"}[pass_]
+    parts = []
+    for p in ("cudnn", "sdpa_flash"):
+        if p in ratios:
+            parts.append(f"÷ {_PEER_NAMES[p]}: " + ", ".join(
+                f"headdim {d} {min(x):.2f}–{max(x):.2f}× ({sum(v >= 1.0 for v in x)} of {len(x)} points ≥ 1.00×)"
+                if p == "cudnn" else f"headdim {d} {min(x):.2f}–{max(x):.2f}×"
+                for d, x in sorted(ratios[p].items())))
+    return [f"{what}, seqlen ≥ {results.seqlen_label(min_seqlen)}, {' and '.join(sorted(dtypes))}, causal and not, "
+            f"our fastest step " + "; ".join(parts) + "."]
+
+
 def fp8_sentence(run: results.Run) -> str | None:
     """Step 05 (kernel alone) against FA3's e4m3 forward, from a ``bench --fp8`` run."""
     rows = [r for r in run.rows if r["dtype"] == "e4m3"]
@@ -437,7 +500,13 @@ def render(runs_by_gpu: dict[str, list[results.Run]], img_base: str = "docs/img"
     for r in bwds:
         parts += ["", *_backward_block(r, img_base)]
     for r in backward_ablation_runs(runs):
-        parts += [f"- {s}" for s in backward_ablation_sentences(r, "bf16", "bwd")]
+        header, rows = backward_ablation_table(r, "bf16", "bwd")
+        if rows:
+            r0 = next(row for row in r.rows if row["impl"] in results.STEP_IMPLS)
+            parts += ["", "Backward ablation, the paper's Table 2 for the backward: the backward alone (FLOPs 2.5 × "
+                      f"forward), bf16, TFLOPs/s, every backward step at each shape (batch × seqlen = "
+                      f"{r0['batch'] * r0['seqlen_q']} tokens, headdim × heads = {r0['headdim'] * r0['nheads']}; "
+                      "what each step adds: the step table above):", "", _markdown(header, rows), ""]
     notes = [n for n in (dash_note(g) for g in grids + bwds) if n]
     parts += ["", *notes] if notes else []
     others = [f"{rs[0].meta['gpu']} (commit `{rs[0].meta['commit']}`)" for s, rs in runs_by_gpu.items() if s != slug]
@@ -462,6 +531,7 @@ def _backward_block(run: results.Run, img_base: str) -> list[str]:
         lines += [f"Backward alone (FLOPs 2.5 × forward), {dtype}, longest sequence of each configuration (TFLOPs/s"
                   + ("; × = our fastest step ÷ that peer):" if peers else "):"), "", _markdown(header, rows), ""]
     lines += [f"- {s}" for p in ("bwd", "fwd_bwd") for s in grid_sentences(run, dtype, p)[:2]]
+    lines += [f"- {s}" for s in backward_by_headdim_sentences(run, "bwd")]
     return lines
 
 
@@ -490,6 +560,8 @@ def render_results_md(runs_by_gpu: dict[str, list[results.Run]]) -> str:
         sentences += [s for r in fp8_runs(runs) if (s := fp8_sentence(r))]
         sentences += [s for r in backward_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
                       for s in grid_sentences(r, d, p)]
+        sentences += [s for r in backward_runs(runs) for p in ("bwd", "fwd_bwd")
+                      for s in backward_by_headdim_sentences(r, p)]
         sentences += [s for r in backward_ablation_runs(runs) for d in ("bf16", "fp16") for p in ("bwd", "fwd_bwd")
                       for s in backward_ablation_sentences(r, d, p)]
         if sentences:
