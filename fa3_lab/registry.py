@@ -156,6 +156,11 @@ STEPS: tuple[StepInfo, ...] = (
              "computing all of it; Pᵀ and dSᵀ meet whole in shared memory and come back as A fragments (ldmatrix)",
              "beyond the paper (FlashAttention-4's Hopper backward splits S and dP between its warpgroups)", None,
              headdims=(256,)),
+    StepInfo(26, "26_bwd_do_released_early", "bwd", 25,
+             "backward: each Q/dO ring stage has two empty barriers — dO_i's half is freed once dV has read it, so "
+             "dO_i+2 lands under dK and only Q_i+2 is left on the critical path of consumers half an m_block apart",
+             "beyond the paper (FlashAttention-4's Hopper backward has separate Q and dO pipelines)", None,
+             headdims=(64, 128)),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
