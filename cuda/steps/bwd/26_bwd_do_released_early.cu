@@ -28,7 +28,7 @@
 // each stage now has a dO-empty mbarrier (arrived on after dV, with D_i) beside the Q-empty one (after dK, with
 // L_i), and the producer loads dO_i+2 as soon as it is free, then Q_i+2 — so only Q's 20 KB (headdim 128) are left
 // on the critical path. FlashAttention-4's Hopper backward releases dO after dV the same way (separate Q and dO
-// pipelines). Headdim 256 (one stage, no lag) frees the stage at one point, as in step 25, and Q_i is loaded first.
+// pipelines). Headdim 256 (one stage, no lag) frees the stage at one point and loads it as step 25 did.
 // Predicted: the ring waits at headdim 128 from ~240 to below ~100 cycles per m_block: +2–4 % at headdim 64/128.
 // Twin: none — the ring's barriers are not in the NumPy (reference/backward.py).
 // Tried: nothing else — the first build is the measured one.
@@ -237,32 +237,30 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
     for (int i = 0; i < total; ++i) {
       const int stage = i % kStages, h = h0 + (kGroup ? i / num_iters : 0);
       const int m_block = m_block_min + (kGroup ? i % num_iters : i);
-      auto load_q = [&] {  // Q_i and L_i
-#pragma unroll
-        for (int a = 0; a < Cfg::kAtoms; ++a)
-          tma_load_4d(reinterpret_cast<uint8_t*>(sQ) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_q, &bar_q[stage],
-                      a * kAtomCols16, m_block * kBlockM, h, b);
-        bulk_load_1d(sLse + stage * kBlockM, p.lse_log2 + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
-      };
-      auto load_do = [&] {  // dO_i and D_i
+      // headdim ≤ 128 (consumers half an m_block apart): dO_i and D_i first, as soon as both consumers' dV GEMMs of
+      // m_block i − kStages are done, then Q_i and L_i once their dK GEMMs are (one full barrier for the four: the
+      // consumer needs Q_i first anyway). Headdim 256 (one stage, no lag) frees the stage at one point: step 25's loads
+      if (i >= kStages) mbarrier_wait(Cfg::kDqLag == 1 ? &bar_do_empty[stage] : &bar_q_empty[stage], ((i / kStages) - 1) & 1);
+      mbarrier_arrive_expect_tx(&bar_q[stage], 2 * Cfg::kQBytes + 2 * Cfg::kRowBytes);
+      if constexpr (Cfg::kDqLag == 1) {
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(reinterpret_cast<uint8_t*>(sdO) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_do, &bar_q[stage],
                       a * kAtomCols16, m_block * kBlockM, h, b);
         bulk_load_1d(sD + stage * kBlockM, p.dpsum + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
-      };
-      // headdim ≤ 128 (consumers half an m_block apart): dO_i first, as soon as both consumers' dV GEMMs of m_block
-      // i − kStages are done, then Q_i once their dK GEMMs are (one full barrier for both: the consumer needs Q_i
-      // first anyway). Headdim 256 (one stage, no lag) frees the two halves together: Q_i goes first
-      constexpr bool kDoFirst = Cfg::kDqLag == 1;
-      if (i >= kStages) mbarrier_wait(kDoFirst ? &bar_do_empty[stage] : &bar_q_empty[stage], ((i / kStages) - 1) & 1);
-      mbarrier_arrive_expect_tx(&bar_q[stage], 2 * Cfg::kQBytes + 2 * Cfg::kRowBytes);
-      if constexpr (kDoFirst) {
-        load_do();
         if (i >= kStages) mbarrier_wait(&bar_q_empty[stage], ((i / kStages) - 1) & 1);
       }
-      load_q();
-      if constexpr (!kDoFirst) load_do();
+#pragma unroll
+      for (int a = 0; a < Cfg::kAtoms; ++a) {
+        tma_load_4d(reinterpret_cast<uint8_t*>(sQ) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_q, &bar_q[stage],
+                    a * kAtomCols16, m_block * kBlockM, h, b);
+        if constexpr (Cfg::kDqLag == 0)
+          tma_load_4d(reinterpret_cast<uint8_t*>(sdO) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_do, &bar_q[stage],
+                      a * kAtomCols16, m_block * kBlockM, h, b);
+      }
+      bulk_load_1d(sLse + stage * kBlockM, p.lse_log2 + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
+      if constexpr (Cfg::kDqLag == 0)
+        bulk_load_1d(sD + stage * kBlockM, p.dpsum + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
       FA3_TRACE_STAMP(tr, kBwdIssueQ, m_block);
     }
     FA3_TRACE_FINISH(tr);
