@@ -175,7 +175,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

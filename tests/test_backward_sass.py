@@ -232,3 +232,19 @@ def test_split_s_at_headdim_256(compiled):
             assert sum(i["op"].startswith("LDSM") for i in loop) == 8, (s.name, name)
         else:
             assert n32 == 0, (s.name, name, n32)
+
+
+def test_do_released_after_dv(compiled):
+    """Step 26's lesson: at headdim 64 and 128 each consumer arrives on the ring's empty mbarriers twice per m_block
+    (dO_i's half once dV is done, Q_i's once dK is), one arrive more in the loop than step 25; at headdim 256 (one
+    stage, no lag) the count is step 25's. Counted: the loop's SYNCS.ARRIVE (the dSᵀ buffers' full and empty
+    barriers, and the ring's)."""
+    s, _, funcs, _ = compiled
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name or not _extends(s, 25):
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        loop = sass.main_loop(sass.parse_sass(text))["instructions"]
+        arrives = sum(i["op"].startswith("SYNCS.ARRIVE") for i in loop)
+        expected = 3 + (headdim <= 128 and _extends(s, 26))
+        assert arrives == expected, (s.name, name, arrives, expected)

@@ -72,6 +72,7 @@ def _bwd_abl(rows_ms, **shape):
 _ABL_MS = (("step11", 2.0), ("step12", 1.6), ("step13", 1.25), ("step13_det", 1.4), ("step14", 1.2), ("step15", 1.15),
            ("step16", 1.1), ("step17", 1.08), ("step18", 1.07), ("step19", 1.02),
            ("step20", 1.01), ("step21", 1.005), ("step22", 0.99), ("step23", 0.98), ("step24", 0.975), ("step25", 0.97),
+           ("step26", 0.965),
            ("cudnn", 1.3), ("sdpa_flash", 1.8))
 
 

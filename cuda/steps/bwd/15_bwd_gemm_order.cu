@@ -15,6 +15,7 @@
 //   23_bwd_dq_postprocess_tiles + the dQ postprocess: one CTA per m_block tile through shared memory, 16-byte stores
 //   24_bwd_hd256_dq_writer  + headdim 256: dQ added by the dQ writer's bulk reduction (not atomics), one Q/dO stage
 //   25_bwd_hd256_split_s    + headdim 256: Sᵀ, dPᵀ split by queries between the consumers, Pᵀ and dSᵀ through smem
+//   26_bwd_do_released_early + dO_i's half of the ring freed once dV has read it: dO_i+2 lands under dK
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //

@@ -31,9 +31,12 @@
 // pipelines). Headdim 256 (one stage, no lag) frees the stage at one point and loads it as step 25 did.
 // Predicted: the ring waits at headdim 128 from ~240 to below ~100 cycles per m_block: +2–4 % at headdim 64/128.
 // Twin: none — the ring's barriers are not in the NumPy (reference/backward.py).
-// Tried: nothing else — the first build is the measured one.
+// Tried: headdim 256's stage loaded dO first too (where both halves are freed at once): 0.96–0.98× step 25 there —
+//   the consumer needs Q_i first; it keeps step 25's loads (docs/performance.md, row 26).
 // Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
 //   records one.
+// Known limits: headdim 128 gains nothing (0.97–1.04× step 25, noise; H200, 3fecc62) though its ring waits were
+//   the target — not re-traced; headdim 64: 1.01–1.05×. Not the default until a recorded run times it.
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
