@@ -365,7 +365,11 @@ def backward_ablation_table(run: results.Run, dtype: str = "bf16", pass_: str = 
 def backward_by_headdim_sentences(run: results.Run, pass_: str = "bwd", min_seqlen: int = 2048) -> list[str]:
     """Per headdim, our fastest step ÷ cuDNN and ÷ FA2 over every dtype and mask at seqlen ≥ ``min_seqlen`` (the
     backward's acceptance lines, issue 22): "Backward alone, seqlen ≥ 2k, bf16 and fp16, causal and not, ÷ cuDNN:
-    headdim 64 a–b× (n points), …; ÷ FA2: …". [] when the run has no such cell with a peer."""
+    headdim 64 a–b× (n of m points ≥ 1.00×), …; ÷ FA2: …". [] when the run has no such cell with a peer.
+
+    Raises:
+        ValueError: ``pass_`` not in :data:`results.PASSES`.
+    """
     if pass_ not in _PASS_ORDER:
         raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
     ratios: dict[str, dict[int, list[float]]] = {}
