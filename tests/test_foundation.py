@@ -385,7 +385,6 @@ def test_the_current_runs_kernels_are_the_checkouts():
     every step in the run and cuda/include/ have the same code (comments aside: the step headers are generated) at
     each current run's commit and in this checkout (a change there needs a new recorded run; a new step does not)."""
     import shutil
-    import subprocess
 
     root = readme._env.REPO_ROOT
     if shutil.which("git") is None or not (root / ".git").exists():

@@ -52,6 +52,17 @@ DASH = ("**—** = no measurement in this run: that implementation raised on tha
 _PASS_ORDER = tuple(results.PASSES)   # fwd, bwd, fwd_bwd
 
 
+def _pass_index(pass_: str) -> int:
+    """The index of ``pass_`` in :data:`_PASS_ORDER` (the last element of a :func:`_cells` key).
+
+    Raises:
+        ValueError: ``pass_`` not in :data:`results.PASSES`.
+    """
+    if pass_ not in _PASS_ORDER:
+        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
+    return _PASS_ORDER.index(pass_)
+
+
 def _cells(run: results.Run) -> dict[tuple, dict[str, float]]:
     """(dtype index, headdim, causal, sq, sk, batch, nheads, nheads_kv, pass index) -> {impl: median TFLOPs/s}."""
     cells: dict[tuple, dict[str, list[float]]] = {}
@@ -304,9 +315,7 @@ def backward_ablation_sentences(run: results.Run, dtype: str = "bf16", pass_: st
     Raises:
         ValueError: ``pass_`` not in :data:`results.PASSES`.
     """
-    if pass_ not in _PASS_ORDER:
-        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
-    pass_i = _PASS_ORDER.index(pass_)
+    pass_i = _pass_index(pass_)
     out = []
     for key, tf in sorted(_cells(run).items()):
         if results.DTYPES[key[0]] != dtype or key[-1] != pass_i:
@@ -343,10 +352,8 @@ def backward_ablation_table(run: results.Run, dtype: str = "bf16", pass_: str = 
     Raises:
         ValueError: ``pass_`` not in :data:`results.PASSES`.
     """
-    if pass_ not in _PASS_ORDER:
-        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
-    cells = {k: v for k, v in _cells(run).items()
-             if results.DTYPES[k[0]] == dtype and k[-1] == _PASS_ORDER.index(pass_)}
+    pass_i = _pass_index(pass_)
+    cells = {k: v for k, v in _cells(run).items() if results.DTYPES[k[0]] == dtype and k[-1] == pass_i}
     keys = sorted(cells, key=lambda k: (k[1], k[2], k[3], k[4]))
     present = {impl for k in keys for impl in cells[k]}
     impls = ([i for i in results.STEP_IMPLS if i in present] + [i for i in results.DET_IMPLS if i in present]
@@ -370,12 +377,11 @@ def backward_by_headdim_sentences(run: results.Run, pass_: str = "bwd", min_seql
     Raises:
         ValueError: ``pass_`` not in :data:`results.PASSES`.
     """
-    if pass_ not in _PASS_ORDER:
-        raise ValueError(f"pass_: expected one of {', '.join(_PASS_ORDER)}, got {pass_!r}")
+    pass_i = _pass_index(pass_)
     ratios: dict[str, dict[int, list[float]]] = {}
     dtypes = set()
     for key, tf in _cells(run).items():
-        if key[-1] != _PASS_ORDER.index(pass_) or key[3] < min_seqlen:
+        if key[-1] != pass_i or key[3] < min_seqlen:
             continue
         best, _ = _best_step(tf)
         if best is None:

@@ -243,26 +243,28 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
       // headdim ≤ 128 (consumers half an m_block apart): dO_i and D_i first, as soon as both consumers' dV GEMMs of
       // m_block i − kStages are done, then Q_i and L_i once their dK GEMMs are (one full barrier for the four: the
       // consumer needs Q_i first anyway). Headdim 256 (one stage, no lag) frees the stage at one point: step 25's loads
-      if (i >= kStages) mbarrier_wait(Cfg::kDqLag == 1 ? &bar_do_empty[stage] : &bar_q_empty[stage], ((i / kStages) - 1) & 1);
+      constexpr bool kDoFirst = Cfg::kDqLag == 1;
+      const uint32_t reuse_phase = ((i / kStages) - 1) & 1;  // the stage's previous use
+      if (i >= kStages) mbarrier_wait(kDoFirst ? &bar_do_empty[stage] : &bar_q_empty[stage], reuse_phase);
       mbarrier_arrive_expect_tx(&bar_q[stage], 2 * Cfg::kQBytes + 2 * Cfg::kRowBytes);
-      if constexpr (Cfg::kDqLag == 1) {
+      if constexpr (kDoFirst) {
 #pragma unroll
         for (int a = 0; a < Cfg::kAtoms; ++a)
           tma_load_4d(reinterpret_cast<uint8_t*>(sdO) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_do, &bar_q[stage],
                       a * kAtomCols16, m_block * kBlockM, h, b);
         bulk_load_1d(sD + stage * kBlockM, p.dpsum + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
-        if (i >= kStages) mbarrier_wait(&bar_q_empty[stage], ((i / kStages) - 1) & 1);
+        if (i >= kStages) mbarrier_wait(&bar_q_empty[stage], reuse_phase);
       }
 #pragma unroll
       for (int a = 0; a < Cfg::kAtoms; ++a) {
         tma_load_4d(reinterpret_cast<uint8_t*>(sQ) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_q, &bar_q[stage],
                     a * kAtomCols16, m_block * kBlockM, h, b);
-        if constexpr (Cfg::kDqLag == 0)
+        if constexpr (!kDoFirst)
           tma_load_4d(reinterpret_cast<uint8_t*>(sdO) + stage * Cfg::kQBytes + a * kAtomBytesQ, &tmap_do, &bar_q[stage],
                       a * kAtomCols16, m_block * kBlockM, h, b);
       }
       bulk_load_1d(sLse + stage * kBlockM, p.lse_log2 + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
-      if constexpr (Cfg::kDqLag == 0)
+      if constexpr (!kDoFirst)
         bulk_load_1d(sD + stage * kBlockM, p.dpsum + row_base(h) + m_block * kBlockM, Cfg::kRowBytes, &bar_q[stage]);
       FA3_TRACE_STAMP(tr, kBwdIssueQ, m_block);
     }
