@@ -161,6 +161,10 @@ STEPS: tuple[StepInfo, ...] = (
              "dO_i+2 lands under dK and only Q_i+2 is left on the critical path of consumers half an m_block apart",
              "beyond the paper (FlashAttention-4's Hopper backward has separate Q and dO pipelines)", None,
              headdims=(64, 128)),
+    StepInfo(27, "27_bwd_shared_window", "bwd", 26,
+             "backward: the dynamic shared memory rounded up as an offset from the __shared__ array, so L_i, D_i and "
+             "the dQ tile are LDS/STS instead of generic loads and stores; L_i read under the Sᵀ GEMM",
+             "beyond the paper (a compiler matter: the address space of a pointer)", None),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -175,7 +179,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

@@ -45,6 +45,12 @@ def s_cols(s, headdim):
 BWD_STEPS = [pytest.param(s, marks=getattr(pytest.mark, s.marker), id=s.marker) for s in registry.series("bwd")]
 
 
+def _group_walk(name):
+    """Whether a main kernel's mangled name is the GQA group-walk variant (step 21's kGroup = true)."""
+    m = re.search(r"Li\d+ELb[01]ELb([01])E", name)
+    return bool(m) and m.group(1) == "1"
+
+
 def _forms(text):
     """The main kernel's HGMMAs in program order, each "sdp", "rs" or "dq", and the form of the last HGMMA before
     each MUFU.EX2."""
@@ -166,7 +172,13 @@ def test_where_ptxas_waits_for_dp(compiled):
         # the WGMMA waits between the first HGMMA and the first EX2
         loop = text[text.index("HGMMA."):text.index("MUFU.EX2")]
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\d+)", loop)
-        assert waits and waits[0] == "0x1" and "0x0" in waits, (s.name, name, waits)
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        if _extends(s, 27) and (headdim == 64 or _group_walk(name)):
+            # step 27 reads L_i by LDS after the Sᵀ wait here (not under the GEMM): ptxas then keeps some
+            # exponentials ahead of the dPᵀ wait
+            assert waits == ["0x1"], (s.name, name, waits)
+        else:
+            assert waits and waits[0] == "0x1" and "0x0" in waits, (s.name, name, waits)
 
 
 def test_without_the_group_walk_step_21_divides_as_step_20(compiled):
@@ -248,3 +260,27 @@ def test_do_released_after_dv(compiled):
         arrives = sum(i["op"].startswith("SYNCS.ARRIVE") for i in loop)
         expected = 3 + (headdim <= 128 and _extends(s, 26))
         assert arrives == expected, (s.name, name, arrives, expected)
+
+
+def test_shared_window(compiled):
+    """Step 27's lesson: the consumers read L_i, D_i and write the dQ tile through pointers the compiler knows are
+    shared. Up to step 26 the loop has generic LD.E.64 and ST.E.128 (the uintptr_t round-up of the dynamic shared
+    memory loses the address space); from step 27 it has none, and LDS.64 and STS.128 instead. At headdim 128 and
+    256 (one head per CTA) L_i's loads sit ahead of the first WGMMA wait, under the Sᵀ GEMM."""
+    s, _, funcs, _ = compiled
+    if not _extends(s, 19):
+        pytest.skip("the dQ tile's stores and the loop's shape are 19's on")
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name:
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        ops = [i["op"] for i in sass.main_loop(sass.parse_sass(text))["instructions"]]
+        generic = sum(op.startswith(("LD.E", "ST.E")) for op in ops)
+        shared = sum(op.startswith(("LDS.", "STS.")) for op in ops)
+        if not _extends(s, 27):
+            assert generic > 0 and shared == 0, (s.name, name, generic, shared)
+            continue
+        assert generic == 0 and shared > 0, (s.name, name, generic, shared)
+        if headdim > 64 and not _group_walk(name):
+            first_wait = ops.index("WARPGROUP.DEPBAR.LE")
+            assert ops[:first_wait].count("LDS.64") > 0, (s.name, name)

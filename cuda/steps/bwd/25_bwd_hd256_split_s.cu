@@ -16,6 +16,7 @@
 //   24_bwd_hd256_dq_writer  + headdim 256: dQ added by the dQ writer's bulk reduction (not atomics), one Q/dO stage
 //   25_bwd_hd256_split_s    + headdim 256: Sᵀ, dPᵀ split by queries between the consumers, Pᵀ and dSᵀ through smem  <- this file
 //   26_bwd_do_released_early + dO_i's half of the ring freed once dV has read it: dO_i+2 lands under dK
+//   27_bwd_shared_window    + L_i, D_i and the dQ tile through a __shared__ pointer (LDS/STS), L_i read under Sᵀ
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
