@@ -186,7 +186,7 @@ CHAPTERS: tuple[Chapter, ...] = (
 DEFAULT_STEP = 10
 FP8_STEP = 5
 #: The backward step autograd runs by default (``flash_attn_func(..., bwd_step=None)``).
-DEFAULT_BWD_STEP = 25
+DEFAULT_BWD_STEP = 27
 
 
 def step(step_id: int) -> StepInfo:

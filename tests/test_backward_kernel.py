@@ -12,6 +12,7 @@ marker. The bad-input tests at the bottom run on CPU.
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 
@@ -105,7 +106,7 @@ def check_grads(dtype_name, q, k, v, dout, causal, note="", deterministic=False,
 def test_backward_matches_reference(bwd_step, dtype_name, headdim, causal, shape):
     if bwd_step not in api.backward_steps():
         pytest.skip(f"backward step {bwd_step} is not built ($FA3_LAB_STEPS)")
-    seed = hash((dtype_name, headdim, causal, shape)) % (2**31)
+    seed = zlib.crc32(repr((dtype_name, headdim, causal, shape)).encode())  # the same in every process
     q, k, v, dout = make_inputs(dtype_name, headdim, *shape, seed=seed)
     check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}, step {bwd_step}", bwd_step=bwd_step)
     if shape == SHAPES[-2]:  # deterministic mode: one shape per step
@@ -156,7 +157,7 @@ def test_gqa_group_walked_by_one_cta(bwd_step, dtype_name, headdim, causal, grou
     n_blocks = -(-seqlen_k // (64 if headdim == 256 else 128))
     batch = -(-2 * sms // (n_blocks * nheads_kv))
     assert batch * nheads_kv * n_blocks >= 2 * sms
-    seed = hash((dtype_name, headdim, causal, group)) % (2**31)
+    seed = zlib.crc32(repr((dtype_name, headdim, causal, group)).encode())
     q, k, v, dout = make_inputs(dtype_name, headdim, batch, seqlen_q, seqlen_k, group * nheads_kv, nheads_kv, seed)
     check_grads(dtype_name, q, k, v, dout, causal, f"seed {seed}, step {bwd_step}", bwd_step=bwd_step)
     if group == 2:

@@ -9,6 +9,7 @@ The validation tests at the bottom need no GPU and run in CI.
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 
@@ -89,7 +90,7 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_kv)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_matches_reference(step, dtype_name, headdim, causal, shape):
-    seed = hash((step, dtype_name, headdim, causal, shape)) % (2**31)
+    seed = zlib.crc32(repr((step, dtype_name, headdim, causal, shape)).encode())  # the same in every process
     run_case(step, dtype_name, headdim, causal, *shape, seed=seed)
 
 
