@@ -407,6 +407,35 @@ def test_the_current_runs_kernels_are_the_checkouts():
     assert "the kernels it\ntimed have not changed since" in (root / "README.md").read_text()
 
 
+def test_notebook_08s_six_shape_ablation_has_the_checkouts_forward_kernels():
+    """Notebook 08 shows every forward step at six shapes from the current run's commit, or, where the current run did
+    not time them, from the newest archived ablation_steps.json: its forward step files must then have the same code
+    (comments aside) at that commit and in this checkout, so the table shows the kernels the lab ships."""
+    import shutil
+
+    root = readme._env.REPO_ROOT
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for slug, runs in results.current_runs().items():
+        ablation = [r for r in runs if r.path.name == "ablation.json"]
+        if not ablation:
+            continue
+        folder = results.ARCHIVE_DIR / slug
+        if (folder / ablation[0].meta["commit"] / "ablation_steps.json").exists():
+            continue
+        wide = max((results.load(p) for p in folder.glob("*/ablation_steps.json")), key=lambda r: r.meta["date"])
+        commit = wide.meta["commit"]
+        if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode:
+            pytest.skip(f"commit {commit} is not in this clone's history (shallow clone)")
+        paths = ["cuda/include/"] + [s.path for s in registry.series("fwd")]
+        diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", *paths], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+        changed = [ln for ln in diff if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+                   and ln[1:].strip() and not ln[1:].lstrip().startswith("//")]
+        assert not changed, (f"{wide.path}: forward kernels changed since {commit}: {changed[:5]}; time the six "
+                             f"shapes again (tools/experiments/grid_vs_base.py --no-grid --ablation)")
+
+
 def _readme(tmp_path, body="intro\n"):
     p = tmp_path / "README.md"
     p.write_text(f"# x\n{body}{readme.BEGIN}\nold table\n{readme.END}\nafter\n")

@@ -135,3 +135,42 @@ def test_recorded_bwd_traces_hold_their_medians():
             c = run["median_cycles"]
             assert run["recorded"] == run["ctas"] and c["m_blocks"] >= 1, path
             assert c["to_first_q"] + c["loop"] + c["epilogue"] <= c["span"] * 1.05, path
+
+
+# ---------------------------------------------------------------- Nsight Compute's stall samples (tools/experiments/ncu_stalls.py)
+
+def _ncu_stalls_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "experiments" / "ncu_stalls.py"
+    spec = importlib.util.spec_from_file_location("ncu_stalls", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ncu_stalls_reads_the_source_page_and_its_trimmed_copy(tmp_path, capsys):
+    """ncu's source page (a kernel-name line, then the table) and the --trim file both read; the instruction with the
+    most samples is listed first with its main reason; rows without samples are left out of the trimmed copy."""
+    ns = _ncu_stalls_module()
+    page = tmp_path / "page.csv"
+    page.write_text('"Kernel Name","k"\n'
+                    '"Address","Source","Warp Stall Sampling (All Samples)","stall_long_sb","stall_wait",'
+                    '"stall_long_sb (Not Issued)"\n'
+                    '"0x10","  LDS.64 R2, [R0]","3","0","3","0"\n'
+                    '"0x20","  FFMA R1, R2, R3, R4","7","6","1","6"\n'
+                    '"0x30","  EXIT","0","0","0","0"\n')
+    reasons, rows = ns.read(page)
+    assert reasons == ["stall_long_sb", "stall_wait"] and len(rows) == 3
+    trim = tmp_path / "trim.csv"
+    assert ns.main([str(page), "--top", "1", "--trim", str(trim)]) == 0
+    out = capsys.readouterr().out
+    assert "10 samples over 3 instructions" in out and "FFMA R1, R2, R3, R4" in out and "long_sb 6" in out
+    assert "LDS.64" not in out.split("top 1 instructions")[1]
+    reasons, rows = ns.read(trim)
+    assert [r["Source"] for r in rows] == ["LDS.64 R2, [R0]", "FFMA R1, R2, R3, R4"]
+    with pytest.raises(ValueError, match="no header row"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("x,y\n1,2\n")
+        ns.read(bad)

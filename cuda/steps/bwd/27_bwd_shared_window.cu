@@ -25,19 +25,25 @@
 // through it — L_i and D_i in the exponentials and dSᵀ, the consumers' dQ tile — compiles to generic LD.E/ST.E, not
 // LDS/STS (the TMA, WGMMA, stmatrix and mbarrier operands take 32-bit shared addresses and were never affected).
 // A generic access goes through the L1TEX path and its result is tracked on the long scoreboard; Nsight Compute's
-// stall sampling of step 26 (H200, headdim 128, bf16, 2k; tools/experiments/results/nvidia-h200/<commit>/) put 7 %
-// of the consumers' loop samples on the first FFMA that reads L_i (issued after the Sᵀ wait) and 9 % on the
-// `fence.proxy.async` behind the dQ tile's generic stores, which waits for them. Here the round-up is an offset
+// stall sampling of step 26 (H200, headdim 128, bf16, 2k; tools/experiments/results/nvidia-h200/66926e1/) put 8 %
+// of the consumers' loop samples on the FFMAs that first read L_i (issued after the Sᵀ wait) and 8.5 % on the
+// `fence.proxy.async` behind the dQ tile's generic stores, which waits for them, and the arrive after it. Here the round-up is an offset
 // from the __shared__ array, so the compiler keeps the shared window: 20 LDS.64 and 10 STS.128 per m_block at
 // headdim 128 where step 26 had LD.E.64 and ST.E.128 (tests/test_backward_sass.py). With L_i now a short load,
-// it is read before the wait for Sᵀ, under the GEMM (headdim 128 and 256; at headdim 64, K's 32 registers leave no
-// room for L's 32: ptxas spills).
+// it is read before the wait for Sᵀ, under the GEMM (headdim 128 and 256 with one head per CTA; at headdim 64, K's
+// registers leave no room for L's 32, nor does the GQA walk's arithmetic: ptxas spills).
 // Predicted: the L_i wait mostly gone and the dQ tile's fence shorter: +3–6 % at headdim 128, +2–4 % at 64 and 256.
 // Twin: none — the address space is the compiler's, not the algorithm's (reference/backward.py).
-// Tried: nothing yet.
-// Measured: the current recorded run (fa3_lab/results/) has no row for this step; `python -m fa3_lab bench`
-//   records one.
-// Known limits: the forward steps round up the same way (their loops read nothing through the pointer).
+// Tried: nothing timed apart — the shared window alone (L_i read after the Sᵀ wait, by LDS) was compiled, not run.
+// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 553
+//   TFLOPs/s (1.02× step 26, 1.11× cuDNN, 1.79× FA2), deterministic 511 (−7.5 %); causal 542 TFLOPs/s (1.02×
+//   step 26, 1.13× cuDNN, 1.86× FA2), deterministic 494 (−9.0 %).
+// Known limits: ÷ step 26 in one run (H200, 1da38d2, tools/experiments/results/nvidia-h200/1da38d2/bench_27.json,
+//   bf16 + fp16, 2k–16k): headdim 128 1.023 (geometric mean; 0.997–1.055), 64 1.033, 256 1.008 (0.977 at 16k
+//   non-causal). L_i's LDS still wait about as long as the generic loads did (the same stall sampling of this
+//   step): the shared-memory pipe is busy with the WGMMAs' operand reads; the gain is the fences'. The forward
+//   steps round up the same way (their loops read nothing through the pointer).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
