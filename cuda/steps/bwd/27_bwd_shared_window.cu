@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(Config<T, kHeadDim>::kThreads, 1)
   // The consumers' own reads and writes (L_i, D_i; the dQ tile) through pointers the compiler knows are shared: the
   // same bytes as an offset from the __shared__ array, so LDS/STS and not generic LD/ST (the header)
   uint8_t* const smem_sh = smem_raw + (smem - smem_raw);
-  const float* sLse_sh = reinterpret_cast<const float*>(smem_sh + Cfg::kOffLse);  // the consumers' sLse and sD
+  const float* sLse_sh = reinterpret_cast<const float*>(smem_sh + Cfg::kOffLse);  // sLse, sD
   const float* sD_sh = reinterpret_cast<const float*>(smem_sh + Cfg::kOffD);
   FA3_TRACE_DECL(tr);
   FA3_TRACE_INIT(tr, p, 2 + cwg, threadIdx.x % kThreadsPerWarpgroup == 0);
