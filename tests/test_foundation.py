@@ -380,6 +380,15 @@ def test_readme_results_table_is_current():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def _code_changed_since(root, commit, paths):
+    """The changed code lines of ``paths`` between ``commit`` and this checkout (whole-line comments, the generated
+    step headers among them, and blank lines aside)."""
+    diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", *paths], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    return [ln for ln in diff if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+            and ln[1:].strip() and not ln[1:].lstrip().startswith("//")]
+
+
 def test_the_current_runs_kernels_are_the_checkouts():
     """The README says the kernels the current run timed have not changed since it was recorded: the step files of
     every step in the run and cuda/include/ have the same code (comments aside: the step headers are generated) at
@@ -398,10 +407,7 @@ def test_the_current_runs_kernels_are_the_checkouts():
         known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True)
         if known.returncode != 0:
             pytest.skip(f"commit {commit} is not in this clone's history (shallow clone)")
-        diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", *paths], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.splitlines()
-        changed = [ln for ln in diff if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
-                   and ln[1:].strip() and not ln[1:].lstrip().startswith("//")]  # comments (the headers) may change
+        changed = _code_changed_since(root, commit, paths)
         assert not changed, (f"timed kernels changed since the current run's commit {commit}: {changed[:5]}; record a "
                              f"new run (README 'Results') or move the run to tools/experiments/results/")
     assert "the kernels it\ntimed have not changed since" in (root / "README.md").read_text()
@@ -428,10 +434,7 @@ def test_notebook_08s_six_shape_ablation_has_the_checkouts_forward_kernels():
         if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode:
             pytest.skip(f"commit {commit} is not in this clone's history (shallow clone)")
         paths = ["cuda/include/"] + [s.path for s in registry.series("fwd")]
-        diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", *paths], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.splitlines()
-        changed = [ln for ln in diff if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
-                   and ln[1:].strip() and not ln[1:].lstrip().startswith("//")]
+        changed = _code_changed_since(root, commit, paths)
         assert not changed, (f"{wide.path}: forward kernels changed since {commit}: {changed[:5]}; time the six "
                              f"shapes again (tools/experiments/grid_vs_base.py --no-grid --ablation)")
 
