@@ -27,8 +27,10 @@
 // A generic access goes through the L1TEX path and its result is tracked on the long scoreboard; Nsight Compute's
 // stall sampling of step 26 (H200, headdim 128, bf16, 2k; tools/experiments/results/nvidia-h200/66926e1/) put 8 %
 // of the consumers' loop samples on the FFMAs that first read L_i (issued after the Sᵀ wait) and 8.5 % on the
-// `fence.proxy.async` behind the dQ tile's generic stores, which waits for them, and the arrive after it. Here the round-up is an offset
-// from the __shared__ array, so the compiler keeps the shared window: 20 LDS.64 and 10 STS.128 per m_block at
+// `fence.proxy.async` behind the dQ tile's generic stores, which waits for them, and the arrive after it. Here the
+// consumers take a second view of the same bytes, smem_raw + (smem − smem_raw): an offset from the __shared__ array,
+// so the compiler keeps the shared window (the producer keeps the generic `smem`: with the view, ptxas spilled its 24
+// registers in the headdim-128 group walk): 20 LDS.64 and 10 STS.128 per m_block at
 // headdim 128 where step 26 had LD.E.64 and ST.E.128 (tests/test_backward_sass.py). With L_i now a short load,
 // it is read before the wait for Sᵀ, under the GEMM (headdim 128 and 256 with one head per CTA; at headdim 64, K's
 // registers leave no room for L's 32, nor does the GQA walk's arithmetic: ptxas spills).
