@@ -28,8 +28,8 @@
 //   7. epilogue: O / ℓ → 16-bit → global; lse = m·α + ln ℓ
 // K/V tiles are visited from the last to the first, so the masked tiles come first.
 //
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 513, fp16 489 TFLOPs/s; bf16 peers in the same run: FA3 663, cuDNN 600.
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 524, fp16 505 TFLOPs/s; bf16 peers in the same run: FA3 678, cuDNN 607.
 // Known limits: the two GEMMs and the softmax of a warpgroup run back to back (nothing overlaps
 // within a CTA except what the other warpgroup does); the __syncthreads per tile couples both
 // warpgroups; the epilogue stores straight from registers (4-byte stores).

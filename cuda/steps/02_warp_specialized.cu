@@ -31,8 +31,8 @@
 //                                               7. epilogue: O / ℓ, lse
 // K/V tiles are visited from the last to the first, so the masked tiles come first.
 //
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 568, fp16 546 TFLOPs/s (1.11× step 01).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 568, fp16 551 TFLOPs/s (1.08× step 01).
 // Known limits: the consumers take the tensor cores and MUFU in no order (03), the softmax waits for GEMMs (04).
 // Twin: reference/fa3_pipeline.py::warp_specialized_forward.
 // ============================================================================================

@@ -28,8 +28,8 @@
 // with a prologue (turn: S = Q·K_0ᵀ) and an epilogue (turn: O += P_last·V_last), then O / ℓ and lse.
 // The producer warpgroup is unchanged from step 02.
 //
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 614, fp16 571 TFLOPs/s (1.08× step 02).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 614, fp16 577 TFLOPs/s (1.08× step 02).
 // Known limit: inside one warpgroup the softmax still waits for the
 // GEMMs it depends on (step 04 overlaps them).
 // Twin: reference/fa3_pipeline.py::warp_specialized_forward (pingpong turns).

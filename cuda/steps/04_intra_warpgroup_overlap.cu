@@ -30,8 +30,8 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: reference/fa3_pipeline.py::pipelined_forward (same stage numbers).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 654, fp16 626 TFLOPs/s (1.06× step 03).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 653, fp16 638 TFLOPs/s (1.06× step 03).
 // Known limits: ptxas places wgmma.wait_group 0 after 10–17 of the softmax's exponentials, not after all.
 // Tried (docs/performance.md): wait_group 0 forced below every exponential: 0–9 % slower (kept ptxas's);
 //   O's rescale between the two GEMM issues (as FA3): 0.98–1.03×, noise (not kept); lazy rescale: hd256 +1–6 %,

@@ -26,9 +26,9 @@
 //      and the epilogue multiplies by sv_last / ℓ; lse = (m − 8)·ln2 + ln ℓ. Output bf16.
 // Main loop: step 04's stages 1–7 with e4m3 GEMMs (QGMMA in SASS) and the O rescale every tile (stage 5).
 // Twin: reference/fp8.py::fp8_attention (same blocks, P·2^8, descales).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/bench_fp8.json): the kernel
-//   alone, non-causal, seqlen 16k: headdim 128 822 TFLOPs/s (0.91× FA3 e4m3); headdim 256 1150 TFLOPs/s
-//   (1.02× FA3 e4m3).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/bench_fp8.json): the kernel
+//   alone, non-causal, seqlen 16k: headdim 128 831 TFLOPs/s (0.93× FA3 e4m3); headdim 256 1173 TFLOPs/s
+//   (1.03× FA3 e4m3).
 // Known limits: Bc is pinned to 128 by the quantization block (FA3 uses a wider one at hd128); V is
 // transposed by the quantize kernel, not in shared memory with ldmatrix/stmatrix as the paper does, so
 // callers with e4m3 V in BSHD pay one copy (fa3_lab.fp8.kernel_v_layout).

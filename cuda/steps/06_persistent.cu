@@ -29,8 +29,8 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: reference/scheduler.py::static_schedule (the tile order and each CTA's tiles).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 652, fp16 608 TFLOPs/s (1.00× step 04).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 664, fp16 626 TFLOPs/s (1.02× step 04).
 // Known limits: headdim 256 and causal keep one CTA per tile (see Tried).
 // Tried (docs/performance.md): persistent / one CTA per tile on the H100: non-causal hd64 +6–18 %, hd128 +2–6 % (kept);
 //   hd256 −5–7 % and causal up to −30 % (static round-robin of unequal tiles, even longest-first) — not used.

@@ -29,8 +29,8 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: reference/scheduler.py::dynamic_schedule (claims from the counter, L2 sections, makespan).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 623, fp16 624 TFLOPs/s (0.95× step 06).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 613, fp16 630 TFLOPs/s (0.92× step 06).
 // Known limits: the counter must be zeroed per call (binding.cpp allocates it); above 8192 keys it lost.
 // Tried (docs/performance.md): dynamic / one CTA per tile at 1k–16k: +3–11 % at 1k–4k, −2–5 % at 16k
 //   (053739e; hence kDynamicMaxSeqlen = 8192); 8 MB sections instead of 32 (03c0f18): within ±4 %, no

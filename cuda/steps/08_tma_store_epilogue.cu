@@ -28,8 +28,8 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: none — where O's bytes travel through (registers → smem → TMA) is not a NumPy-visible fact.
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 655, fp16 593 TFLOPs/s (1.05× step 07).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 655, fp16 606 TFLOPs/s (1.07× step 07).
 // Known limits: at headdim 256 the O tile borrows a ring, so the next tile's loads wait for the store.
 // Tried (docs/performance.md): Bc 160 with the TMA store / 176 without: 1.01–1.06× (kept); 160 without it
 //   0.95–1.02× (ab_bn160); O in the V ring at Bc = 176: 0.95–1.00× (ab_oinv128, 6866ce8, not kept).

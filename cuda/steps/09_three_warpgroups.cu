@@ -26,8 +26,8 @@
 //   6. P_j → 16-bit A fragments; O *= corr_j if some row's max moved (lazy rescale)
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: reference/fa3_pipeline.py::pipelined_forward (num_consumers=3).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 639, fp16 634 TFLOPs/s (0.98× step 08).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 650, fp16 635 TFLOPs/s (0.99× step 08).
 // Known limits: traced builds keep two consumers (the trace has rows for two).
 // Tried (docs/performance.md): three warpgroups / two at 2k/4k/8k/16k: 1.04/1.03/1.08/1.09 (ab_hd64_wg3, kept);
 //   two warpgroups at Bc = 192: +5–9 % in one run, 0.99–1.02× in the next (not kept).

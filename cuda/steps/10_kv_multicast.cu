@@ -30,8 +30,8 @@
 // then a last turn O += P_last·V_last and 7. the epilogue: O / ℓ and lse.
 // Twin: none — the multicast changes where K/V bytes come from, not what any warpgroup computes; the
 // schedule is reference/fa3_pipeline.py::pipelined_forward's.
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
-//   shape (4, 8448, 16, 128): bf16 675, fp16 640 TFLOPs/s (1.06× step 09).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation.json): Table 2
+//   shape (4, 8448, 16, 128): bf16 676, fp16 653 TFLOPs/s (1.04× step 09).
 // Known limits: the launcher takes min(work, SMs / 2) clusters and assumes all are co-resident; the
 // cluster runs only at non-causal headdim 128 (elsewhere it measured neutral or lost, docs/performance.md).
 // Tried (docs/performance.md has the numbers):

@@ -54,9 +54,9 @@
 //                 work of those two GEMMs: a known cost of this base step); dQ: w takes columns 128w..
 // Twin: reference/backward.py (flash_attention_backward: preprocess / n_block / m_block / dq_accum /
 // postprocess, the stage numbers above).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 327
-//   TFLOPs/s (0.66× cuDNN, 1.06× FA2); causal 319 TFLOPs/s (0.66× cuDNN, 1.09× FA2).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 326
+//   TFLOPs/s (0.62× cuDNN, 1.06× FA2); causal 321 TFLOPs/s (0.67× cuDNN, 1.10× FA2).
 // Resources: ptxas 238 / 234 registers at headdim 128 (non-causal / causal), 254 at 64, 245 / 251 at 256; no
 //   spills. Extra memory at (1, 16384, 16, 128): 131 MiB (dq_accum fp32 + row stats), cuDNN's backward 130 MiB.
 // Correctness: tests/test_backward_kernel.py (every headdim, causal and not, bf16/fp16, GQA 1/2/8/MQA, seqlens

@@ -34,9 +34,9 @@
 // m_block i's barrier, both have finished the dQ GEMM of i − 1, the last reader of buffer (i + 1) % 2.
 // The arithmetic, the tiles, the preprocess and the postprocess are step 11's.
 // Twin: none — the arithmetic is step 11's (reference/backward.py); the ring is the forward's (step 02).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 356
-//   TFLOPs/s (1.09× step 11, 0.71× cuDNN, 1.15× FA2); causal 343 TFLOPs/s (1.08× step 11, 0.71× cuDNN, 1.18×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 357
+//   TFLOPs/s (1.09× step 11, 0.67× cuDNN, 1.16× FA2); causal 346 TFLOPs/s (1.08× step 11, 0.72× cuDNN, 1.19×
 //   FA2).
 // Known limits: dQ atomics straight from registers on the consumers' path (13); no overlap of one m_block's
 // GEMMs with the next one's exponentials; headdim 256 computes Sᵀ and dPᵀ twice.

@@ -32,9 +32,9 @@
 // Deterministic mode: only the writer waits for the m_block's semaphore (the consumers run on).
 // Headdim 256 keeps step 12's atomics: its 64 KB tile does not fit beside the ring (Config::kDqInSmem).
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 520
-//   TFLOPs/s (1.46× step 12, 1.04× cuDNN, 1.68× FA2); causal 465 TFLOPs/s (1.36× step 12, 0.97× cuDNN, 1.60×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 524
+//   TFLOPs/s (1.47× step 12, 0.99× cuDNN, 1.71× FA2); causal 474 TFLOPs/s (1.37× step 12, 0.98× cuDNN, 1.62×
 //   FA2).
 // Known limits: no overlap of one m_block's GEMMs with the next one's exponentials; headdim 256 computes Sᵀ
 // and dPᵀ twice and adds dQ by atomics.

@@ -34,9 +34,9 @@
 // (ptxas spilled 256 bytes); headdim 64 and 256 keep 13's order
 // (Config::kPipelined).
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 476
-//   TFLOPs/s (0.92× step 13, 0.95× cuDNN, 1.54× FA2); causal 426 TFLOPs/s (0.92× step 13, 0.89× cuDNN, 1.46×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 481
+//   TFLOPs/s (0.92× step 13, 0.91× cuDNN, 1.57× FA2); causal 427 TFLOPs/s (0.90× step 13, 0.88× cuDNN, 1.46×
 //   FA2).
 // Known limits: it does not pay (Measured above; docs/performance.md), and the ptxas log says why: at headdim 128
 // ptxas serializes every WGMMA of this kernel (info C7514: other instructions read an accumulator inside the WGMMA

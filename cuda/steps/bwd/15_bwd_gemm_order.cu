@@ -34,9 +34,9 @@
 // WGMMA of the kernel (ptxas info C7512; tests/test_backward_sass.py checks that no step but 14 is serialized).
 // The empty barriers of the ring count all 256 consumer threads (each releases its own ld.shared of L_i, D_i).
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 514
-//   TFLOPs/s (0.99× step 13, 1.03× cuDNN, 1.67× FA2); causal 477 TFLOPs/s (1.03× step 13, 0.99× cuDNN, 1.64×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 522
+//   TFLOPs/s (1.00× step 13, 0.99× cuDNN, 1.70× FA2); causal 474 TFLOPs/s (1.00× step 13, 0.98× cuDNN, 1.62×
 //   FA2).
 // Known limits: the exponentials and dS still run with no GEMM queued; headdim 256 computes Sᵀ and dPᵀ twice
 // and adds dQ by atomics.

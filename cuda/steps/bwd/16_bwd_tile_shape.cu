@@ -36,9 +36,9 @@
 //   • shared memory: 2 × 20 KB Q, dO and dS stages + 40 KB dQ tile + 64 KB K, V = 226 KB of 227.
 // Headdim 64 (128 × 128) and 256 (64 × 64) keep step 15's tiles (Config::kBlockM).
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 513
-//   TFLOPs/s (1.00× step 15, 1.03× cuDNN, 1.66× FA2); causal 482 TFLOPs/s (1.01× step 15, 1.00× cuDNN, 1.65×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 516
+//   TFLOPs/s (0.99× step 15, 0.97× cuDNN, 1.68× FA2); causal 485 TFLOPs/s (1.02× step 15, 1.00× cuDNN, 1.66×
 //   FA2).
 // Known limits: headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================

@@ -31,9 +31,9 @@
 //     of their row (two float4 each) while they are at it, and the binding allocates dq_accum uninitialized.
 // The main kernel and the postprocess are step 16's.
 // Twin: none — the arithmetic is step 11's (reference/backward.py).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 523
-//   TFLOPs/s (1.02× step 16, 1.05× cuDNN, 1.69× FA2); causal 485 TFLOPs/s (1.01× step 16, 1.01× cuDNN, 1.66×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 532
+//   TFLOPs/s (1.03× step 16, 1.00× cuDNN, 1.73× FA2); causal 480 TFLOPs/s (0.99× step 16, 0.99× cuDNN, 1.64×
 //   FA2).
 // Known limits: headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================

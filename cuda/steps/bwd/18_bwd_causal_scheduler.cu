@@ -41,9 +41,9 @@
 //   (tests/test_reference_bwd_scheduler.py); the arithmetic is step 11's.
 // Tried (docs/performance.md): persistent CTAs taking tiles from a counter, next K/V under the epilogue:
 //   0.96–1.02× this step, deterministic 1.2–4.6× slower (ff45b7f, reverted).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 529
-//   TFLOPs/s (1.01× step 17, 1.06× cuDNN, 1.71× FA2); causal 493 TFLOPs/s (1.02× step 17, 1.03× cuDNN, 1.69×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 523
+//   TFLOPs/s (0.98× step 17, 0.99× cuDNN, 1.70× FA2); causal 497 TFLOPs/s (1.04× step 17, 1.03× cuDNN, 1.70×
 //   FA2).
 // Known limits: headdim 256 computes Sᵀ and dPᵀ twice and adds dQ by atomics.
 // ============================================================================================

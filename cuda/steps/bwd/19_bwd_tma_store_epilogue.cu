@@ -36,9 +36,9 @@
 // Twin: none — the arithmetic is step 11's (reference/backward.py), the order step 18's.
 // Tried (docs/performance.md): at headdim 64, each consumer's dQ over its own keys and GEMMs issued in turns
 //   (pingpong): 1.00–1.05× this step, racecheck not clean (12709c1, reverted).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 539
-//   TFLOPs/s (1.02× step 18, 1.08× cuDNN, 1.74× FA2); causal 505 TFLOPs/s (1.02× step 18, 1.05× cuDNN, 1.73×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 553
+//   TFLOPs/s (1.06× step 18, 1.05× cuDNN, 1.80× FA2); causal 515 TFLOPs/s (1.04× step 18, 1.07× cuDNN, 1.76×
 //   FA2).
 // Known limits: the epilogue still takes ~4 k cycles (the last dK GEMM's wait, the ring barrier); headdim 256
 //   computes Sᵀ and dPᵀ twice and adds dQ by atomics.

@@ -36,9 +36,9 @@
 // Tried (docs/performance.md): at headdim 64, each consumer's dQ over its own keys and GEMMs issued in turns
 //   (pingpong): 1.00–1.05× step 19, racecheck not clean (12709c1, reverted). dV issued before dPᵀ's wait, so that
 //   the exponentials run under dPᵀ's GEMM (ptxas hoists that wait above them in 15–19): 0.95–1.02× step 19 (48ccd3e).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 541
-//   TFLOPs/s (1.00× step 19, 1.08× cuDNN, 1.75× FA2); causal 517 TFLOPs/s (1.02× step 19, 1.08× cuDNN, 1.77×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 544
+//   TFLOPs/s (0.98× step 19, 1.03× cuDNN, 1.77× FA2); causal 521 TFLOPs/s (1.01× step 19, 1.08× cuDNN, 1.78×
 //   FA2).
 // Known limits: at i = 0 a dQ GEMM runs on buffer 1 and its result is dropped (under a branch, ptxas serializes
 //   every WGMMA); the skew is inferred from the speed, not traced; headdim 256 computes Sᵀ and dPᵀ twice and adds

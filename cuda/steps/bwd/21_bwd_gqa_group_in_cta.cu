@@ -40,9 +40,9 @@
 // Tried (docs/performance.md): the walk for every call, (head, m_block) = (i / num_iters, i % num_iters) at run time:
 //   the producer and dQ writer loops gained divisions, and multi-head attention measured 0.98× step 20 at headdim
 //   64 (c237eb2); as a variant, 1.00× (0a26cf2).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 536
-//   TFLOPs/s (0.99× step 20, 1.07× cuDNN, 1.74× FA2); causal 535 TFLOPs/s (1.04× step 20, 1.11× cuDNN, 1.84×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 537
+//   TFLOPs/s (0.99× step 20, 1.01× cuDNN, 1.75× FA2); causal 540 TFLOPs/s (1.04× step 20, 1.12× cuDNN, 1.85×
 //   FA2).
 // Known limits: MQA at small batch keeps the slices (too few CTAs); headdim 256 computes Sᵀ and dPᵀ twice and adds
 //   dQ by atomics (0.50–0.59× cuDNN).

@@ -34,9 +34,9 @@
 // Tried: V_j in registers too (dPᵀ from registers, 32 KB less): ptxas serializes every WGMMA (C7512, insufficient
 //   registers); dK_i's wait moved into iteration i + 1 (dSᵀ's A fragments live across the loop): the same (C7512).
 //   K in registers without the stmatrix store: about half the gain (H200, 2026-12-03, docs/performance.md).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 64, seqlen 8k (batch 2, 32 heads): non-causal 465
-//   TFLOPs/s (1.02× step 21, 1.12× cuDNN, 1.63× FA2); causal 449 TFLOPs/s (1.00× step 21, 1.14× cuDNN, 1.70×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 64, seqlen 8k (batch 2, 32 heads): non-causal 470
+//   TFLOPs/s (1.02× step 21, 1.09× cuDNN, 1.65× FA2); causal 458 TFLOPs/s (1.01× step 21, 1.14× cuDNN, 1.75×
 //   FA2).
 // Known limits: headdim 128 and 256 unchanged (256: Sᵀ and dPᵀ computed twice, dQ by atomics; 0.50–0.59× cuDNN).
 // ============================================================================================

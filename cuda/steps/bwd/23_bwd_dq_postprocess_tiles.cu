@@ -36,9 +36,9 @@
 // Tried: the tile's loads in a loop strided by blockDim.x (one 16-byte load in flight per thread) and a uint4 store
 //   of dQ (nvcc split it into four 4-byte stores): 63.5 µs at headdim 64, 67.2 at 128 — slower than step 22's 64.3
 //   there (cb34013, docs/performance.md); with every load issued first and st.global.v4, 52 µs at both.
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 529
-//   TFLOPs/s (1.02× step 22, 1.06× cuDNN, 1.71× FA2); causal 532 TFLOPs/s (0.99× step 22, 1.11× cuDNN, 1.82×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 532
+//   TFLOPs/s (1.00× step 22, 1.01× cuDNN, 1.73× FA2); causal 538 TFLOPs/s (1.01× step 22, 1.12× cuDNN, 1.84×
 //   FA2).
 // Known limits: the preprocess (D and L, dq_accum zeroed) is a separate pass too; cuDNN's is the same shape.
 // ============================================================================================

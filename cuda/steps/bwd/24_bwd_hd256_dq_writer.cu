@@ -33,9 +33,9 @@
 // Twin: none — reference/backward.py sums dQ in fp32 too; which warp adds it, and how, is not in the NumPy.
 // Tried: the producer's Q/dO loop left to nvcc at one stage: unrolled by 4, it spilled (14–32 STL) in the producer's
 //   24 registers — hence `#pragma unroll` 1 at one stage (compiled here, 2026-12-03).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 256, seqlen 8k (batch 2, 8 heads): non-causal 372
-//   TFLOPs/s (1.95× step 23, 1.05× cuDNN, 1.43× FA2); causal 353 TFLOPs/s (1.72× step 23, 0.95× cuDNN, 1.42×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 256, seqlen 8k (batch 2, 8 heads): non-causal 378
+//   TFLOPs/s (1.98× step 23, 1.07× cuDNN, 1.47× FA2); causal 371 TFLOPs/s (1.81× step 23, 1.01× cuDNN, 1.49×
 //   FA2).
 // Known limits: headdim 256 still computes Sᵀ and dPᵀ in both consumers (7 GEMMs' work for 5).
 // ============================================================================================

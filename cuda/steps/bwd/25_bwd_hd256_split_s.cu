@@ -31,9 +31,9 @@
 // instead of ~3.6 k: +5–15 % predicted. Headdim 64 and 128 compile to step 24's kernels.
 // Twin: none — reference/backward.py computes S and dP once; who computes which columns is not in the NumPy.
 // Tried: nothing else — the first build is the measured one (no spills, no serialized WGMMA: C75xx none).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 256, seqlen 8k (batch 2, 8 heads): non-causal 414
-//   TFLOPs/s (1.11× step 24, 1.17× cuDNN, 1.59× FA2); causal 402 TFLOPs/s (1.14× step 24, 1.08× cuDNN, 1.62×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 256, seqlen 8k (batch 2, 8 heads): non-causal 417
+//   TFLOPs/s (1.10× step 24, 1.18× cuDNN, 1.62× FA2); causal 411 TFLOPs/s (1.11× step 24, 1.12× cuDNN, 1.65×
 //   FA2).
 // Known limits: the Q/dO ring has one stage at headdim 256 (step 24): Q_i+1 lands under the dQ GEMM only, and
 //   the consumers wait for it 10–11 % of the loop (traced, H200; docs/performance.md).

@@ -34,9 +34,9 @@
 // Twin: none — the ring's barriers are not in the NumPy (reference/backward.py).
 // Tried: headdim 256's stage loaded dO first too (where both halves are freed at once): 0.96–0.98× step 25 there —
 //   the consumer needs Q_i first; it keeps step 25's loads (docs/performance.md, row 26).
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 540
-//   TFLOPs/s (1.01× step 25, 1.08× cuDNN, 1.75× FA2); causal 530 TFLOPs/s (0.99× step 25, 1.10× cuDNN, 1.82×
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 545
+//   TFLOPs/s (1.00× step 25, 1.03× cuDNN, 1.78× FA2); causal 544 TFLOPs/s (1.01× step 25, 1.13× cuDNN, 1.86×
 //   FA2).
 // Known limits: headdim 128 gains nothing (0.97–1.04× step 25, noise; H200, 3fecc62) though its ring waits were
 //   the target; traced after (66926e1): the waits fell from 6.2 k to 5.0 k cycles per CTA at 2k, the iteration is

@@ -37,10 +37,10 @@
 // Predicted: the L_i wait mostly gone and the dQ tile's fence shorter: +3–6 % at headdim 128, +2–4 % at 64 and 256.
 // Twin: none — the address space is the compiler's, not the algorithm's (reference/backward.py).
 // Tried: nothing timed apart — the shared window alone (L_i read after the Sᵀ wait, by LDS) was compiled, not run.
-// Measured (NVIDIA H200, commit 1e59640, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
-//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 553
-//   TFLOPs/s (1.02× step 26, 1.11× cuDNN, 1.79× FA2), deterministic 511 (−7.5 %); causal 542 TFLOPs/s (1.02×
-//   step 26, 1.13× cuDNN, 1.86× FA2), deterministic 494 (−9.0 %).
+// Measured (NVIDIA H200, commit fc86c39, 2026-12-04; fa3_lab/results/nvidia-h200/ablation_backward.json): the
+//   backward alone (FLOPs 2.5 × forward), bf16, headdim 128, seqlen 8k (batch 2, 16 heads): non-causal 552
+//   TFLOPs/s (1.01× step 26, 1.04× cuDNN, 1.80× FA2), deterministic 523 (−5.2 %); causal 550 TFLOPs/s (1.01×
+//   step 26, 1.14× cuDNN, 1.88× FA2), deterministic 499 (−9.2 %).
 // Known limits: ÷ step 26 in one run (H200, 1da38d2, tools/experiments/results/nvidia-h200/1da38d2/bench_27.json,
 //   bf16 + fp16, 2k–16k): headdim 128 1.023 (geometric mean; 0.997–1.055), 64 1.033, 256 1.008 (0.977 at 16k
 //   non-causal). L_i's LDS still wait about as long as the generic loads did (the same stall sampling of this
