@@ -70,6 +70,10 @@ bool bwd_step26_needs_dkv_accum(const BwdParams&);
 FA3_DECLARE_BWD_STEP(27)
 bool bwd_step27_needs_dkv_accum(const BwdParams&);
 #endif
+#ifdef FA3_HAS_STEP28
+FA3_DECLARE_BWD_STEP(28)
+bool bwd_step28_needs_dkv_accum(const BwdParams&);
+#endif
 }  // namespace fa3
 
 // dq, dk, dv (contiguous, the inputs' shapes and dtype) of attention, from the forward's out and lse.
@@ -167,6 +171,10 @@ std::vector<at::Tensor> fa3_bwd(int64_t step, const at::Tensor& dout_in, const a
 #ifdef FA3_HAS_STEP27
     case 27: block_m = fa3::bwd_step27_block_m, run = fa3::run_bwd_step27, zeroes_dq_accum = true,
              needs_dkv_accum = fa3::bwd_step27_needs_dkv_accum; break;
+#endif
+#ifdef FA3_HAS_STEP28
+    case 28: block_m = fa3::bwd_step28_block_m, run = fa3::run_bwd_step28, zeroes_dq_accum = true,
+             needs_dkv_accum = fa3::bwd_step28_needs_dkv_accum; break;
 #endif
     default: TORCH_CHECK(false, "backward step ", step, " is not built into this extension");
   }

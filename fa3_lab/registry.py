@@ -165,6 +165,10 @@ STEPS: tuple[StepInfo, ...] = (
              "backward: the dynamic shared memory rounded up as an offset from the __shared__ array, so L_i, D_i and "
              "the dQ tile are LDS/STS instead of generic loads and stores; L_i read under the Sᵀ GEMM",
              "beyond the paper (a compiler matter: the address space of a pointer)", None),
+    StepInfo(28, "28_bwd_lse_first", "bwd", 27,
+             "backward: L_i's shared-memory loads issued before the Sᵀ and dPᵀ GEMMs, so they do not queue behind "
+             "the GEMMs' operand reads (headdim 128 and 256, one head per CTA)",
+             "beyond the paper (the order of two instructions in the issue stream)", None, headdims=(128, 256)),
 )
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -179,7 +183,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(8, "08_ablation", "what each step buys: Table 2 and the steps beyond the paper",
             (1, 2, 3, 4, 6, 7, 8, 9, 10)),
     Chapter(9, "09_backward", "the backward (App. B.1): recomputation, K/V stationary, dQ accumulated; its speed steps",
-            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27)),
+            (11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28)),
 )
 
 #: The step :func:`fa3_lab.flash_attn_func` runs by default (the last 16-bit forward step), and the FP8 step.

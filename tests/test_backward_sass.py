@@ -284,3 +284,29 @@ def test_shared_window(compiled):
         if headdim > 64 and not _group_walk(name):
             first_wait = ops.index("WARPGROUP.DEPBAR.LE")
             assert ops[:first_wait].count("LDS.64") > 0, (s.name, name)
+
+
+def test_lse_read_before_the_gemms(compiled):
+    """Step 28's lesson: L_i's loads issued before the loop's first GEMM, not behind the Sᵀ and dPᵀ GEMMs' shared-memory
+    operand reads. At headdim 128 and 256 with one head per CTA, step 27 issues its kSCols / 8 LDS.64 of L_i after
+    the first HGMMA; from step 28 they all sit ahead of it. Headdim 64 and the GQA walk read L_i after the wait (27)."""
+    s, _, funcs, _ = compiled
+    if not _extends(s, 27):
+        pytest.skip("L_i is read by LDS from step 27 on")
+    checked = 0
+    for name, text in funcs.items():
+        if "bwd_kernel" not in name or _group_walk(name):
+            continue
+        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+        if headdim == 64:
+            continue
+        ops = [i["op"] for i in sass.main_loop(sass.parse_sass(text))["instructions"]]
+        first_gemm = next(k for k, op in enumerate(ops) if op.startswith("HGMMA"))
+        ahead = ops[:first_gemm].count("LDS.64")
+        n_l = s_cols(s, headdim) // 8  # one LDS.64 per 8 columns of Sᵀ: L_i's two values of this thread
+        if _extends(s, 28):
+            assert ahead == n_l, (s.name, name, ahead, n_l)
+        else:
+            assert ahead == 0, (s.name, name, ahead)
+        checked += 1
+    assert checked == 8, (s.name, checked)  # 2 dtypes × headdim 128, 256 × causal or not

@@ -17,6 +17,7 @@
 //   25_bwd_hd256_split_s    + headdim 256: Sᵀ, dPᵀ split by queries between the consumers, Pᵀ and dSᵀ through smem
 //   26_bwd_do_released_early + dO_i's half of the ring freed once dV has read it: dO_i+2 lands under dK
 //   27_bwd_shared_window    + L_i, D_i and the dQ tile through a __shared__ pointer (LDS/STS), L_i read under Sᵀ
+//   28_bwd_lse_first        + L_i's LDS issued before the Sᵀ, dPᵀ GEMMs, not queued behind their operand reads
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
