@@ -21,14 +21,15 @@
 // (The forward series is cuda/steps/01..10; fa3_lab/registry.py is the one list of ids.)
 // ============================================================================================
 //
-// Step 28 extends 27 by one move. Step 27 reads L_i by LDS ahead of the wait for Sᵀ, but after the Sᵀ and dPᵀ
-// WGMMAs are issued, and its own stall sampling (H200, 1da38d2/ncu27_stalls.csv) still has the first FFMA on L_i
-// waiting about as long as step 26's generic loads did: a WGMMA with both operands in shared memory reads them
-// through the same pipe as LDS, so the ten LDS.64 queue behind the operand reads of two GEMMs (2 × 36 KB per
-// consumer at headdim 128: K's or V's 64 rows and Q_i's or dO_i's 80) and land after Sᵀ itself. Here the loads are
-// issued right after the wait for the Q_i stage (L_i lands with Q_i) and before the first WGMMA: they can leave the
-// pipe before the operand reads fill it, and the registers they fill are the ones step 27 already held across the
-// Sᵀ GEMM (headdim 128 and 256 with one head per CTA: kLFirst, step 27's kLUnderS). The SASS shows it: the loop's LDS.64 of L_i sit ahead of its first HGMMA (tests/test_backward_sass.py).
+// Step 28 extends 27 by one move. Step 27 reads L_i by LDS ahead of the wait for Sᵀ, but after the Sᵀ and dPᵀ WGMMAs
+// are issued, and its own stall sampling (H200, 1da38d2/ncu27_stalls.csv) still has the first FFMA on L_i waiting
+// about as long as step 26's generic loads did. A WGMMA with both operands in shared memory reads them through the
+// same pipe as LDS, so (inferred, not sampled) the ten LDS.64 queue behind the operand reads of two GEMMs (2 × 36 KB
+// per consumer at headdim 128: K's or V's 64 rows and Q_i's or dO_i's 80) and land after Sᵀ itself. Here the loads
+// are issued right after the wait for the Q_i stage (L_i lands with Q_i) and before the first WGMMA: they can leave
+// the pipe before the operand reads fill it, and the registers they fill are the ones step 27 already held across
+// the Sᵀ GEMM (headdim 128 and 256 with one head per CTA: kLFirst, step 27's kLUnderS). The SASS shows it: the
+// loop's LDS.64 of L_i sit ahead of its first HGMMA (tests/test_backward_sass.py).
 // Predicted: the exponentials start when Sᵀ lands, not when the queued loads do — the 8 % of the consumers' loop
 // samples on that FFMA mostly gone: +2–4 % at headdim 128, less at 256 (longer GEMMs hide more of the queue),
 // nothing at headdim 64 and in the GQA walk (unchanged code).
@@ -38,9 +39,9 @@
 //   records one.
 // Known limits: an A/B before it was a step (H200, 2026-12-04, a dev build of fc86c39 with this file as step 28,
 //   tools/experiments/results/nvidia-h200/fc86c39-lse-first/): ÷ step 27, backward alone, headdim 128 non-causal
-//   1.011–1.045 (bf16 + fp16, 2k–16k, 5 rounds; 1.021–1.035 bf16 in a 3-round run), causal 0.996–1.018, headdim 256
-//   0.992–1.022; bitwise equal to step 27 with deterministic=True (12 of 12 cases). Why causal gains nothing is not
-//   settled (its masked m_blocks run the same loads; not traced).
+//   1.011–1.045 (bf16 + fp16, 2k–16k, 5 rounds; 1.021–1.035 bf16 in a 3-round run), causal 0.996–1.018 (both runs),
+//   headdim 256 0.992–1.022 (3 rounds); bitwise equal to step 27 with deterministic=True (12 of 12 cases). Why
+//   causal gains nothing is not settled (its masked m_blocks run the same loads; not traced).
 // ============================================================================================
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
