@@ -51,6 +51,18 @@ def _group_walk(name):
     return bool(m) and m.group(1) == "1"
 
 
+def _mains(funcs):
+    """(mangled name, headdim, SASS) of every backward main kernel (bwd_kernel) among a cubin's functions."""
+    for name, text in funcs.items():
+        if "bwd_kernel" in name:
+            yield name, int(re.search(r"Li(\d+)E", name).group(1)), text
+
+
+def _loop_ops(text):
+    """The opcodes of a kernel's main loop (sass.main_loop), in program order."""
+    return [i["op"] for i in sass.main_loop(sass.parse_sass(text))["instructions"]]
+
+
 def _forms(text):
     """The main kernel's HGMMAs in program order, each "sdp", "rs" or "dq", and the form of the last HGMMA before
     each MUFU.EX2."""
@@ -89,10 +101,7 @@ def test_no_spills_and_no_local_memory(compiled):
 
 def test_gemm_groups_and_where_the_exponentials_sit(compiled):
     s, _, funcs, _ = compiled
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+    for name, headdim, text in _mains(funcs):
         block_m, block_n = tiles(s, headdim)
         order, before_ex2 = _forms(text)
         # Sᵀ and dPᵀ: K = headdim in steps of 16, each at least once (step 14 issues Sᵀ in two places)
@@ -113,10 +122,7 @@ def test_dq_accumulation_form(compiled):
     reduction (UBLKRED) of the writer warp, and no fp32 global atomic is left in the kernel; headdim 256 from step
     24 on."""
     s, _, funcs, _ = compiled
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+    for name, headdim, text in _mains(funcs):
         bulk = len(re.findall(r"\bUBLKRED\b", text))
         atomics = len(re.findall(r"\b(?:RED|ATOM|REDG|ATOMG)\.E\.ADD\.F32", text))
         if s.id >= 13 and (headdim <= 128 or _extends(s, 24)):
@@ -129,10 +135,7 @@ def test_dq_gemm_between_dv_and_dk(compiled):
     """Step 15's lesson: the dQ GEMM is issued after dV's and before dK's, so dQ_i's store runs under dK; before
     step 15, and at headdim 256 (Config::kDqUnderDk), the two RS GEMMs (dV, dK) come back to back and dQ after them."""
     s, _, funcs, _ = compiled
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+    for name, headdim, text in _mains(funcs):
         block_m, block_n = tiles(s, headdim)
         order = "".join({"sdp": "s", "rs": "r", "dq": "q"}[f] for f in _forms(text)[0])
         rs, dq = "r" * (block_m // 16), "q" * (block_n // 16)
@@ -147,10 +150,7 @@ def test_wgmma_not_serialized(compiled):
     headdim 128: docs/performance.md)."""
     s, _, funcs, log = compiled
     serialized = set(re.findall(r"wgmma.mma_async instructions are serialized.*?function '(\S+)'", log))
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+    for name, headdim, text in _mains(funcs):
         waits_after_each = len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", text)) >= len(re.findall(r"\bHGMMA\.", text))
         assert (name in serialized) == waits_after_each, (s.name, name)  # the message and the SASS agree
         if s.id != 14:  # step 14, the measured counter-example, is serialized at headdim 128
@@ -166,13 +166,12 @@ def test_where_ptxas_waits_for_dp(compiled):
     s, _, funcs, _ = compiled
     if not _extends(s, 15):
         pytest.skip("before step 15 the order of the m_block's GEMMs is another lesson")
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name or int(re.search(r"Li(\d+)E", name).group(1)) > 128:
+    for name, headdim, text in _mains(funcs):
+        if headdim > 128:
             continue
         # the WGMMA waits between the first HGMMA and the first EX2
         loop = text[text.index("HGMMA."):text.index("MUFU.EX2")]
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\d+)", loop)
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
         if _extends(s, 27) and (headdim == 64 or _group_walk(name)):
             # step 27 reads L_i by LDS after the Sᵀ wait here (not under the GEMM): ptxas then keeps some
             # exponentials ahead of the dPᵀ wait
@@ -211,10 +210,7 @@ def test_k_in_registers_and_ds_by_stmatrix(compiled):
     STSM (kBlockM/16 per m_block) instead of 32-bit STS; dPᵀ stays SS. Other headdims and earlier steps: no
     register-A Sᵀ, and no LDSM but step 25's at headdim 256 (test_split_s_at_headdim_256)."""
     s, _, funcs, _ = compiled
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+    for name, headdim, text in _mains(funcs):
         block_m, _ = tiles(s, headdim)
         s_from_regs = len(re.findall(r"\bHGMMA\.\S+\s+R\d+,\s*R\d+,\s*gdesc\[\w+\](?!\.tnsp)", text))
         ldsm = len(re.findall(r"\bLDSM\.", text))
@@ -232,10 +228,7 @@ def test_split_s_at_headdim_256(compiled):
     HGMMAs, K = 256: 16 each per m_block), stores its halves of Pᵀ and dSᵀ by STSM (2 each) and loads both tiles
     whole back by LDSM (4 each) for the dV and dK GEMMs. Before step 25, and at headdim 64 and 128, no n32 HGMMA."""
     s, _, funcs, _ = compiled
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
+    for name, headdim, text in _mains(funcs):
         loop = sass.main_loop(sass.parse_sass(text))["instructions"]
         n32 = sum(i["op"].startswith("HGMMA.64x32x16") for i in loop)
         if headdim == 256 and _extends(s, 25):
@@ -252,10 +245,9 @@ def test_do_released_after_dv(compiled):
     stage, no lag) the count is step 25's. Counted: the loop's SYNCS.ARRIVE (the dSᵀ buffers' full and empty
     barriers, and the ring's)."""
     s, _, funcs, _ = compiled
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name or not _extends(s, 25):
+    for name, headdim, text in _mains(funcs):
+        if not _extends(s, 25):
             continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
         loop = sass.main_loop(sass.parse_sass(text))["instructions"]
         arrives = sum(i["op"].startswith("SYNCS.ARRIVE") for i in loop)
         expected = 3 + (headdim <= 128 and _extends(s, 26))
@@ -270,11 +262,8 @@ def test_shared_window(compiled):
     s, _, funcs, _ = compiled
     if not _extends(s, 19):
         pytest.skip("the dQ tile's stores and the loop's shape are 19's on")
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name:
-            continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
-        ops = [i["op"] for i in sass.main_loop(sass.parse_sass(text))["instructions"]]
+    for name, headdim, text in _mains(funcs):
+        ops = _loop_ops(text)
         generic = sum(op.startswith(("LD.E", "ST.E")) for op in ops)
         shared = sum(op.startswith(("LDS.", "STS.")) for op in ops)
         if not _extends(s, 27):
@@ -294,13 +283,10 @@ def test_lse_read_before_the_gemms(compiled):
     if not _extends(s, 27):
         pytest.skip("L_i is read by LDS from step 27 on")
     checked = 0
-    for name, text in funcs.items():
-        if "bwd_kernel" not in name or _group_walk(name):
+    for name, headdim, text in _mains(funcs):
+        if headdim == 64 or _group_walk(name):
             continue
-        headdim = int(re.search(r"Li(\d+)E", name).group(1))
-        if headdim == 64:
-            continue
-        ops = [i["op"] for i in sass.main_loop(sass.parse_sass(text))["instructions"]]
+        ops = _loop_ops(text)
         first_gemm = next(k for k, op in enumerate(ops) if op.startswith("HGMMA"))
         ahead = ops[:first_gemm].count("LDS.64")
         n_l = s_cols(s, headdim) // 8  # one LDS.64 per 8 columns of Sᵀ: L_i's two values of this thread
